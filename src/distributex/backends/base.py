@@ -1,0 +1,57 @@
+"""The interface between the HTTP layer and a place that keeps lock state."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+
+from distributex.engine import Lease, PoolSpec
+
+
+class BackendUnavailable(Exception):
+    """The backend cannot answer now (unreachable, not configured, shutting down)."""
+
+
+class LockBackend(abc.ABC):
+    """Lock operations as the HTTP verbs need them.
+
+    ``owner`` is the legacy host identity. ``ttl`` is the lease time the
+    client asked for (None: the pool's ``expire``). Methods answer within a
+    bounded time or raise :class:`BackendUnavailable`.
+    """
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Connect to whatever the backend needs."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Stop timers, wake every waiter with a refusal, drop connections."""
+
+    @abc.abstractmethod
+    async def acquire(self, spec: PoolSpec, owner: str, ttl: float | None) -> Lease | None:
+        """Try once; the owner's lease, or None if no slot is free."""
+
+    @abc.abstractmethod
+    async def wait(
+        self,
+        spec: PoolSpec,
+        owner: str,
+        ttl: float | None,
+        timeout: float | None,
+        still_wanted: Callable[[], bool],
+    ) -> Lease | None:
+        """Wait in the pool's queue until granted (a lease) or ``timeout`` (None).
+
+        ``still_wanted()`` is asked right before a grant is handed over; if
+        it says False the grant is undone and passed on. Cancelling the call
+        (the client hung up) leaves the queue the same way.
+        """
+
+    @abc.abstractmethod
+    async def release(self, spec: PoolSpec, owner: str, token: str | None) -> Lease | None:
+        """End the owner's lease (or exactly the lease ``token``); the lease ended, or None."""
+
+    @abc.abstractmethod
+    async def renew(
+        self, spec: PoolSpec, owner: str, token: str, ttl: float | None
+    ) -> Lease | None:
+        """Restart a lease's time-to-live; None if the lease is gone."""

@@ -1,0 +1,1 @@
+"""The distributex client: a Python library and the ``distributex`` command."""

@@ -1,0 +1,368 @@
+"""The lock engine: pools of slots, a FIFO queue of waiters, leases, fencing.
+
+The engine is pure: no I/O, no clock and no tasks of its own. Every call that
+depends on time takes ``now`` (seconds on any monotonic scale) and the driver
+calls :meth:`LockEngine.expire` when :meth:`LockEngine.next_deadline` comes.
+Calls that can hand slots on return the waiters that were just granted, so the
+driver knows whom to wake. Tests drive the engine directly with a fake clock.
+
+Rules kept here, whoever drives the engine:
+
+* A pool never has more than ``maxlocks`` holders.
+* Waiters are served first come, first served; a free slot is never left free
+  while someone waits, and :meth:`acquire` never jumps the queue.
+* A holder is identified by its *owner* (the legacy ``host``). An owner holds
+  at most one slot of a pool; asking again while holding returns the same
+  lease. Several waits by one owner share one place in the queue and are all
+  answered by the same grant.
+* A lease ends ``ttl`` seconds after its grant or latest renewal (``ttl == 0``:
+  never). Its slot then goes to the next waiter.
+* A grant to a waiter counts once it is *delivered*. If every request that
+  was waiting for it gives up first, the grant is undone and passed on.
+* Every grant gets a fencing token from one engine-wide counter, so tokens
+  strictly increase within each pool and are never reused.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import secrets
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+NEVER = math.inf
+
+
+def _new_token() -> str:
+    return secrets.token_urlsafe(18)
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """What configuration says about a pool.
+
+    ``expire`` is the lease time in seconds (0: leases never expire).
+    ``servers`` is the allow-list of hosts, or None for any host.
+    """
+
+    name: str
+    maxlocks: int = 1
+    expire: float = 1800.0
+    servers: frozenset[str] | None = None
+
+    def lease_ttl(self, requested: float | None) -> float:
+        """The time-to-live a lease gets when a client asks for ``requested``.
+
+        A client may ask for a shorter lease than the pool's ``expire`` (and
+        keep it alive by renewing), never a longer one: ``expire`` is the
+        operator's bound on how long a crashed holder can block a pool.
+        """
+        if requested is None:
+            return self.expire
+        if self.expire == 0:
+            return requested
+        return min(requested, self.expire)
+
+
+@dataclass(eq=False)
+class Lease:
+    """One grant of one slot of a pool to one owner."""
+
+    pool: str
+    owner: str
+    token: str
+    fence: int
+    ttl: float
+    granted_at: float
+    expires_at: float = NEVER
+    delivered: bool = False
+    # Waiters this grant was handed to that have not confirmed delivery yet.
+    pending: set[Waiter] = field(default_factory=set, repr=False)
+
+    def remaining(self, now: float) -> float:
+        """Seconds until the lease ends (``inf`` if it never does)."""
+        return max(0.0, self.expires_at - now)
+
+
+@dataclass(eq=False)
+class Waiter:
+    """One request waiting for a slot. ``lease`` is set once it is granted."""
+
+    pool: str
+    owner: str
+    ttl: float
+    since: float
+    lease: Lease | None = None
+
+
+@dataclass(eq=False)
+class _Pool:
+    spec: PoolSpec
+    holders: dict[str, Lease] = field(default_factory=dict)
+    # owner -> that owner's waiting requests; dict order is the FIFO order.
+    queue: dict[str, list[Waiter]] = field(default_factory=dict)
+
+    def idle(self) -> bool:
+        return not self.holders and not self.queue
+
+
+class LockEngine:
+    """Lock state of every pool, and the rules that change it."""
+
+    def __init__(
+        self,
+        *,
+        first_fence: int = 1,
+        new_token: Callable[[], str] = _new_token,
+    ) -> None:
+        self._pools: dict[str, _Pool] = {}
+        self._leases: dict[str, Lease] = {}
+        # (expires_at, fence, token); entries go stale on renew and release
+        # and are dropped lazily, or all at once by _compact().
+        self._deadlines: list[tuple[float, int, str]] = []
+        self._last_fence = first_fence - 1
+        self._new_token = new_token
+
+    # -- queries -----------------------------------------------------------
+
+    @property
+    def last_fence(self) -> int:
+        """The fencing token of the latest grant (``first_fence - 1`` if none)."""
+        return self._last_fence
+
+    def lease(self, token: str) -> Lease | None:
+        """The current lease with this token, if there is one."""
+        return self._leases.get(token)
+
+    def holders(self, pool: str) -> list[Lease]:
+        """Current leases of a pool, oldest grant first."""
+        state = self._pools.get(pool)
+        return sorted(state.holders.values(), key=lambda x: x.fence) if state else []
+
+    def waiting(self, pool: str) -> list[str]:
+        """Owners waiting on a pool, in the order they will be served."""
+        state = self._pools.get(pool)
+        return list(state.queue) if state else []
+
+    def pool_names(self) -> list[str]:
+        """Pools that have holders or waiters (idle pools hold no state)."""
+        return list(self._pools)
+
+    def next_deadline(self) -> float | None:
+        """When the earliest lease ends, or None if no lease can end."""
+        heap = self._deadlines
+        while heap:
+            when, _fence, token = heap[0]
+            lease = self._leases.get(token)
+            if lease is not None and lease.expires_at == when:
+                return when
+            heapq.heappop(heap)
+        return None
+
+    # -- requests ----------------------------------------------------------
+
+    def acquire(
+        self, spec: PoolSpec, owner: str, now: float, ttl: float | None = None
+    ) -> Lease | None:
+        """Try once for a slot (the ``/get/`` verb); never waits.
+
+        Returns the owner's lease if it already holds one, a new lease if a
+        slot is free and nobody is waiting, else None.
+        """
+        state = self._pool(spec)
+        lease = state.holders.get(owner)
+        if lease is None:
+            if state.queue or len(state.holders) >= spec.maxlocks:
+                self._forget_if_idle(state)
+                return None
+            lease = self._grant(state, owner, spec.lease_ttl(ttl), now)
+        lease.delivered = True
+        return lease
+
+    def enqueue(
+        self, spec: PoolSpec, owner: str, now: float, ttl: float | None = None
+    ) -> Waiter:
+        """Ask for a slot and wait for it (the ``/wait/`` verb).
+
+        The returned waiter is granted at once (``waiter.lease`` set) when the
+        owner already holds a slot or one is free with nobody queued; else it
+        joins the queue and comes back from a later call's list of granted
+        waiters. Either way the driver must end it with :meth:`deliver` or
+        :meth:`cancel`.
+        """
+        state = self._pool(spec)
+        waiter = Waiter(spec.name, owner, spec.lease_ttl(ttl), now)
+        lease = state.holders.get(owner)
+        if lease is None and not state.queue and len(state.holders) < spec.maxlocks:
+            lease = self._grant(state, owner, waiter.ttl, now)
+        if lease is not None:
+            waiter.lease = lease
+            lease.pending.add(waiter)
+        else:
+            state.queue.setdefault(owner, []).append(waiter)
+        return waiter
+
+    def deliver(self, waiter: Waiter) -> bool:
+        """Record that a granted waiter's answer is going out.
+
+        Returns False if its lease has ended in between (the answer must then
+        not be YES).
+        """
+        lease = waiter.lease
+        if lease is None:
+            raise ValueError("deliver() on a waiter that has not been granted")
+        lease.pending.discard(waiter)
+        if self._leases.get(lease.token) is not lease:
+            return False
+        lease.delivered = True
+        return True
+
+    def cancel(self, waiter: Waiter, now: float) -> list[Waiter]:
+        """A waiter gives up (timeout, or its client hung up).
+
+        A queued waiter leaves the queue. A granted waiter whose grant nobody
+        has received yet undoes the grant, and the slot is passed on. Returns
+        the waiters granted as a result.
+        """
+        lease = waiter.lease
+        if lease is None:
+            state = self._pools.get(waiter.pool)
+            if state is None:
+                return []
+            waiters = state.queue.get(waiter.owner)
+            if waiters and waiter in waiters:
+                waiters.remove(waiter)
+                if not waiters:
+                    del state.queue[waiter.owner]
+            self._forget_if_idle(state)
+            return []
+        lease.pending.discard(waiter)
+        if lease.delivered or lease.pending or self._leases.get(lease.token) is not lease:
+            return []
+        return self._end(lease, now)
+
+    def release(self, pool: str, owner: str, now: float) -> tuple[Lease | None, list[Waiter]]:
+        """End the owner's lease on a pool, if it holds one (legacy release).
+
+        Returns the lease that ended (or None) and the waiters granted.
+        """
+        state = self._pools.get(pool)
+        lease = state.holders.get(owner) if state else None
+        if lease is None:
+            return None, []
+        return lease, self._end(lease, now)
+
+    def release_lease(
+        self, pool: str, token: str, now: float, owner: str | None = None
+    ) -> tuple[Lease | None, list[Waiter]]:
+        """End exactly the lease with this token.
+
+        A token that is not a current lease of ``pool`` (and of ``owner``, if
+        given) releases nothing: the result is ``(None, [])``.
+        """
+        lease = self._leases.get(token)
+        if lease is None or lease.pool != pool or (owner is not None and lease.owner != owner):
+            return None, []
+        return lease, self._end(lease, now)
+
+    def renew(
+        self,
+        pool: str,
+        token: str,
+        now: float,
+        ttl: float | None = None,
+        owner: str | None = None,
+    ) -> Lease | None:
+        """Restart a lease's time-to-live from ``now``.
+
+        ``ttl`` replaces the lease's time-to-live (bounded by the pool's
+        ``expire``). Returns None if the token is not a current lease of
+        ``pool`` (and of ``owner``, if given): the lease is gone.
+        """
+        lease = self._leases.get(token)
+        if lease is None or lease.pool != pool or (owner is not None and lease.owner != owner):
+            return None
+        if ttl is not None:
+            lease.ttl = self._pools[pool].spec.lease_ttl(ttl)
+        self._schedule(lease, now)
+        return lease
+
+    def expire(self, now: float) -> list[Waiter]:
+        """End every lease whose time is up at ``now``; returns waiters granted."""
+        granted: list[Waiter] = []
+        while True:
+            when = self.next_deadline()
+            if when is None or when > now:
+                return granted
+            _when, _fence, token = heapq.heappop(self._deadlines)
+            granted += self._end(self._leases[token], now)
+
+    # -- internals ---------------------------------------------------------
+
+    def _pool(self, spec: PoolSpec) -> _Pool:
+        state = self._pools.get(spec.name)
+        if state is None:
+            state = self._pools[spec.name] = _Pool(spec)
+        else:
+            # Configuration is the source of truth for limits; it may change.
+            state.spec = spec
+        return state
+
+    def _forget_if_idle(self, state: _Pool) -> None:
+        # Idle pools keep no state: fences come from the engine-wide counter,
+        # so a pool dropped and made again never reuses a token.
+        if state.idle():
+            self._pools.pop(state.spec.name, None)
+
+    def _grant(self, state: _Pool, owner: str, ttl: float, now: float) -> Lease:
+        self._last_fence += 1
+        lease = Lease(
+            pool=state.spec.name,
+            owner=owner,
+            token=self._new_token(),
+            fence=self._last_fence,
+            ttl=ttl,
+            granted_at=now,
+        )
+        state.holders[owner] = lease
+        self._leases[lease.token] = lease
+        self._schedule(lease, now)
+        return lease
+
+    def _schedule(self, lease: Lease, now: float) -> None:
+        lease.expires_at = now + lease.ttl if lease.ttl > 0 else NEVER
+        if lease.expires_at != NEVER:
+            heapq.heappush(self._deadlines, (lease.expires_at, lease.fence, lease.token))
+            if len(self._deadlines) > 64 and len(self._deadlines) > 4 * len(self._leases):
+                self._compact()
+
+    def _compact(self) -> None:
+        # Stale entries pile up when leases are released long before they
+        # would expire; rebuild the heap from live leases only.
+        self._deadlines = [
+            (lease.expires_at, lease.fence, lease.token)
+            for lease in self._leases.values()
+            if lease.expires_at != NEVER
+        ]
+        heapq.heapify(self._deadlines)
+
+    def _end(self, lease: Lease, now: float) -> list[Waiter]:
+        state = self._pools[lease.pool]
+        del self._leases[lease.token]
+        del state.holders[lease.owner]
+        granted = list(self._fill(state, now))
+        self._forget_if_idle(state)
+        return granted
+
+    def _fill(self, state: _Pool, now: float) -> Iterator[Waiter]:
+        # Hand free slots to the head of the queue. An owner's waits share
+        # its place, so one grant answers all of them.
+        while state.queue and len(state.holders) < state.spec.maxlocks:
+            owner = next(iter(state.queue))
+            waiters = state.queue.pop(owner)
+            lease = self._grant(state, owner, waiters[0].ttl, now)
+            for waiter in waiters:
+                waiter.lease = lease
+                lease.pending.add(waiter)
+                yield waiter

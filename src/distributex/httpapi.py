@@ -1,0 +1,209 @@
+"""The HTTP text API: the seed's ``/get/``, ``/wait/``, ``/release/`` and their extensions.
+
+Answers are one word of ``text/plain`` with no newline, so ``curl`` output
+reads as the 0.7 README shows it:
+
+==========  ======  ==================================================
+body        status  meaning
+==========  ======  ==================================================
+YES         200     the host holds a slot (``/get/``, ``/wait/``)
+NO          200     no slot: busy (``/get/``) or ``timeout`` ran out
+OK          200     released (also when nothing was held); renewed
+GONE        410     ``lease=`` names no current lease (released nothing)
+INVALID     4xx     bad request; ``X-Distributex-Reason`` says why
+UNAVAILABLE 503     the backend cannot answer now
+==========  ======  ==================================================
+
+Every YES (and every renewal) carries ``X-Distributex-Fence`` (the grant's
+fencing token), ``X-Distributex-Lease`` (the lease token, for renewal and
+exact release) and ``X-Distributex-TTL`` (seconds the lease lives without a
+renewal; 0 = never expires).
+
+Optional query parameters, never sent by 0.7 clients:
+
+* ``timeout=SECONDS`` on ``/wait/``: answer NO when it runs out.
+* ``ttl=SECONDS`` on ``/get/``, ``/wait/`` and ``/renew/``: a lease time
+  shorter than the pool's ``expire`` (it cannot be longer).
+* ``lease=TOKEN`` on ``/release/``: release exactly that lease.
+
+``/renew/?host=H&pool=P&lease=TOKEN`` restarts the lease's time-to-live.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from distributex.backends.base import BackendUnavailable, LockBackend
+from distributex.config import Config
+from distributex.engine import Lease, PoolSpec
+
+log = logging.getLogger("distributex.http")
+
+BACKEND_KEY: web.AppKey[LockBackend] = web.AppKey("backend", LockBackend)
+CONFIG_KEY: web.AppKey[Config] = web.AppKey("config", Config)
+
+MAX_NAME = 255
+_TEXT = "text/plain"
+
+
+class Invalid(Exception):
+    """A request the API refuses; becomes a 4xx INVALID answer."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def _answer(word: str, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    all_headers = {"Content-Type": _TEXT}
+    if headers:
+        all_headers.update(headers)
+    return web.Response(body=word.encode(), status=status, headers=all_headers)
+
+
+def _invalid(status: int, reason: str) -> web.Response:
+    return _answer("INVALID", status, {"X-Distributex-Reason": reason})
+
+
+def _lease_headers(lease: Lease) -> dict[str, str]:
+    return {
+        "X-Distributex-Fence": str(lease.fence),
+        "X-Distributex-Lease": lease.token,
+        "X-Distributex-TTL": f"{lease.ttl:g}",
+    }
+
+
+def _name(request: web.Request, key: str) -> str:
+    value = request.query.get(key, "")
+    if not value:
+        raise Invalid(400, f"missing parameter '{key}'")
+    if len(value) > MAX_NAME:
+        raise Invalid(400, f"parameter '{key}' is longer than {MAX_NAME} characters")
+    if not value.isprintable():
+        raise Invalid(400, f"parameter '{key}' has control characters")
+    return value
+
+
+def _seconds(request: web.Request, key: str) -> float | None:
+    raw = request.query.get(key)
+    if raw is None or raw == "":
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise Invalid(400, f"parameter '{key}' must be a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise Invalid(400, f"parameter '{key}' must be a finite number >= 0")
+    return value
+
+
+def _ttl(request: web.Request) -> float | None:
+    ttl = _seconds(request, "ttl")
+    if ttl == 0:
+        raise Invalid(400, "parameter 'ttl' must be > 0 (leave it out for the pool's expire)")
+    return ttl
+
+
+def _token(request: web.Request, required: bool) -> str | None:
+    token = request.query.get("lease") or None
+    if token is None and required:
+        raise Invalid(400, "missing parameter 'lease'")
+    if token is not None and len(token) > MAX_NAME:
+        raise Invalid(400, "parameter 'lease' is too long")
+    return token
+
+
+Handler = Callable[[web.Request, PoolSpec, str, LockBackend], Awaitable[web.Response]]
+
+
+def _verb(handler: Handler) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """Checks shared by every verb: method, host, pool, allow-list, backend errors."""
+
+    async def endpoint(request: web.Request) -> web.Response:
+        try:
+            if request.method not in ("GET", "POST", "HEAD"):
+                raise Invalid(405, f"method {request.method} not allowed (use GET)")
+            host = _name(request, "host")
+            pool_name = _name(request, "pool")
+            spec = request.app[CONFIG_KEY].pool(pool_name)
+            if spec is None:
+                raise Invalid(404, f"unknown pool '{pool_name}'")
+            if spec.servers is not None and host not in spec.servers:
+                raise Invalid(403, f"host '{host}' is not in the servers list of '{pool_name}'")
+            return await handler(request, spec, host, request.app[BACKEND_KEY])
+        except Invalid as exc:
+            return _invalid(exc.status, exc.reason)
+        except BackendUnavailable as exc:
+            return _answer("UNAVAILABLE", 503, {"X-Distributex-Reason": str(exc)})
+
+    return endpoint
+
+
+async def _get(request: web.Request, spec: PoolSpec, host: str, backend: LockBackend) -> Any:
+    lease = await backend.acquire(spec, host, _ttl(request))
+    if lease is None:
+        return _answer("NO")
+    log.debug("grant %s to %s (fence %d)", spec.name, host, lease.fence)
+    return _answer("YES", headers=_lease_headers(lease))
+
+
+async def _wait(request: web.Request, spec: PoolSpec, host: str, backend: LockBackend) -> Any:
+    ttl = _ttl(request)
+    timeout = _seconds(request, "timeout")
+
+    def connected() -> bool:
+        transport = request.transport
+        return transport is not None and not transport.is_closing()
+
+    lease = await backend.wait(spec, host, ttl, timeout, connected)
+    if lease is None:
+        return _answer("NO")
+    log.debug("grant %s to waiting %s (fence %d)", spec.name, host, lease.fence)
+    return _answer("YES", headers=_lease_headers(lease))
+
+
+async def _release(request: web.Request, spec: PoolSpec, host: str, backend: LockBackend) -> Any:
+    token = _token(request, required=False)
+    lease = await backend.release(spec, host, token)
+    if token is not None and lease is None:
+        return _answer(
+            "GONE", 410, {"X-Distributex-Reason": "no such lease: expired, released or not yours"}
+        )
+    if lease is not None:
+        log.debug("release %s by %s (fence %d)", spec.name, host, lease.fence)
+    return _answer("OK")
+
+
+async def _renew(request: web.Request, spec: PoolSpec, host: str, backend: LockBackend) -> Any:
+    token = _token(request, required=True)
+    assert token is not None
+    lease = await backend.renew(spec, host, token, _ttl(request))
+    if lease is None:
+        return _answer(
+            "GONE", 410, {"X-Distributex-Reason": "no such lease: expired, released or not yours"}
+        )
+    return _answer("OK", headers=_lease_headers(lease))
+
+
+async def _unknown(request: web.Request) -> web.Response:
+    return _invalid(404, f"unknown verb '{request.path}' (use /get/, /wait/, /release/, /renew/)")
+
+
+def create_app(config: Config, backend: LockBackend) -> web.Application:
+    """The aiohttp application serving ``config``'s pools from ``backend``."""
+    app = web.Application()
+    app[CONFIG_KEY] = config
+    app[BACKEND_KEY] = backend
+    verbs = {"get": _get, "wait": _wait, "release": _release, "renew": _renew}
+    for name, handler in verbs.items():
+        endpoint = _verb(handler)
+        app.router.add_route("*", f"/{name}", endpoint)
+        app.router.add_route("*", f"/{name}/", endpoint)
+    app.router.add_route("*", "/{tail:.*}", _unknown)
+    return app
