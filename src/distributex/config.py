@@ -140,9 +140,7 @@ class _Checker:
             node = top["backend"][1]
             backend = self.value(node)
             if backend not in BACKENDS:
-                raise self.fail(
-                    node, f"unknown backend {backend!r} (known: {', '.join(BACKENDS)})"
-                )
+                raise self.fail(node, f"unknown backend {backend!r} (known: {', '.join(BACKENDS)})")
             kwargs["backend"] = backend
         if "memcachehost" in top:
             kwargs["memcachehost"] = self.text(top["memcachehost"][1], "memcachehost")

@@ -180,9 +180,7 @@ class LockEngine:
         lease.delivered = True
         return lease
 
-    def enqueue(
-        self, spec: PoolSpec, owner: str, now: float, ttl: float | None = None
-    ) -> Waiter:
+    def enqueue(self, spec: PoolSpec, owner: str, now: float, ttl: float | None = None) -> Waiter:
         """Ask for a slot and wait for it (the ``/wait/`` verb).
 
         The returned waiter is granted at once (``waiter.lease`` set) when the

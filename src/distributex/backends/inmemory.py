@@ -85,9 +85,12 @@ class InMemoryBackend(LockBackend):
                             await wakeup
                 finally:
                     self._wakeups.pop(waiter, None)
+        except TimeoutError:
+            # A grant that raced the timeout is undone and passed on.
+            self._wake(engine.cancel(waiter, self.now()))
+            return None
         except BaseException:
-            # Timed out, hung up or shutting down: leave the queue, or undo
-            # a grant that arrived too late to be delivered.
+            # Hung up or shutting down: leave the queue the same way.
             self._wake(engine.cancel(waiter, self.now()))
             raise
         if not still_wanted():

@@ -1,12 +1,370 @@
-"""``distributex``: run a command under a cluster lock (not built yet)."""
+"""``distributex``: run a command under a cluster lock (built on :mod:`distributex.client.sync`)."""
 
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import socket
 import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from distributex import __version__
+from distributex.client.runner import (
+    EXIT_CONFIG,
+    EXIT_USAGE,
+    Runner,
+    Settings,
+    min_ttl_for_grace,
+)
+from distributex.client.sync import DEFAULT_PORT, DEFAULT_TIMEOUT, parse_server
+
+DEFAULT_TTL = 60.0
+DEFAULT_GRACE = 10.0
+SYSTEM_CONFIG = "/etc/distributex/client.conf"
+CONFIG_KEYS = ("server", "port", "host_id", "ttl", "grace", "lock_dir", "http_timeout")
+
+DESCRIPTION = """\
+Run a command while holding a lock of a distributex server (and/or a local
+lock), so that only one host of the cluster runs it at a time.
+
+  distributex -H dx.example.com -r pool1 '/usr/bin/puppet agent --onetime'
+  distributex -H dx.example.com -r backup --no-wait -- /usr/local/bin/backup --full
+"""
+
+EPILOG = """\
+command:
+  A single COMMAND string is run by /bin/sh -c (as in 0.7). Words after --
+  are run directly, without a shell. The command runs in its own session
+  and process group, with stdin/stdout/stderr inherited, and gets:
+    DISTRIBUTEX_SERVER  host:port of the lock server (unset with a local lock only)
+    DISTRIBUTEX_POOL    the pool
+    DISTRIBUTEX_HOST    the host identity used for the lock
+    DISTRIBUTEX_FENCE   fencing token of the grant (an increasing integer)
+    DISTRIBUTEX_LEASE   lease token (for curl .../renew/ or .../release/)
+
+exit status:
+  N      the command's exit status (0 only if the command ran and exited 0)
+  128+N  the command died of signal N; or we got signal N before it started
+  2      usage error (bad option or option combination)
+  69     server unreachable, timed out, or answered 503 (command not run)
+  70     internal error (command not run)
+  71     the local lock file (-l) cannot be used (command not run)
+  73     the lock was lost while the command ran; the command was stopped
+  75     lock not obtained: --timeout ran out, or busy with --no-wait (not run)
+  77     request refused by the server (INVALID: unknown pool, host not
+         allowed, bad parameter) (command not run)
+  78     bad configuration file or environment variable (command not run)
+  126    command not executable, 127 command not found (-- form)
+  Every non-zero status of our own comes with one line on stderr.
+
+lease, renewal and lost locks:
+  The lease lives --ttl seconds (the server may grant less: the pool's
+  expire) and is renewed every ttl/3; a failed renewal is retried every
+  min(1, ttl/10) s, so brief network blips do not matter. The lock is LOST
+  when the server answers that the lease is gone, or when no renewal got
+  through until grace + margin seconds before the lease could run out
+  (margin = min(1, ttl/10)). Then the command's process group gets SIGTERM,
+  and SIGKILL --grace seconds later, so it is dead before the server can
+  give the lock to anyone else. Hence --ttl must be at least about
+  2 x (grace + 1) (e.g. --grace 10 needs --ttl >= 22); if the server grants
+  a shorter TTL, grace is shortened to fit.
+
+signals:
+  SIGINT, SIGTERM and SIGHUP are forwarded to the command's process group;
+  a second one sends SIGKILL. The lock is released when the command has
+  ended. A signal while waiting for the lock stops waiting (exit 128+N).
+
+host identity:
+  The server sees one holder per host name: two clients with the same
+  --host-id share the lock. Use -l (or distinct --host-id) to keep jobs on
+  one machine apart.
+
+local lock (-l):
+  flock(2) on <lock-dir>/<pool>.lock, held while the command runs (not
+  inherited by the command), so a crashed client never leaves a stale lock.
+  Lock dir: --lock-dir, else /run/lock/distributex, /var/lock/distributex,
+  $XDG_RUNTIME_DIR/distributex, $TMPDIR/distributex-UID (first usable).
+  -l without any server (no -H, DISTRIBUTEX_SERVER or config server) locks
+  only locally.
+
+defaults (highest first): options; environment DISTRIBUTEX_SERVER,
+  DISTRIBUTEX_PORT, DISTRIBUTEX_HOST_ID, DISTRIBUTEX_TTL, DISTRIBUTEX_GRACE,
+  DISTRIBUTEX_LOCK_DIR, DISTRIBUTEX_HTTP_TIMEOUT; the config file(s); built-in.
+  Config: $DISTRIBUTEX_CONFIG if set (empty: none), else /etc/distributex/
+  client.conf then ~/.config/distributex/client.conf (later wins). Format:
+  "key = value" lines, # comments; keys: server, port, host_id, ttl, grace,
+  lock_dir, http_timeout.
+"""
 
 
-def main() -> int:
-    print("distributex: the client is not built yet", file=sys.stderr)
-    return 70
+class ConfigProblem(Exception):
+    """A bad configuration file or environment variable."""
+
+
+def config_files(env: dict[str, str]) -> list[Path]:
+    if "DISTRIBUTEX_CONFIG" in env:
+        chosen = env["DISTRIBUTEX_CONFIG"]
+        return [Path(chosen)] if chosen else []
+    xdg = env.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return [Path(SYSTEM_CONFIG), Path(xdg) / "distributex" / "client.conf"]
+
+
+def read_config(paths: list[Path], required: bool) -> dict[str, tuple[str, str]]:
+    """key -> (value, where) from ``key = value`` files; later files win."""
+    values: dict[str, tuple[str, str]] = {}
+    for path in paths:
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            if required:
+                raise ConfigProblem(f"{path}: no such config file (DISTRIBUTEX_CONFIG)") from None
+            continue
+        except OSError as exc:
+            raise ConfigProblem(f"{path}: cannot read: {exc.strerror}") from None
+        for number, raw in enumerate(text.splitlines(), 1):
+            line = raw.split("#", 1)[0].strip()
+            if not line:
+                continue
+            key, sep, value = line.partition("=")
+            key = key.strip().lower().replace("-", "_")
+            if not sep:
+                raise ConfigProblem(f"{path}:{number}: expected 'key = value', got {raw.strip()!r}")
+            if key not in CONFIG_KEYS:
+                raise ConfigProblem(
+                    f"{path}:{number}: unknown key {key!r} (known: {', '.join(CONFIG_KEYS)})"
+                )
+            values[key] = (value.strip().strip("\"'"), f"{path}:{number}")
+    return values
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError("must be a number of seconds >= 0")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 < value < 65536:
+        raise ValueError("must be a port number 1-65535")
+    return value
+
+
+def _positive(text: str) -> float:
+    value = _seconds(text)
+    if value <= 0:
+        raise ValueError("must be > 0")
+    return value
+
+
+def _arg(convert: Callable[[str], object]) -> Callable[[str], object]:
+    def checked(text: str) -> object:
+        try:
+            return convert(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+
+    checked.__name__ = convert.__name__.strip("_")
+    return checked
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="distributex",
+        usage="%(prog)s [options] -r POOL [-H SERVER] [-p PORT] [-l] (COMMAND | -- ARGV...)",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "command", nargs="*", metavar="COMMAND",
+        help="command to run by sh -c when the lock is held",
+    )  # fmt: skip
+    p.add_argument(
+        "-H", "--server", metavar="SERVER",
+        help="server host name, or host:port (env DISTRIBUTEX_SERVER)",
+    )  # fmt: skip
+    p.add_argument("-r", "--pool", required=True, metavar="POOL", help="resource pool")
+    p.add_argument(
+        "-p", "--port", type=_arg(_port), metavar="PORT",
+        help=f"server port (env DISTRIBUTEX_PORT; default {DEFAULT_PORT})",
+    )  # fmt: skip
+    p.add_argument(
+        "-l", "--local", action="store_true",
+        help="also take a local flock: no overlap of this pool on this host",
+    )  # fmt: skip
+    when = p.add_mutually_exclusive_group()
+    when.add_argument(
+        "--timeout", type=_arg(_seconds), metavar="SECONDS",
+        help="give up waiting for the lock after this long (exit 75); default: wait forever",
+    )  # fmt: skip
+    when.add_argument(
+        "--no-wait", action="store_true", help="try once; if the lock is busy exit 75"
+    )
+    p.add_argument(
+        "--ttl", type=_arg(_seconds), metavar="SECONDS",
+        help=f"lease time to ask for, renewed every ttl/3 (env DISTRIBUTEX_TTL; default "
+        f"{DEFAULT_TTL:g}; 0: the pool's expire)",
+    )  # fmt: skip
+    p.add_argument(
+        "--grace", type=_arg(_seconds), metavar="SECONDS",
+        help=f"if the lock is lost: SIGTERM, then SIGKILL this much later (env "
+        f"DISTRIBUTEX_GRACE; default {DEFAULT_GRACE:g})",
+    )  # fmt: skip
+    p.add_argument(
+        "--min-hold", type=_arg(_seconds), default=0.0, metavar="SECONDS",
+        help="keep the lock at least this long after it was granted, even if the command ends "
+        "sooner (a cron job then runs once per period across the cluster)",
+    )  # fmt: skip
+    p.add_argument(
+        "--host-id", metavar="NAME",
+        help="identity shown to the server (env DISTRIBUTEX_HOST_ID; default: this machine's "
+        "fully qualified name)",
+    )  # fmt: skip
+    p.add_argument(
+        "--lock-dir", metavar="DIR", help="directory of -l lock files (env DISTRIBUTEX_LOCK_DIR)"
+    )
+    p.add_argument(
+        "--http-timeout", type=_arg(_positive), metavar="SECONDS",
+        help=f"timeout of each HTTP call (env DISTRIBUTEX_HTTP_TIMEOUT; default "
+        f"{DEFAULT_TIMEOUT:g})",
+    )  # fmt: skip
+    p.add_argument("-v", "--verbose", action="store_true", help="say what happens, on stderr")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return p
+
+
+def _default(
+    name: str,
+    given: object,
+    env: dict[str, str],
+    config: dict[str, tuple[str, str]],
+    convert: Callable[[str], object],
+    builtin: object,
+) -> object:
+    """Option value, else DISTRIBUTEX_<NAME>, else the config file, else the built-in."""
+    if given is not None:
+        return given
+    var = f"DISTRIBUTEX_{name.upper()}"
+    if env.get(var):
+        try:
+            return convert(env[var])
+        except ValueError as exc:
+            raise ConfigProblem(f"environment {var}={env[var]!r}: {exc}") from None
+    if name in config:
+        value, where = config[name]
+        if value == "":
+            return builtin
+        try:
+            return convert(value)
+        except ValueError as exc:
+            raise ConfigProblem(f"{where}: {name} = {value!r}: {exc}") from None
+    return builtin
+
+
+def resolve(
+    args: argparse.Namespace,
+    command_argv: list[str] | None,
+    parser: argparse.ArgumentParser,
+    env: dict[str, str],
+) -> Settings:
+    """Settings from the parsed options, the environment and the config files."""
+    config = read_config(config_files(env), required=bool(env.get("DISTRIBUTEX_CONFIG")))
+
+    def pick(name: str, convert: Callable[[str], object], builtin: object) -> object:
+        return _default(name, getattr(args, name), env, config, convert, builtin)
+
+    server = pick("server", str, None) or None
+    if "DISTRIBUTEX_SERVER" in env and not env["DISTRIBUTEX_SERVER"] and args.server is None:
+        server = None  # DISTRIBUTEX_SERVER= (empty) turns a configured server off
+    port = pick("port", _port, None)
+    ttl = pick("ttl", _seconds, DEFAULT_TTL)
+    grace = pick("grace", _seconds, DEFAULT_GRACE)
+    host_id = pick("host_id", str, None) or socket.getfqdn()
+    lock_dir = pick("lock_dir", str, None) or None
+    http_timeout = pick("http_timeout", _positive, DEFAULT_TIMEOUT)
+    assert isinstance(ttl, float) and isinstance(grace, float)
+    assert isinstance(http_timeout, float)
+
+    if command_argv is not None and args.command:
+        parser.error("give the command either as one string or after --, not both")
+    if command_argv is None and len(args.command) > 1:
+        parser.error(
+            "give the command as one quoted string (run by sh -c), or after -- (run directly)"
+        )
+    if command_argv is not None and not command_argv:
+        parser.error("no command after --")
+    if command_argv is None and (not args.command or not args.command[0].strip()):
+        parser.error("no command given")
+    if not args.pool:
+        parser.error("the pool (-r) must not be empty")
+    if server is None and not args.local:
+        parser.error(
+            "no server: give -H SERVER (or set DISTRIBUTEX_SERVER), or -l for a local lock only"
+        )
+    if server is not None:
+        try:
+            parse_server(str(server), port if isinstance(port, int) else None)
+        except ValueError as exc:
+            parser.error(f"bad server: {exc}")
+        if ttl and ttl < min_ttl_for_grace(grace):
+            parser.error(
+                f"--grace {grace:g} needs --ttl >= {min_ttl_for_grace(grace):g} "
+                f"(got {ttl:g}): the command must be stopped before the lease can run out, "
+                "and renewals need room to retry; raise --ttl or lower --grace"
+            )
+    return Settings(
+        pool=args.pool,
+        host_id=str(host_id),
+        server=str(server) if server else None,
+        port=port if isinstance(port, int) else None,
+        local=args.local,
+        lock_dir=str(lock_dir) if lock_dir else None,
+        timeout=args.timeout,
+        wait=not args.no_wait,
+        ttl=ttl or None,
+        grace=grace,
+        min_hold=args.min_hold,
+        http_timeout=http_timeout,
+        argv=command_argv,
+        shell_command=None if command_argv is not None else args.command[0],
+        verbose=args.verbose,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``distributex`` command; returns the exit status."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    command_argv: list[str] | None = None
+    if "--" in args_list:
+        cut = args_list.index("--")
+        args_list, command_argv = args_list[:cut], args_list[cut + 1 :]
+    parser = build_parser()
+    args = parser.parse_args(args_list)
+    try:
+        settings = resolve(args, command_argv, parser, dict(os.environ))
+    except ConfigProblem as exc:
+        print(f"distributex: {exc}; command not run", file=sys.stderr)
+        return EXIT_CONFIG
+    logger = logging.getLogger("distributex.client")
+    if settings.verbose:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("distributex: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    else:
+        # The runner reports what matters in one line; no library log noise for cron mail.
+        logger.addHandler(logging.NullHandler())
+    logger.propagate = False
+    return Runner(settings).run()
 
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+__all__ = ["EXIT_USAGE", "build_parser", "main"]

@@ -1,0 +1,201 @@
+"""Memory per parked /wait/ client, then how fast the queue drains.
+
+A holder takes a mutex with /get/; then N clients (default 10,000), each on
+its own TCP connection, park on /wait/. The server's RSS (VmRSS) is read with
+none parked and with all N parked (once its CPU time and RSS have stopped
+moving and the kernel shows N+ established connections); the difference / N
+is the memory per parked client. Then the holder releases; every waiter, on
+YES, releases at once, so the mutex passes through all N one after another.
+The drain rate is N / (time from the holder's release to the last release).
+
+    .venv/bin/python bench/parked_waiters.py [--waiters 10000] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from typing import Any
+
+import aiohttp
+from _common import (
+    FENCE_HEADER,
+    Grant,
+    Server,
+    emit,
+    established_to,
+    fmt_int,
+    raise_nofile,
+    safety_violations,
+    use_uvloop,
+)
+from yarl import URL
+
+POOL = "parked"
+CONNECT_WINDOW = 500  # connections being opened at once (the server's backlog is 4096)
+
+
+async def _settle(server: Server, min_established: int, timeout: float) -> tuple[int, float]:
+    """Poll until the server is idle and its RSS stable; returns (RSS KiB, seconds waited)."""
+    began = time.monotonic()
+    last_rss, last_cpu, calm = -1, -1.0, 0
+    while time.monotonic() - began < timeout:
+        await asyncio.sleep(0.25)
+        rss, cpu = server.rss_kb(), server.cpu_seconds()
+        enough = established_to(server.port) >= min_established
+        steady = abs(rss - last_rss) <= max(64, last_rss // 1000) and cpu - last_cpu < 0.02
+        calm = calm + 1 if enough and steady else 0
+        last_rss, last_cpu = rss, cpu
+        if calm >= 4:  # a second of nothing moving
+            return rss, time.monotonic() - began
+    raise TimeoutError(f"server did not settle within {timeout} s")
+
+
+async def _answer(session: aiohttp.ClientSession, url: URL) -> tuple[bytes, str | None]:
+    async with session.get(url) as resp:
+        return await resp.read(), resp.headers.get(FENCE_HEADER)
+
+
+async def run_async(server: Server, waiters: int, timeout: float) -> dict[str, Any]:
+    base = f"{server.base}"
+
+    def url(verb: str, host: str) -> URL:
+        return URL(f"{base}/{verb}/?host={host}&pool={POOL}", encoded=True)
+
+    result: dict[str, Any] = {"waiters": waiters}
+    no_timeout = aiohttp.ClientTimeout(total=None)
+    async with (
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as holder,
+        aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0), timeout=no_timeout
+        ) as crowd,
+    ):
+        # Warm the server's code paths (and the holder's connection) first.
+        for _ in range(200):
+            await _answer(holder, url("get", "warm"))
+            await _answer(holder, url("release", "warm"))
+        rss0, _ = await _settle(server, 1, 30)
+        result["rss_idle_kb"] = rss0
+
+        body, _ = await _answer(holder, url("get", "holder"))
+        assert body == b"YES", body
+
+        opening = asyncio.Semaphore(CONNECT_WINDOW)
+        grants: list[tuple[int, str, int, int, int, int]] = []
+        answers: dict[bytes, int] = {}
+        done_ns: list[int] = []
+
+        async def on_conn_end(*_: object) -> None:
+            opening.release()
+
+        async def waiter(i: int) -> None:
+            await opening.acquire()
+            released = False
+            sent = time.monotonic_ns()
+            try:
+                async with crowd.get(url("wait", f"w{i}")) as resp:
+                    opening.release()
+                    released = True
+                    body = await resp.read()
+                    fence = resp.headers.get(FENCE_HEADER)
+            finally:
+                if not released:
+                    opening.release()
+            yes = time.monotonic_ns()
+            answers[body] = answers.get(body, 0) + 1
+            if body != b"YES" or fence is None:
+                return
+            release = time.monotonic_ns()
+            body2, _ = await _answer(crowd, url("release", f"w{i}"))
+            answers[b"release " + body2] = answers.get(b"release " + body2, 0) + 1
+            grants.append((i, POOL, sent, yes, release, int(fence)))
+            done_ns.append(time.monotonic_ns())
+
+        del on_conn_end
+        parked_at = time.monotonic()
+        tasks = [asyncio.create_task(waiter(i)) for i in range(waiters)]
+        rss1, settle_s = await _settle(server, waiters + 1, timeout)
+        result["park_s"] = time.monotonic() - parked_at
+        result["rss_parked_kb"] = rss1
+        result["established"] = established_to(server.port)
+        probe, _ = await _answer(holder, url("get", "probe"))
+        result["probe_get_while_parked"] = probe.decode()
+        result["kb_per_parked"] = (rss1 - rss0) / waiters
+
+        cpu0 = server.cpu_seconds()
+        t0 = time.monotonic_ns()
+        body, _ = await _answer(holder, url("release", "holder"))
+        assert body == b"OK", body
+        async with asyncio.timeout(timeout):
+            await asyncio.gather(*tasks)
+        drain_s = (max(done_ns) - t0) / 1e9 if done_ns else float("nan")
+        cpu1 = server.cpu_seconds()
+        served = len(grants)
+        result.update(
+            served=served,
+            drain_s=drain_s,
+            drained_per_s=served / drain_s if served else 0.0,
+            server_cpu_us_per_served=(cpu1 - cpu0) / served * 1e6 if served else float("nan"),
+            answers={k.decode(): v for k, v in answers.items()},
+            safety_violations=safety_violations(Grant(*g) for g in grants),
+            fifo_inversions=_inversions([g[0] for g in sorted(grants, key=lambda g: g[3])]),
+        )
+    return result
+
+
+def _inversions(order: list[int]) -> int:
+    """Adjacent pairs served out of the order the requests were started in.
+
+    Only a rough FIFO indicator: requests started in order may reach the
+    server in a slightly different order (separate connections).
+    """
+    return sum(1 for a, b in zip(order, order[1:], strict=False) if b < a)
+
+
+def run(waiters: int = 10_000, timeout: float = 120.0, uvloop: bool = False) -> dict[str, Any]:
+    """Run the benchmark; returns its figures."""
+    nofile = waiters + 1024
+    raise_nofile(nofile)
+    use_uvloop(uvloop)
+    with Server(nofile=nofile) as server:
+        result = asyncio.run(run_async(server, waiters, timeout))
+        result["server_exit_status"] = server.stop()
+    return result
+
+
+def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
+    violations = sum(r["safety_violations"].values())
+    return [
+        ("parked waiters", fmt_int(r["waiters"])),
+        ("server RSS, none parked", f"{r['rss_idle_kb'] / 1024:.1f} MiB"),
+        ("server RSS, all parked", f"{r['rss_parked_kb'] / 1024:.1f} MiB"),
+        ("established connections", fmt_int(r["established"])),
+        ("/get/ by another host meanwhile", r["probe_get_while_parked"]),
+        ("memory per parked client", f"{r['kb_per_parked']:.1f} KiB"),
+        ("time to park all (incl. settling)", f"{r['park_s']:.1f} s"),
+        ("served after release", f"{fmt_int(r['served'])} in {r['drain_s']:.2f} s"),
+        ("drained", f"{fmt_int(r['drained_per_s'])} waiters/s"),
+        ("server CPU per waiter served", f"{r['server_cpu_us_per_served']:.0f} µs"),
+        ("answers", ", ".join(f"{k}: {v}" for k, v in sorted(r["answers"].items()))),
+        ("safety violations", f"{violations}" + (f" {r['safety_violations']}" if violations else "")),
+        ("adjacent out-of-start-order grants", fmt_int(r["fifo_inversions"])),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--waiters", type=int, default=10_000)
+    parser.add_argument("--timeout", type=float, default=120.0, help="bound on each phase (s)")
+    parser.add_argument("--uvloop", action="store_true", help="uvloop in the load generator")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    result = run(args.waiters, args.timeout, args.uvloop)
+    emit(result, rows(result), "parked_waiters: memory per parked /wait/, then drain", args.json)
+    ok = result["served"] == args.waiters and not sum(result["safety_violations"].values())
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""The asyncio distributex client: :class:`AsyncClient`, the twin of :class:`~.sync.Client`.
+
+::
+
+    async with AsyncClient("dx.example.com") as client:
+        async with client.lock("pool1", timeout=60, ttl=30) as lease:
+            await do_work(fence=lease.fence)   # renewed by a background task
+    # LockLost on leaving the block if the lease was lost meanwhile
+
+Same rules as the blocking client (see :mod:`distributex.client.sync`): one
+long ``/wait/`` with TCP keepalive for an unbounded wait (keeps the FIFO
+place), a read timeout of wait timeout + ``timeout`` otherwise, renewal every
+``ttl/3``. Cancelling a task that waits for a lock closes its connection, and
+the server drops it from the queue. ``lease.lost`` is an :class:`asyncio.Event`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import math
+import socket
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from distributex.client.errors import LockLost, LockRefused, LockTimeout, ServerUnavailable
+from distributex.client.sync import (
+    DEFAULT_TIMEOUT,
+    MAX_BODY,
+    NO_EXPIRY_CHECK,
+    PIN_AFTER_WAIT,
+    Lease,
+    _fmt,
+    _lower,
+    check_answer,
+    clock,
+    describe,
+    grant_fields,
+    parse_server,
+    set_keepalive,
+)
+
+log = logging.getLogger("distributex.client")
+
+
+@dataclass(eq=False)
+class AsyncLease(Lease):
+    """A :class:`~.sync.Lease` whose ``lost`` is an :class:`asyncio.Event`."""
+
+    lost: Any = field(default_factory=asyncio.Event)
+
+
+def _keepalive_socket(addr_info: Any) -> socket.socket:
+    family, type_, proto = addr_info[0], addr_info[1], addr_info[2]
+    sock = socket.socket(family, type_, proto)
+    set_keepalive(sock)
+    return sock
+
+
+def _connector() -> aiohttp.TCPConnector:
+    # socket_factory exists from aiohttp 3.12; older versions just go without keepalive.
+    try:
+        return aiohttp.TCPConnector(force_close=True, socket_factory=_keepalive_socket)
+    except TypeError:
+        return aiohttp.TCPConnector(force_close=True)
+
+
+class AsyncClient:
+    """An asyncio client of one distributex server (see :class:`~.sync.Client`).
+
+    Use ``async with AsyncClient(...) as client`` or call :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        server: str,
+        port: int | None = None,
+        host: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        self.server, self.port = parse_server(server, port)
+        self.host = host or socket.getfqdn()
+        if timeout <= 0:
+            raise ValueError("timeout must be > 0")
+        self.timeout = timeout
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.server}]" if ":" in self.server else self.server
+        return f"{host}:{self.port}"
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _call(
+        self,
+        verb: str,
+        params: dict[str, str | None],
+        read_timeout: float | None,
+        connect_timeout: float | None = None,
+    ) -> tuple[int, str, dict[str, str]]:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(connector=_connector())
+        query = {k: v for k, v in params.items() if v is not None}
+        limits = aiohttp.ClientTimeout(
+            total=None, connect=connect_timeout or self.timeout, sock_read=read_timeout
+        )
+        try:
+            async with self._session.get(
+                f"http://{self.address}/{verb}/",
+                params=query,
+                timeout=limits,
+                headers={"User-Agent": "distributex-client/1"},
+            ) as resp:
+                body = await resp.content.read(MAX_BODY)
+                return resp.status, body.decode("utf-8", "replace"), _lower(resp.headers)
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise ServerUnavailable(
+                f"cannot reach distributex server {self.address}: {describe(exc)}"
+            ) from exc
+
+    async def acquire(
+        self,
+        pool: str,
+        timeout: float | None = None,
+        ttl: float | None = None,
+        wait: bool = True,
+    ) -> AsyncLease:
+        """Get a slot of ``pool`` without background renewal (see :meth:`lock`)."""
+        if ttl is not None and ttl <= 0:
+            raise ValueError("ttl must be > 0 (None: the pool's expire)")
+        if timeout is not None and timeout < 0:
+            raise ValueError("timeout must be >= 0")
+        params: dict[str, str | None] = {"host": self.host, "pool": pool, "ttl": _fmt(ttl)}
+        sent = clock()
+        if wait:
+            verb = "wait"
+            params["timeout"] = _fmt(timeout)
+            read = None if timeout is None else timeout + self.timeout
+        else:
+            verb, read = "get", self.timeout
+        status, body, headers = await self._call(verb, params, read)
+        if check_answer(verb, status, body, headers) != "YES":
+            if wait:
+                raise LockTimeout(f"pool '{pool}' not obtained within {timeout:g}s")
+            raise LockTimeout(f"pool '{pool}' is busy")
+        fence, token, granted_ttl = grant_fields(headers)
+        lease = AsyncLease(pool, self.host, fence, token, granted_ttl, sent)
+        if token and granted_ttl and clock() - sent > PIN_AFTER_WAIT * granted_ttl:
+            try:
+                await self.renew(lease, ttl=ttl)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await self.release(lease)
+                raise
+        return lease
+
+    async def renew(
+        self, lease: Lease, ttl: float | None = None, timeout: float | None = None
+    ) -> None:
+        """Restart the lease's TTL. Raises :class:`LockLost` if the server says GONE."""
+        if not lease.token:
+            raise ValueError("this lease has no token (0.7 server): it cannot be renewed")
+        params = {"host": lease.host, "pool": lease.pool, "lease": lease.token, "ttl": _fmt(ttl)}
+        sent = clock()
+        t = timeout or self.timeout
+        status, body, headers = await self._call("renew", params, t, t)
+        if check_answer("renew", status, body, headers) == "GONE":
+            raise LockLost(
+                f"lease on pool '{lease.pool}' is gone (expired, or released by someone else)"
+            )
+        fence, _token, granted_ttl = grant_fields(headers)
+        lease.renewed_at = sent
+        if granted_ttl is not None:
+            lease.ttl = granted_ttl
+        if fence is not None:
+            lease.fence = fence
+
+    async def release(self, lease: Lease, timeout: float | None = None) -> bool:
+        """Release exactly this lease. False if it was already gone (GONE)."""
+        params: dict[str, str | None] = {"host": lease.host, "pool": lease.pool}
+        if lease.token:
+            params["lease"] = lease.token
+        t = timeout or self.timeout
+        status, body, headers = await self._call("release", params, t, t)
+        lease.released = True
+        return check_answer("release", status, body, headers) == "OK"
+
+    async def release_quietly(self, lease: Lease, timeout: float | None = None) -> bool | None:
+        """Release, logging failures: True released, False already gone, None unknown."""
+        try:
+            return await self.release(lease, timeout)
+        except Exception as exc:
+            log.warning("could not release pool '%s': %s", lease.pool, exc)
+            return None
+
+    @contextlib.asynccontextmanager
+    async def lock(
+        self,
+        pool: str,
+        timeout: float | None = None,
+        ttl: float | None = None,
+        wait: bool = True,
+        on_lost: Callable[[AsyncLease], object] | None = None,
+        lost_margin: float | None = None,
+    ) -> AsyncIterator[AsyncLease]:
+        """Hold a slot of ``pool`` for the ``async with`` block, renewing it in a task.
+
+        Same contract as :meth:`distributex.client.sync.Client.lock`;
+        ``on_lost`` may be a plain function or a coroutine function.
+        """
+        lease = await self.acquire(pool, timeout=timeout, ttl=ttl, wait=wait)
+        keeper = asyncio.create_task(self._keep(lease, ttl, on_lost, lost_margin))
+        try:
+            yield lease
+        except BaseException:
+            await _stop(keeper)
+            await self.release_quietly(lease)
+            raise
+        await _stop(keeper)
+        held = await self.release_quietly(lease)
+        if lease.lost.is_set():
+            raise LockLost(lease.lost_reason or "lease lost")
+        if held is False:
+            raise LockLost(f"lease on pool '{pool}' had ended before it was released")
+
+    async def _keep(
+        self,
+        lease: AsyncLease,
+        ttl: float | None,
+        on_lost: Callable[[AsyncLease], object] | None,
+        lost_margin: float | None,
+    ) -> None:
+        """The renewal loop; the same schedule as :class:`~.sync.LeaseKeeper`."""
+        if not lease.token:
+            return
+        retry_at: float | None = None
+        last_error: Exception | None = None
+        reason: str
+        while True:
+            granted = lease.ttl
+            if granted:
+                margin = lost_margin if lost_margin is not None else min(1.0, granted / 10)
+                lost_at = lease.confirmed_until - margin
+                due = lease.renewed_at + granted / 3
+                retry = min(1.0, granted / 10)
+            else:
+                lost_at, due, retry = math.inf, lease.renewed_at + NO_EXPIRY_CHECK, NO_EXPIRY_CHECK
+            if retry_at is not None:
+                due = retry_at
+            now = clock()
+            if now >= lost_at:
+                err = f": {last_error}" if last_error else ""
+                reason = (
+                    f"no renewal confirmed for {now - lease.renewed_at:.1f}s of a {granted:g}s "
+                    f"lease (server unreachable{err})"
+                )
+                break
+            if now < due:
+                await asyncio.sleep(min(due, lost_at) - now)
+                continue
+            try:
+                budget = max(0.05, min(self.timeout, lost_at - clock()))
+                await self.renew(lease, ttl=ttl, timeout=budget)
+                retry_at, last_error = None, None
+            except LockLost as exc:
+                reason = str(exc)
+                break
+            except LockRefused as exc:
+                reason = f"renewal refused: {exc.reason}"
+                break
+            except ServerUnavailable as exc:
+                last_error = exc
+                retry_at = clock() + retry
+                log.info("renewal of pool '%s' failed (will retry): %s", lease.pool, exc)
+        if lease.mark_lost(reason):
+            log.warning("lost pool '%s': %s", lease.pool, reason)
+            if on_lost is not None:
+                try:
+                    result = on_lost(lease)
+                    if inspect.isawaitable(result):
+                        await result
+                except Exception:
+                    log.exception("on_lost callback failed")
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    # asyncio.wait does not raise the task's CancelledError; only our own cancellation.
+    await asyncio.wait({task})

@@ -1,0 +1,459 @@
+"""Run one command under a cluster lock (and/or a local flock): the heart of ``distributex``.
+
+Order of events:
+
+1. ``-l``: take the local ``flock`` on ``<lock-dir>/<pool>.lock`` (polled, so
+   ``--timeout``, ``--no-wait`` and signals apply to it too).
+2. Take the server lock with :meth:`Client.acquire` in a helper thread, so a
+   signal can abort the wait (the connection is closed and the server drops
+   us from its queue).
+3. Start a :class:`LeaseKeeper`: renewal every ttl/3, retries every
+   min(1, ttl/10) s, and the lease is declared lost ``grace + margin``
+   seconds before it can run out at the server (margin = min(1, ttl/10)).
+4. Run the command in its own session (so its whole process group can be
+   signalled) and supervise it:
+
+   * lease lost: SIGTERM to the group; SIGKILL ``grace`` seconds later (never
+     later than ``margin`` before the lease's earliest possible expiry);
+     exit :data:`EXIT_LOST`. So the command is dead before another host can
+     be granted the lock.
+   * SIGINT/SIGTERM/SIGHUP to us: forwarded to the group; a second signal
+     sends SIGKILL. We release once the command has ended.
+
+5. ``--min-hold``: keep the lock (renewing) until that long after the grant.
+6. Release by lease token, drop the local lock, exit with the command's status.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from typing import TextIO
+from urllib.parse import quote
+
+from distributex.client.errors import (
+    DistributexError,
+    LockRefused,
+    LockTimeout,
+    ServerUnavailable,
+)
+from distributex.client.sync import CancelToken, Client, Lease, LeaseKeeper, clock
+
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 69
+EXIT_SOFTWARE = 70
+EXIT_LOCALLOCK = 71
+EXIT_LOST = 73
+EXIT_TIMEOUT = 75
+EXIT_REFUSED = 77
+EXIT_CONFIG = 78
+EXIT_NOEXEC = 126
+EXIT_NOTFOUND = 127
+
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+POLL = 0.05
+
+
+def kill_margin(ttl: float) -> float:
+    """Seconds kept between the SIGKILL and the earliest possible lease expiry."""
+    return min(1.0, ttl / 10)
+
+
+def min_ttl_for_grace(grace: float) -> float:
+    """The shortest TTL that leaves renewal room with this grace (grace + margin <= ttl/2)."""
+    return 2 * grace + 2 if grace >= 4 else 2.5 * grace
+
+
+def effective_grace(grace: float, ttl: float | None) -> float:
+    """``grace``, shortened if the granted TTL is too short for it (pool expire < --ttl)."""
+    if not ttl:
+        return grace
+    return max(0.0, min(grace, ttl / 2 - kill_margin(ttl)))
+
+
+class Exit(Exception):
+    """Stop with this exit status and (unless empty) this one-line message."""
+
+    def __init__(self, code: int, message: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class Settings:
+    pool: str
+    host_id: str
+    server: str | None = None
+    port: int | None = None
+    local: bool = False
+    lock_dir: str | None = None
+    timeout: float | None = None
+    wait: bool = True
+    ttl: float | None = 60.0
+    grace: float = 10.0
+    min_hold: float = 0.0
+    http_timeout: float = 10.0
+    argv: list[str] | None = None
+    shell_command: str | None = None
+    verbose: bool = False
+
+
+def lock_file_name(pool: str) -> str:
+    name = quote(pool, safe="") + ".lock"
+    if len(name) > 200:
+        name = hashlib.sha256(pool.encode()).hexdigest() + ".lock"
+    return name
+
+
+def lock_dir_candidates() -> list[tuple[str, bool]]:
+    """(directory, shared by all users?) in order of preference."""
+    dirs = [("/run/lock/distributex", True), ("/var/lock/distributex", True)]
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        dirs.append((os.path.join(runtime, "distributex"), False))
+    dirs.append((os.path.join(tempfile.gettempdir(), f"distributex-{os.getuid()}"), False))
+    return dirs
+
+
+def _open_in(directory: str, pool: str, shared: bool) -> int:
+    if not os.path.isdir(directory):
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        if shared:  # every user's jobs lock in the same place; sticky like /tmp
+            os.chmod(directory, 0o1777)
+    path = os.path.join(directory, lock_file_name(pool))
+    flags = os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return os.open(path, os.O_RDWR | flags, 0o666)
+    except PermissionError:
+        # Made by another user without write permission for us: flock needs no write.
+        return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+
+def open_lock_file(pool: str, lock_dir: str | None) -> tuple[int, str]:
+    """An open fd of the pool's local lock file, and its directory."""
+    if lock_dir:
+        try:
+            return _open_in(lock_dir, pool, False), lock_dir
+        except OSError as exc:
+            raise Exit(
+                EXIT_LOCALLOCK, f"cannot use lock directory {lock_dir}: {exc.strerror}"
+            ) from None
+    last: OSError | None = None
+    for directory, shared in lock_dir_candidates():
+        try:
+            return _open_in(directory, pool, shared), directory
+        except OSError as exc:
+            last = exc
+    raise Exit(EXIT_LOCALLOCK, f"no usable lock directory (last error: {last}); use --lock-dir")
+
+
+class Runner:
+    """Runs :class:`Settings`' command under its locks; :meth:`run` returns the exit status."""
+
+    def __init__(self, settings: Settings, err: TextIO | None = None) -> None:
+        self.s = settings
+        self.err = err or sys.stderr
+        self.signals: list[int] = []
+        self.deadline = None if settings.timeout is None else clock() + settings.timeout
+
+    def say(self, message: str) -> None:
+        print(f"distributex: {message}", file=self.err, flush=True)
+
+    def debug(self, message: str) -> None:
+        if self.s.verbose:
+            self.say(message)
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self.signals.append(signum)
+
+    def run(self) -> int:
+        saved = {sig: signal.signal(sig, self._on_signal) for sig in FORWARDED_SIGNALS}
+        try:
+            return self._run()
+        except Exit as exc:
+            if exc.message:
+                self.say(exc.message)
+            return exc.code
+        finally:
+            for sig, handler in saved.items():
+                signal.signal(sig, handler)
+
+    def _interrupted(self, what: str) -> Exit:
+        sig = self.signals[0]
+        return Exit(128 + sig, f"got {signal.Signals(sig).name} {what}; command not run")
+
+    def _remaining(self) -> float | None:
+        return None if self.deadline is None else max(0.0, self.deadline - clock())
+
+    # -- the phases --------------------------------------------------------------------
+
+    def _run(self) -> int:
+        s = self.s
+        fd: int | None = None
+        client: Client | None = None
+        lease: Lease | None = None
+        try:
+            if s.local:
+                fd = self._local_lock()
+            if s.server:
+                client = Client(s.server, s.port, host=s.host_id, timeout=s.http_timeout)
+                lease = self._server_lock(client)
+            return self._hold(client, lease)
+        finally:
+            if fd is not None:
+                os.close(fd)  # closing the last fd drops the flock
+
+    def _local_lock(self) -> int:
+        fd, directory = open_lock_file(self.s.pool, self.s.lock_dir)
+        path = os.path.join(directory, lock_file_name(self.s.pool))
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self.debug(f"local lock {path} taken")
+                return fd
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    os.close(fd)
+                    raise Exit(EXIT_LOCALLOCK, f"cannot lock {path}: {exc.strerror}") from None
+            problem = None
+            if self.signals:
+                problem = self._interrupted("while waiting for the local lock")
+            elif not self.s.wait:
+                problem = Exit(EXIT_TIMEOUT, f"local lock {path} is busy; command not run")
+            elif self.deadline is not None and clock() >= self.deadline:
+                problem = Exit(
+                    EXIT_TIMEOUT,
+                    f"local lock {path} not obtained within {self.s.timeout:g}s; command not run",
+                )
+            if problem is not None:
+                os.close(fd)
+                raise problem
+            time.sleep(POLL)
+
+    def _server_lock(self, client: Client) -> Lease:
+        s = self.s
+        cancel = CancelToken()
+        outcome: dict[str, object] = {}
+
+        def acquire() -> None:
+            try:
+                outcome["lease"] = client.acquire(
+                    s.pool, timeout=self._remaining(), ttl=s.ttl, wait=s.wait, cancel=cancel
+                )
+            except BaseException as exc:
+                outcome["error"] = exc
+
+        worker = threading.Thread(target=acquire, name="distributex-acquire", daemon=True)
+        worker.start()
+        while worker.is_alive():
+            if self.signals:
+                cancel.cancel()
+            worker.join(POLL)
+        lease = outcome.get("lease")
+        if self.signals:
+            if isinstance(lease, Lease):
+                client.release_quietly(lease)
+            raise self._interrupted("while waiting for the lock")
+        if isinstance(lease, Lease):
+            self.debug(
+                f"lock on pool '{s.pool}' from {client.address} as '{client.host}': "
+                f"fence {lease.fence}, ttl {lease.ttl}"
+            )
+            return lease
+        error = outcome.get("error")
+        where = f"pool '{s.pool}' on {client.address}"
+        if isinstance(error, LockTimeout):
+            if s.wait:
+                raise Exit(
+                    EXIT_TIMEOUT, f"{where} not obtained within {s.timeout:g}s; command not run"
+                )
+            raise Exit(EXIT_TIMEOUT, f"{where} is busy; command not run")
+        if isinstance(error, LockRefused):
+            raise Exit(EXIT_REFUSED, f"{where}: request refused ({error.reason}); command not run")
+        if isinstance(error, ServerUnavailable):
+            raise Exit(EXIT_UNAVAILABLE, f"{error}; command not run")
+        if isinstance(error, ValueError | DistributexError):
+            raise Exit(EXIT_SOFTWARE, f"{where}: {error}; command not run")
+        raise Exit(EXIT_SOFTWARE, f"{where}: internal error: {error!r}; command not run")
+
+    def _environment(self, client: Client | None, lease: Lease | None) -> dict[str, str]:
+        env = dict(os.environ)
+        for key in ("DISTRIBUTEX_SERVER", "DISTRIBUTEX_FENCE", "DISTRIBUTEX_LEASE"):
+            env.pop(key, None)
+        env["DISTRIBUTEX_POOL"] = self.s.pool
+        env["DISTRIBUTEX_HOST"] = self.s.host_id
+        if client is not None:
+            env["DISTRIBUTEX_SERVER"] = client.address
+        if lease is not None:
+            if lease.fence is not None:
+                env["DISTRIBUTEX_FENCE"] = str(lease.fence)
+            if lease.token is not None:
+                env["DISTRIBUTEX_LEASE"] = lease.token
+        return env
+
+    def _hold(self, client: Client | None, lease: Lease | None) -> int:
+        s = self.s
+        granted_at = clock()
+        keeper: LeaseKeeper | None = None
+        grace = s.grace
+        if client is not None and lease is not None:
+            grace = effective_grace(s.grace, lease.ttl)
+            if grace < s.grace:
+                self.debug(f"granted ttl {lease.ttl:g}s is short: grace cut to {grace:.2f}s")
+            margin = kill_margin(lease.ttl) if lease.ttl else 0.0
+            keeper = LeaseKeeper(client, lease, ttl=s.ttl, lost_margin=grace + margin)
+            keeper.start()
+        self.command_end: float | None = None
+        stopped: Exit | None = None
+        try:
+            code = self._supervise(client, lease, grace, granted_at)
+        except Exit as exc:  # the command did not run: still release first
+            stopped, code = exc, exc.code
+        finally:
+            if keeper is not None:
+                keeper.stop()
+        if client is not None and lease is not None:
+            held = client.release_quietly(lease, self._release_timeout(lease))
+            if held is None:
+                self.say(
+                    f"could not release pool '{s.pool}' (server unreachable); "
+                    "it frees itself when the lease expires"
+                )
+            elif (
+                held is False
+                and stopped is None
+                and code != EXIT_LOST
+                and self.command_end is not None
+                and not (lease.ttl and lease.confirmed_until >= self.command_end)
+            ):
+                # The lease ended at some unknown time before we released it.
+                self.say(f"lock on pool '{s.pool}' had ended before the command did")
+                return EXIT_LOST
+        if stopped is not None:
+            raise stopped
+        return code
+
+    def _release_timeout(self, lease: Lease) -> float:
+        # A lease presumed lost for silence: the server is probably still away; don't linger.
+        if lease.lost.is_set():
+            return min(self.s.http_timeout, 2.0)
+        return self.s.http_timeout
+
+    def _spawn(self, env: dict[str, str]) -> subprocess.Popen[bytes]:
+        s = self.s
+        argv = s.argv if s.argv is not None else ["/bin/sh", "-c", s.shell_command or ""]
+        try:
+            # A new session: the command's whole process group can be signalled,
+            # and no terminal job control stops it for reading the terminal.
+            return subprocess.Popen(argv, env=env, start_new_session=True)
+        except FileNotFoundError:
+            raise Exit(EXIT_NOTFOUND, f"{argv[0]}: command not found") from None
+        except PermissionError:
+            raise Exit(EXIT_NOEXEC, f"{argv[0]}: permission denied") from None
+        except OSError as exc:
+            raise Exit(EXIT_NOEXEC, f"{argv[0]}: cannot run: {exc.strerror}") from None
+
+    def _supervise(
+        self, client: Client | None, lease: Lease | None, grace: float, granted_at: float
+    ) -> int:
+        s = self.s
+        if self.signals:
+            raise self._interrupted("before the command started")
+        if lease is not None and lease.lost.is_set():
+            raise Exit(EXIT_LOST, f"lock lost before the command started: {lease.lost_reason}")
+        proc = self._spawn(self._environment(client, lease))
+        pgid = proc.pid
+        lost = False
+        kill_at: float | None = None
+        killed = False
+        forwarded = 0
+        rc: int | None = None
+        while True:
+            if rc is None:
+                rc = proc.poll()
+                if rc is not None:
+                    self.command_end = clock()
+            now = clock()
+            if lease is not None and lease.lost.is_set() and not lost and rc is None:
+                lost = True
+                self.say(
+                    f"lock on pool '{s.pool}' lost ({lease.lost_reason}); stopping the command"
+                )
+                _killpg(pgid, signal.SIGTERM)
+                kill_at = now + grace
+                if lease.ttl:
+                    kill_at = min(kill_at, lease.confirmed_until - kill_margin(lease.ttl))
+            while self.signals and rc is None:
+                sig = self.signals.pop(0)
+                forwarded += 1
+                if forwarded == 1:
+                    self.debug(f"forwarding {signal.Signals(sig).name} to the command")
+                    _killpg(pgid, sig)
+                else:
+                    self.debug("second signal: killing the command")
+                    _killpg(pgid, signal.SIGKILL)
+            if lost and kill_at is not None and not killed:
+                # Lock lost: the whole group must be gone, not just its leader.
+                if now >= kill_at:
+                    _killpg(pgid, signal.SIGKILL)
+                    killed = True
+                elif rc is not None and not _group_alive(pgid):
+                    killed = True
+            if rc is not None and (not lost or killed):
+                break
+            time.sleep(POLL)
+        if lost:
+            self.say(f"command stopped because the lock on pool '{s.pool}' was lost")
+            return EXIT_LOST
+        if (
+            lease is not None
+            and lease.lost_at is not None
+            and self.command_end is not None
+            and lease.lost_at <= self.command_end
+        ):
+            self.say(f"lock on pool '{s.pool}' was lost before the command ended")
+            return EXIT_LOST
+        code = 128 - rc if rc < 0 else rc
+        self._min_hold(lease, granted_at)
+        return code
+
+    def _min_hold(self, lease: Lease | None, granted_at: float) -> None:
+        if self.s.min_hold <= 0:
+            return
+        until = granted_at + self.s.min_hold
+        if clock() < until:
+            self.debug(f"holding the lock for {until - clock():.1f}s more (--min-hold)")
+        while clock() < until:
+            if self.signals:
+                self.debug("signal: ending --min-hold early")
+                return
+            if lease is not None and lease.lost.is_set():
+                self.say(f"lock on pool '{self.s.pool}' lost during --min-hold")
+                return
+            time.sleep(min(POLL, max(0.0, until - clock())))
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,576 @@
+"""The blocking distributex client: :class:`Client`, :class:`Lease`, :class:`LeaseKeeper`.
+
+::
+
+    from distributex.client import Client, LockLost
+
+    client = Client("dx.example.com")
+    with client.lock("pool1", timeout=60, ttl=30) as lease:
+        do_work(fence=lease.fence)        # renewed in the background every ttl/3
+        if lease.lost.is_set():           # or pass on_lost=callback
+            ...
+    # leaving the block releases by lease token; LockLost if the lease was lost
+
+HTTP: the standard library's :mod:`http.client`, one short connection per call,
+and every call has a timeout. A ``/wait/`` with a timeout reads for (wait
+timeout + ``Client.timeout``). An unbounded ``/wait/`` is *one* long request
+with no read timeout, because re-issuing a ``/wait/`` would lose the place in
+the server's FIFO queue. A dead server process resets the connection at once;
+a dead or unreachable server *machine* is noticed by TCP keepalive (probes
+after 10 s idle, every 5 s, 3 misses: about 25 s).
+
+Times are taken from ``CLOCK_BOOTTIME`` where the OS has it (a monotonic clock
+that keeps counting while the machine is suspended, as the server's lease
+clock does), else :func:`time.monotonic`.
+
+Identity: a client identifies itself by ``host`` (default: the machine's fully
+qualified name). The server treats one host as one holder: two clients with
+the same ``host`` asking for the same pool *share* the slot. Give concurrent
+holders on one machine distinct ``host`` names (or use a local lock as well).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import logging
+import math
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlencode, urlsplit
+
+from distributex.client.errors import (
+    Cancelled,
+    LockLost,
+    LockRefused,
+    LockTimeout,
+    ServerUnavailable,
+)
+
+log = logging.getLogger("distributex.client")
+
+DEFAULT_PORT = 9889
+DEFAULT_TIMEOUT = 10.0
+KEEPALIVE_IDLE = 10
+KEEPALIVE_INTERVAL = 5
+KEEPALIVE_COUNT = 3
+# A lease with no expiry cannot be lost by silence, only by a GONE answer
+# (released by someone else, server restarted); check for that this often.
+NO_EXPIRY_CHECK = 30.0
+# After a /wait/ that took longer than this share of the TTL, renew at once:
+# the grant time is only known to lie between the request and the answer.
+PIN_AFTER_WAIT = 0.1
+MAX_BODY = 64 * 1024
+_USER_AGENT = "distributex-client/1"
+
+_CLOCK_ID = getattr(time, "CLOCK_BOOTTIME", None)
+
+
+def clock() -> float:
+    """Seconds on the client's lease clock (monotonic, counts suspend where possible)."""
+    if _CLOCK_ID is not None:
+        try:
+            return time.clock_gettime(_CLOCK_ID)
+        except OSError:
+            pass
+    return time.monotonic()
+
+
+def parse_server(server: str, port: int | None = None) -> tuple[str, int]:
+    """``host``, ``host:port``, ``[v6addr]:port`` or ``http://host:port/`` -> (host, port).
+
+    An explicit ``port`` argument wins over a port written in ``server``.
+    """
+    text = server.strip()
+    if not text:
+        raise ValueError("empty server name")
+    if "://" not in text:
+        text = "http://" + text
+    parts = urlsplit(text)
+    if parts.scheme != "http":
+        raise ValueError(f"unsupported scheme {parts.scheme!r} in server {server!r} (use http)")
+    try:
+        written = parts.port
+    except ValueError:
+        raise ValueError(f"bad port in server {server!r}") from None
+    host = parts.hostname
+    if not host:
+        raise ValueError(f"no host name in server {server!r}")
+    chosen = port if port is not None else (written if written is not None else DEFAULT_PORT)
+    if not 0 < chosen < 65536:
+        raise ValueError(f"port {chosen} out of range")
+    return host, chosen
+
+
+def _fmt(seconds: float | None) -> str | None:
+    return None if seconds is None else f"{seconds:g}"
+
+
+def _lower(headers: Mapping[str, str] | Any) -> dict[str, str]:
+    return {k.lower(): v for k, v in headers.items()}
+
+
+def check_answer(verb: str, status: int, body: str, headers: Mapping[str, str]) -> str:
+    """The answer word (YES, NO, OK, GONE) or the matching exception.
+
+    ``headers`` must have lower-case keys.
+    """
+    word = body.strip()
+    reason = headers.get("x-distributex-reason", "")
+    if status == 200 and word in ("YES", "NO", "OK"):
+        return word
+    if status == 410 and verb in ("release", "renew"):
+        return "GONE"
+    if 400 <= status < 500:
+        raise LockRefused(reason or f"HTTP {status} {word[:40]!r}", status)
+    if status == 503:
+        raise ServerUnavailable(f"server cannot answer now ({reason or 'HTTP 503'})")
+    raise ServerUnavailable(
+        f"unexpected answer to /{verb}/: HTTP {status} {word[:40]!r} (not a distributex server?)"
+    )
+
+
+def grant_fields(headers: Mapping[str, str]) -> tuple[int | None, str | None, float | None]:
+    """(fence, token, ttl) from a YES or renewal answer's lower-case headers.
+
+    A 0.7 server sends none of them: all three are then None (no renewal, and
+    release is by host only).
+    """
+    fence = headers.get("x-distributex-fence")
+    token = headers.get("x-distributex-lease")
+    ttl = headers.get("x-distributex-ttl")
+    try:
+        return (
+            int(fence) if fence else None,
+            token or None,
+            float(ttl) if ttl else None,
+        )
+    except ValueError:
+        raise ServerUnavailable(f"malformed lease headers from server: {headers!r}") from None
+
+
+def describe(exc: BaseException) -> str:
+    """A short human phrase for a network error."""
+    if isinstance(exc, TimeoutError | socket.timeout):
+        return "timed out"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve name ({exc.strerror})"
+    if isinstance(exc, http.client.RemoteDisconnected | ConnectionResetError):
+        return "connection closed by the server"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc) or type(exc).__name__
+
+
+def set_keepalive(sock: socket.socket) -> None:
+    """Turn on TCP keepalive so a long request notices a vanished server machine."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for name, value in (
+            ("TCP_KEEPIDLE", KEEPALIVE_IDLE),
+            ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
+            ("TCP_KEEPCNT", KEEPALIVE_COUNT),
+        ):
+            option = getattr(socket, name, None)
+            if option is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, option, value)
+    except OSError:  # not TCP (tests may use other sockets); keepalive is best effort
+        pass
+
+
+@dataclass(eq=False)
+class Lease:
+    """A held slot of a pool.
+
+    ``fence`` and ``token`` come from the server (None from a 0.7 server);
+    ``ttl`` is the lease time the server granted (0: never expires).
+    ``renewed_at`` is the :func:`clock` time at which the request that granted
+    or last renewed the lease was *sent*: the server restarted the TTL no
+    earlier than that, so ``confirmed_until`` is the earliest moment the
+    server may let the lease run out.
+    ``lost`` is set (and ``lost_reason`` filled) once the lease is known or
+    presumed gone.
+    """
+
+    pool: str
+    host: str
+    fence: int | None
+    token: str | None
+    ttl: float | None
+    renewed_at: float
+    lost: Any = field(default_factory=threading.Event)
+    lost_reason: str | None = None
+    lost_at: float | None = None
+    released: bool = False
+
+    @property
+    def confirmed_until(self) -> float:
+        """The earliest :func:`clock` time the server may end this lease (inf: no expiry)."""
+        if not self.ttl:
+            return math.inf
+        return self.renewed_at + self.ttl
+
+    def mark_lost(self, reason: str) -> bool:
+        """Record the loss; False if it was already recorded."""
+        if self.lost.is_set():
+            return False
+        self.lost_reason = reason
+        self.lost_at = clock()
+        self.lost.set()
+        return True
+
+
+class CancelToken:
+    """Aborts a blocking client call from another thread (e.g. a long ``/wait/``).
+
+    The aborted call raises :class:`Cancelled`; the server sees the
+    connection close and drops the waiter from its queue.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._socks: set[socket.socket] = set()
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        with self._lock:
+            self.cancelled = True
+            socks = list(self._socks)
+        for sock in socks:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def _attach(self, sock: socket.socket) -> None:
+        with self._lock:
+            if self.cancelled:
+                raise Cancelled("cancelled")
+            self._socks.add(sock)
+
+    def _detach(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._socks.discard(sock)
+
+
+class Client:
+    """A blocking client of one distributex server.
+
+    ``timeout`` bounds every HTTP call (connect, and the answer of calls that
+    do not wait); a ``/wait/`` reads for its wait timeout plus ``timeout``.
+    """
+
+    def __init__(
+        self,
+        server: str,
+        port: int | None = None,
+        host: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        self.server, self.port = parse_server(server, port)
+        self.host = host or socket.getfqdn()
+        if timeout <= 0:
+            raise ValueError("timeout must be > 0")
+        self.timeout = timeout
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.server}]" if ":" in self.server else self.server
+        return f"{host}:{self.port}"
+
+    def __repr__(self) -> str:
+        return f"Client({self.address!r}, host={self.host!r})"
+
+    # -- one HTTP call -----------------------------------------------------------------
+
+    def _call(
+        self,
+        verb: str,
+        params: dict[str, str | None],
+        read_timeout: float | None,
+        cancel: CancelToken | None = None,
+        connect_timeout: float | None = None,
+    ) -> tuple[int, str, dict[str, str]]:
+        query = urlencode({k: v for k, v in params.items() if v is not None})
+        conn = http.client.HTTPConnection(
+            self.server, self.port, timeout=connect_timeout or self.timeout
+        )
+        attached: socket.socket | None = None
+        try:
+            conn.connect()
+            assert conn.sock is not None
+            set_keepalive(conn.sock)
+            if cancel is not None:
+                cancel._attach(conn.sock)
+                attached = conn.sock
+            conn.sock.settimeout(read_timeout)
+            conn.request(
+                "GET",
+                f"/{verb}/?{query}",
+                headers={"User-Agent": _USER_AGENT, "Connection": "close"},
+            )
+            resp = conn.getresponse()
+            body = resp.read(MAX_BODY).decode("utf-8", "replace")
+            return resp.status, body, _lower(resp.headers)
+        except (OSError, http.client.HTTPException) as exc:
+            if cancel is not None and cancel.cancelled:
+                raise Cancelled(f"/{verb}/ cancelled") from None
+            raise ServerUnavailable(
+                f"cannot reach distributex server {self.address}: {describe(exc)}"
+            ) from exc
+        finally:
+            if cancel is not None and attached is not None:
+                cancel._detach(attached)
+            conn.close()
+
+    # -- the verbs ---------------------------------------------------------------------
+
+    def acquire(
+        self,
+        pool: str,
+        timeout: float | None = None,
+        ttl: float | None = None,
+        wait: bool = True,
+        cancel: CancelToken | None = None,
+    ) -> Lease:
+        """Get a slot of ``pool`` (no background renewal; see :meth:`lock`).
+
+        ``wait=False``: try once (``/get/``). Otherwise wait in the server's
+        FIFO queue, at most ``timeout`` seconds (None: as long as it takes).
+        ``ttl`` asks for a lease time shorter than the pool's ``expire``.
+
+        Raises :class:`LockTimeout`, :class:`LockRefused`,
+        :class:`ServerUnavailable` or :class:`Cancelled`.
+        """
+        if ttl is not None and ttl <= 0:
+            raise ValueError("ttl must be > 0 (None: the pool's expire)")
+        if timeout is not None and timeout < 0:
+            raise ValueError("timeout must be >= 0")
+        params: dict[str, str | None] = {"host": self.host, "pool": pool, "ttl": _fmt(ttl)}
+        sent = clock()
+        if not wait:
+            status, body, headers = self._call("get", params, self.timeout, cancel)
+            verb = "get"
+        else:
+            verb = "wait"
+            params["timeout"] = _fmt(timeout)
+            read = None if timeout is None else timeout + self.timeout
+            status, body, headers = self._call("wait", params, read, cancel)
+        word = check_answer(verb, status, body, headers)
+        if word != "YES":
+            if wait:
+                raise LockTimeout(f"pool '{pool}' not obtained within {timeout:g}s")
+            raise LockTimeout(f"pool '{pool}' is busy")
+        fence, token, granted_ttl = grant_fields(headers)
+        lease = Lease(pool, self.host, fence, token, granted_ttl, sent)
+        if token and granted_ttl and clock() - sent > PIN_AFTER_WAIT * granted_ttl:
+            self._pin(lease, ttl, cancel)
+        return lease
+
+    def _pin(self, lease: Lease, ttl: float | None, cancel: CancelToken | None) -> None:
+        """Renew right after a long wait, so ``confirmed_until`` is tight."""
+        try:
+            self.renew(lease, ttl=ttl, cancel=cancel)
+        except BaseException:
+            # We cannot tell how long the lease has left; do not hand it out.
+            with contextlib.suppress(Exception):
+                self.release(lease)
+            raise
+
+    def renew(
+        self,
+        lease: Lease,
+        ttl: float | None = None,
+        timeout: float | None = None,
+        cancel: CancelToken | None = None,
+    ) -> None:
+        """Restart the lease's TTL. Raises :class:`LockLost` if the server says GONE."""
+        if not lease.token:
+            raise ValueError("this lease has no token (0.7 server): it cannot be renewed")
+        params = {"host": lease.host, "pool": lease.pool, "lease": lease.token, "ttl": _fmt(ttl)}
+        sent = clock()
+        status, body, headers = self._call(
+            "renew", params, timeout or self.timeout, cancel, timeout or self.timeout
+        )
+        if check_answer("renew", status, body, headers) == "GONE":
+            raise LockLost(
+                f"lease on pool '{lease.pool}' is gone (expired, or released by someone else)"
+            )
+        fence, _token, granted_ttl = grant_fields(headers)
+        lease.renewed_at = sent
+        if granted_ttl is not None:
+            lease.ttl = granted_ttl
+        if fence is not None:
+            lease.fence = fence
+
+    def release(self, lease: Lease, timeout: float | None = None) -> bool:
+        """Release exactly this lease. False if it was already gone (GONE)."""
+        params: dict[str, str | None] = {"host": lease.host, "pool": lease.pool}
+        if lease.token:
+            params["lease"] = lease.token
+        t = timeout or self.timeout
+        status, body, headers = self._call("release", params, t, connect_timeout=t)
+        lease.released = True
+        return check_answer("release", status, body, headers) == "OK"
+
+    def release_host(self, pool: str) -> None:
+        """The seed's release: whatever slot of ``pool`` this host holds."""
+        status, body, headers = self._call("release", {"host": self.host, "pool": pool}, None)
+        check_answer("release", status, body, headers)
+
+    # -- the context manager -----------------------------------------------------------
+
+    @contextlib.contextmanager
+    def lock(
+        self,
+        pool: str,
+        timeout: float | None = None,
+        ttl: float | None = None,
+        wait: bool = True,
+        on_lost: Callable[[Lease], object] | None = None,
+        lost_margin: float | None = None,
+    ) -> Iterator[Lease]:
+        """Hold a slot of ``pool`` for the ``with`` block, renewing it in the background.
+
+        Leaving the block releases the lease (by token). If the lease was lost
+        meanwhile, the exit raises :class:`LockLost` (unless the block raised
+        an exception of its own, which then propagates unchanged).
+        ``on_lost(lease)`` runs in the renewal thread as soon as a loss is
+        detected; ``lease.lost`` is a :class:`threading.Event`.
+        See :class:`LeaseKeeper` for ``lost_margin``.
+        """
+        lease = self.acquire(pool, timeout=timeout, ttl=ttl, wait=wait)
+        keeper = LeaseKeeper(self, lease, ttl=ttl, on_lost=on_lost, lost_margin=lost_margin)
+        keeper.start()
+        try:
+            yield lease
+        except BaseException:
+            keeper.stop()
+            self.release_quietly(lease)
+            raise
+        keeper.stop()
+        held = self.release_quietly(lease)
+        if lease.lost.is_set():
+            raise LockLost(lease.lost_reason or "lease lost")
+        if held is False:
+            raise LockLost(f"lease on pool '{pool}' had ended before it was released")
+
+    def release_quietly(self, lease: Lease, timeout: float | None = None) -> bool | None:
+        """Release, logging failures: True released, False already gone, None unknown."""
+        try:
+            return self.release(lease, timeout)
+        except Exception as exc:
+            log.warning("could not release pool '%s': %s", lease.pool, exc)
+            return None
+
+
+class LeaseKeeper:
+    """Renews a lease in a background thread until stopped or lost.
+
+    Renewal is due every ``ttl/3`` after the last confirmed one. A failed
+    renewal (server unreachable, 503, timeout) is retried every
+    ``min(1, ttl/10)`` seconds. The lease is declared lost when the server
+    answers GONE or refuses the renewal, or when no renewal has been
+    confirmed until ``lost_margin`` seconds before the lease's earliest
+    possible expiry (:attr:`Lease.confirmed_until`). The default margin is
+    ``min(1, ttl/10)``; a caller that must stop work before the lease runs
+    out (the CLI) passes the time it needs for that.
+
+    A lease without TTL (0, or a 0.7 server) cannot expire: it is only
+    checked every 30 s for a GONE answer, and silence never loses it.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        lease: Lease,
+        ttl: float | None = None,
+        on_lost: Callable[[Lease], object] | None = None,
+        lost_margin: float | None = None,
+    ) -> None:
+        self.client = client
+        self.lease = lease
+        self.ttl = ttl
+        self.on_lost = on_lost
+        self.lost_margin = lost_margin
+        self.last_error: BaseException | None = None
+        self._stop = threading.Event()
+        self._cancel = CancelToken()
+        self._thread = threading.Thread(
+            target=self._run, name=f"distributex-renew-{lease.pool}", daemon=True
+        )
+
+    def margin(self) -> float:
+        if self.lost_margin is not None:
+            return self.lost_margin
+        return min(1.0, (self.lease.ttl or 0) / 10)
+
+    def start(self) -> None:
+        if self.lease.token:
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Stop renewing (does not release). Returns promptly even mid-request."""
+        self._stop.set()
+        self._cancel.cancel()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def _declare_lost(self, reason: str) -> None:
+        if self._stop.is_set() or not self.lease.mark_lost(reason):
+            return
+        log.warning("lost pool '%s': %s", self.lease.pool, reason)
+        if self.on_lost is not None:
+            try:
+                self.on_lost(self.lease)
+            except Exception:
+                log.exception("on_lost callback failed")
+
+    def _run(self) -> None:
+        lease = self.lease
+        retry_at: float | None = None
+        while not self._stop.is_set():
+            ttl = lease.ttl
+            if ttl:
+                lost_at = lease.confirmed_until - self.margin()
+                due = lease.renewed_at + ttl / 3
+                retry = min(1.0, ttl / 10)
+            else:
+                lost_at = math.inf
+                due = lease.renewed_at + NO_EXPIRY_CHECK
+                retry = NO_EXPIRY_CHECK
+            if retry_at is not None:
+                due = retry_at
+            now = clock()
+            if now >= lost_at:
+                err = f": {self.last_error}" if self.last_error else ""
+                self._declare_lost(
+                    f"no renewal confirmed for {now - lease.renewed_at:.1f}s of a {ttl:g}s "
+                    f"lease (server unreachable{err})"
+                )
+                return
+            if now < due and self._stop.wait(min(due, lost_at) - now):
+                return
+            if clock() < due:
+                continue
+            try:
+                budget = max(0.05, min(self.client.timeout, lost_at - clock()))
+                self.client.renew(lease, ttl=self.ttl, timeout=budget, cancel=self._cancel)
+                retry_at = None
+                self.last_error = None
+            except Cancelled:
+                return
+            except LockLost as exc:
+                self._declare_lost(str(exc))
+                return
+            except LockRefused as exc:
+                self._declare_lost(f"renewal refused: {exc.reason}")
+                return
+            except ServerUnavailable as exc:
+                self.last_error = exc
+                retry_at = clock() + retry
+                log.info("renewal of pool '%s' failed (will retry): %s", lease.pool, exc)

@@ -1,0 +1,339 @@
+"""The HTTP text API against a real distributexd process over real sockets."""
+
+from __future__ import annotations
+
+import itertools
+import signal
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import quote
+
+import pytest
+
+from tests.conftest import Server
+
+CONFIG = """\
+pools:
+  - name: pool1
+    expire: 300
+  - name: guarded
+    servers: acme1, acme2
+  - name: sem5
+    maxlocks: 5
+  - name: short
+    expire: 1
+  - name: forever
+    expire: 0
+"""
+
+
+def q(verb: str, host: str, pool: str, extra: str = "") -> str:
+    return f"/{verb}/?host={quote(host)}&pool={quote(pool)}{extra}"
+
+
+class ParkedWait:
+    """A /wait/ sent on its own socket, answered later (or hung up on)."""
+
+    def __init__(self, server: Server, host: str, pool: str, extra: str = "") -> None:
+        self.sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        path = q("wait", host, pool, extra)
+        self.sock.sendall(f"GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())
+
+    def answer(self, timeout: float = 10) -> tuple[int, dict[str, str], str]:
+        self.sock.settimeout(timeout)
+        data = b""
+        while chunk := self.sock.recv(4096):
+            data += chunk
+        self.sock.close()
+        head, _, body = data.partition(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        headers = dict(line.split(": ", 1) for line in lines[1:])
+        return int(lines[0].split()[1]), headers, body.decode()
+
+    def answered(self) -> bool:
+        """True if an answer is already waiting on the socket."""
+        self.sock.setblocking(False)
+        try:
+            return bool(self.sock.recv(1, socket.MSG_PEEK))
+        except BlockingIOError:
+            return False
+        finally:
+            self.sock.setblocking(True)
+
+    def hang_up(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def srv(server_factory) -> Server:
+    return server_factory(CONFIG)
+
+
+def test_seed_transcript(server: Server) -> None:
+    steps = [
+        ("get", "me", "YES"),
+        ("get", "them", "NO"),
+        ("release", "me", "OK"),
+        ("get", "them", "YES"),
+        ("release", "them", "OK"),
+    ]
+    for verb, host, body in steps:
+        answer = server.call(q(verb, host, "pool1"))
+        assert (answer.status, answer.body) == (200, body)
+        assert answer.headers["Content-Type"] == "text/plain"
+        assert ("X-Distributex-Fence" in answer.headers) == (body == "YES")
+
+
+def test_paths_with_and_without_slash(srv: Server) -> None:
+    assert srv.call("/get?host=a&pool=pool1").body == "YES"
+    assert srv.call("/get/?host=a&pool=pool1").body == "YES"  # re-entrant
+    assert srv.call("/wait?host=a&pool=pool1").body == "YES"
+    assert srv.call("/release?host=a&pool=pool1").body == "OK"
+    assert srv.call("/release/?host=a&pool=pool1").body == "OK"  # held nothing
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "reason"),
+    [
+        ("/get/?pool=pool1", 400, "host"),
+        ("/get/?host=&pool=pool1", 400, "host"),
+        ("/wait/?host=a", 400, "pool"),
+        ("/release/?host=a&pool=", 400, "pool"),
+        ("/get/?host=a&pool=nosuch", 404, "unknown pool"),
+        ("/wait/?host=a&pool=nosuch", 404, "unknown pool"),
+        ("/get/?host=intruder&pool=guarded", 403, "servers"),
+        ("/release/?host=intruder&pool=guarded", 403, "servers"),
+        ("/grab/?host=a&pool=pool1", 404, "unknown verb"),
+        ("/", 404, "unknown verb"),
+        ("/wait/?host=a&pool=pool1&timeout=soon", 400, "timeout"),
+        ("/wait/?host=a&pool=pool1&timeout=-1", 400, "timeout"),
+        ("/get/?host=a&pool=pool1&ttl=0", 400, "ttl"),
+        ("/renew/?host=a&pool=pool1", 400, "lease"),
+        ("/get/?host=" + "x" * 300 + "&pool=pool1", 400, "longer"),
+    ],
+)
+def test_invalid_requests(srv: Server, path: str, status: int, reason: str) -> None:
+    answer = srv.call(path)
+    assert answer.status == status
+    assert answer.body == "INVALID"
+    assert reason in answer.headers["X-Distributex-Reason"]
+
+
+def test_servers_allow_list(srv: Server) -> None:
+    assert srv.call(q("get", "acme1", "guarded")).body == "YES"
+    assert srv.call(q("get", "acme2", "guarded")).body == "NO"
+    assert srv.call(q("release", "acme1", "guarded")).body == "OK"
+    assert srv.call(q("get", "acme2", "guarded")).body == "YES"
+
+
+def test_unknown_pool_with_builtin_default_is_made_on_first_use(server: Server) -> None:
+    assert server.call(q("get", "a", "anything-at-all")).body == "YES"
+    assert server.call(q("get", "b", "anything-at-all")).body == "NO"
+
+
+def test_semaphore_five_then_no(srv: Server) -> None:
+    bodies = [srv.call(q("get", f"h{i}", "sem5")).body for i in range(6)]
+    assert bodies == ["YES"] * 5 + ["NO"]
+    assert srv.call(q("get", "h0", "sem5")).body == "YES"  # a holder asking again
+    srv.call(q("release", "h2", "sem5"))
+    assert srv.call(q("get", "h5", "sem5")).body == "YES"
+    assert srv.call(q("get", "h6", "sem5")).body == "NO"
+
+
+def test_thirty_simultaneous_gets_give_exactly_five(srv: Server) -> None:
+    barrier = threading.Barrier(30)
+
+    def one(i: int) -> str:
+        barrier.wait()
+        return srv.call(q("get", f"host{i}", "sem5")).body
+
+    with ThreadPoolExecutor(30) as pool:
+        bodies = list(pool.map(one, range(30)))
+    assert bodies.count("YES") == 5
+    assert bodies.count("NO") == 25
+
+
+def test_fifo_order_of_eight_waiters(srv: Server) -> None:
+    assert srv.call(q("get", "holder", "pool1")).body == "YES"
+    waiters = []
+    for i in range(8):
+        waiters.append(ParkedWait(srv, f"w{i}", "pool1"))
+        time.sleep(0.05)  # arrival order is the order the server reads them
+    time.sleep(0.2)
+    assert srv.call(q("release", "holder", "pool1")).body == "OK"
+    order = []
+    for i, waiter in enumerate(waiters):
+        status, _headers, body = waiter.answer()
+        assert (status, body) == (200, "YES")
+        # Nobody behind the head has been answered yet.
+        assert not any(w.answered() for w in waiters[i + 1 :])
+        order.append(i)
+        srv.call(q("release", f"w{i}", "pool1"))
+    assert order == list(range(8))
+
+
+def test_get_does_not_jump_the_queue(srv: Server) -> None:
+    srv.call(q("get", "a", "sem5"))
+    for i in range(4):
+        srv.call(q("get", f"b{i}", "sem5"))
+    waiter = ParkedWait(srv, "queued", "sem5")
+    time.sleep(0.2)
+    srv.call(q("release", "a", "sem5"))
+    assert waiter.answer()[2] == "YES"
+    assert srv.call(q("get", "latecomer", "sem5")).body == "NO"
+
+
+def test_hung_up_waiter_is_skipped(srv: Server) -> None:
+    srv.call(q("get", "holder", "pool1"))
+    gone = ParkedWait(srv, "gone", "pool1")
+    time.sleep(0.1)
+    stays = ParkedWait(srv, "stays", "pool1")
+    time.sleep(0.1)
+    gone.hang_up()
+    time.sleep(0.3)
+    started = time.monotonic()
+    srv.call(q("release", "holder", "pool1"))
+    assert stays.answer()[2] == "YES"
+    assert time.monotonic() - started < 1.0
+    # "gone" holds nothing: after "stays" releases, the pool is free.
+    srv.call(q("release", "stays", "pool1"))
+    assert srv.call(q("get", "third", "pool1")).body == "YES"
+
+
+def test_release_wakes_waiter_at_once(srv: Server) -> None:
+    srv.call(q("get", "holder", "pool1"))
+    waiter = ParkedWait(srv, "next", "pool1")
+    time.sleep(0.2)
+    assert not waiter.answered()
+    started = time.monotonic()
+    srv.call(q("release", "holder", "pool1"))
+    status, headers, body = waiter.answer()
+    assert (status, body) == (200, "YES")
+    assert time.monotonic() - started < 0.5  # no polling interval
+    assert int(headers["X-Distributex-Fence"]) > 0
+
+
+def test_two_waits_by_one_host_both_answer_yes(srv: Server) -> None:
+    srv.call(q("get", "holder", "pool1"))
+    first = ParkedWait(srv, "twin", "pool1")
+    second = ParkedWait(srv, "twin", "pool1")
+    time.sleep(0.2)
+    srv.call(q("release", "holder", "pool1"))
+    a, b = first.answer(), second.answer()
+    assert a[2] == b[2] == "YES"
+    assert a[1]["X-Distributex-Fence"] == b[1]["X-Distributex-Fence"]
+
+
+def test_expiry_hands_the_slot_on(srv: Server) -> None:
+    granted = time.monotonic()
+    assert srv.call(q("get", "crashed", "short")).body == "YES"
+    waiter = ParkedWait(srv, "next", "short")
+    assert waiter.answer()[2] == "YES"
+    elapsed = time.monotonic() - granted
+    assert 0.8 <= elapsed <= 1.6, elapsed
+    assert srv.call(q("get", "crashed", "short")).body == "NO"
+
+
+def test_expire_zero_never_expires(srv: Server) -> None:
+    assert srv.call(q("get", "a", "forever")).body == "YES"
+    answer = srv.call(q("wait", "b", "forever", "&timeout=1.5"))
+    assert answer.body == "NO"
+    assert srv.call(q("get", "a", "forever")).headers["X-Distributex-TTL"] == "0"
+
+
+def test_wait_timeout_answers_no_and_leaves_queue(srv: Server) -> None:
+    srv.call(q("get", "holder", "pool1"))
+    started = time.monotonic()
+    answer = srv.call(q("wait", "impatient", "pool1", "&timeout=0.5"))
+    assert answer.body == "NO" and answer.status == 200
+    assert 0.4 <= time.monotonic() - started < 2
+    srv.call(q("release", "holder", "pool1"))
+    # The impatient host is no longer queued: the slot is free for anyone.
+    assert srv.call(q("get", "other", "pool1")).body == "YES"
+
+
+def test_fencing_tokens_strictly_increase(srv: Server) -> None:
+    fences = []
+    for i in range(20):
+        answer = srv.call(q("get", f"h{i}", "pool1"))
+        fences.append(int(answer.headers["X-Distributex-Fence"]))
+        srv.call(q("release", f"h{i}", "pool1"))
+    other = srv.call(q("get", "x", "sem5"))
+    fences.append(int(other.headers["X-Distributex-Fence"]))
+    assert all(a < b for a, b in itertools.pairwise(fences))
+    # A holder asking again sees its own grant's token, not a new one.
+    again = srv.call(q("get", "x", "sem5"))
+    assert int(again.headers["X-Distributex-Fence"]) == fences[-1]
+
+
+def test_fencing_tokens_increase_across_restart(server_factory) -> None:
+    first = server_factory()
+    before = int(first.call(q("get", "a", "p")).headers["X-Distributex-Fence"])
+    first.stop()
+    second = server_factory()
+    after = int(second.call(q("get", "a", "p")).headers["X-Distributex-Fence"])
+    assert after > before
+
+
+def test_renew_and_release_by_lease(srv: Server) -> None:
+    answer = srv.call(q("get", "a", "short", "&ttl=0.5"))
+    token = answer.headers["X-Distributex-Lease"]
+    assert answer.headers["X-Distributex-TTL"] == "0.5"
+    for _ in range(4):  # 1.2 s in all, well past the 0.5 s TTL
+        time.sleep(0.3)
+        renewed = srv.call(q("renew", "a", "short", f"&lease={token}"))
+        assert (renewed.status, renewed.body) == (200, "OK")
+    assert srv.call(q("get", "b", "short")).body == "NO"
+    # Someone else's token, or a made-up one, releases nothing.
+    assert srv.call(q("release", "b", "short", f"&lease={token}")).status == 410
+    assert srv.call(q("release", "a", "short", "&lease=forged")).body == "GONE"
+    assert srv.call(q("get", "b", "short")).body == "NO"
+    assert srv.call(q("release", "a", "short", f"&lease={token}")).body == "OK"
+    assert srv.call(q("release", "a", "short", f"&lease={token}")).status == 410
+    assert srv.call(q("renew", "a", "short", f"&lease={token}")).body == "GONE"
+
+
+def test_lease_gone_after_expiry(srv: Server) -> None:
+    token = srv.call(q("get", "a", "short", "&ttl=0.3")).headers["X-Distributex-Lease"]
+    time.sleep(0.6)
+    assert srv.call(q("renew", "a", "short", f"&lease={token}")).status == 410
+
+
+def test_ttl_cannot_exceed_expire(srv: Server) -> None:
+    answer = srv.call(q("get", "a", "short", "&ttl=100"))
+    assert answer.headers["X-Distributex-TTL"] == "1"
+
+
+def test_escaped_names(server: Server) -> None:
+    weird = "a host&pool=x/é"
+    assert server.call(q("get", weird, "p q")).body == "YES"
+    assert server.call(q("get", "other", "p q")).body == "NO"
+    assert server.call(q("release", weird, "p q")).body == "OK"
+    assert server.call(q("get", "other", "p q")).body == "YES"
+
+
+def test_sigterm_answers_waiters_and_exits_zero(srv: Server) -> None:
+    srv.call(q("get", "holder", "pool1"))
+    waiter = ParkedWait(srv, "parked", "pool1")
+    time.sleep(0.2)
+    srv.proc.send_signal(signal.SIGTERM)
+    status, _headers, body = waiter.answer()
+    assert (status, body) == (503, "UNAVAILABLE")
+    assert srv.proc.wait(10) == 0
+
+
+def test_port_in_use_is_one_clear_line(server: Server) -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "distributex", "-p", str(server.port)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{server.port}" in result.stderr
+    assert "Traceback" not in result.stderr
