@@ -127,7 +127,7 @@ def _verb(handler: Handler) -> Callable[[web.Request], Awaitable[web.Response]]:
 
     async def endpoint(request: web.Request) -> web.Response:
         try:
-            if request.method not in ("GET", "POST", "HEAD"):
+            if request.method not in ("GET", "POST"):
                 raise Invalid(405, f"method {request.method} not allowed (use GET)")
             host = _name(request, "host")
             pool_name = _name(request, "pool")
