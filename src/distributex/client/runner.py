@@ -413,8 +413,7 @@ class Runner:
             if rc is not None and (not lost or killed):
                 break
             time.sleep(POLL)
-        if lost:
-            self.say(f"command stopped because the lock on pool '{s.pool}' was lost")
+        if lost:  # already said why
             return EXIT_LOST
         if (
             lease is not None
