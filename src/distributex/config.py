@@ -10,7 +10,8 @@ Top-level keys:
 ``backend``       ``inmemory`` (default) or ``memcache``.
 ``memcachehost``  memcache backend: host (default ``localhost``).
 ``memcacheport``  memcache backend: port (default 11211).
-``bind``          address to listen on (default ``127.0.0.1``).
+``bind``          address to listen on (default: ``127.0.0.1`` for
+                  ``distributexd``; every interface under ``twistd``, as 0.7).
 ``port``          port to listen on (default 9889).
 ``autocreate``    ``true``: a pool not listed is created on first use as a
                   mutex with the default expire (default ``false`` when the
@@ -51,7 +52,7 @@ class Config:
     backend: str = "inmemory"
     memcachehost: str = "localhost"
     memcacheport: int = 11211
-    bind: str = DEFAULT_BIND
+    bind: str | None = None  # None: the entry point's default
     port: int = DEFAULT_PORT
     autocreate: bool = True
     pools: dict[str, PoolSpec] = field(default_factory=dict)

@@ -24,7 +24,7 @@ from aiohttp import web
 
 from distributex import __version__
 from distributex.backends import BackendUnavailable, LockBackend, make_backend
-from distributex.config import Config, ConfigError, default_config, load_config
+from distributex.config import DEFAULT_BIND, Config, ConfigError, default_config, load_config
 from distributex.httpapi import create_app
 
 log = logging.getLogger("distributex")
@@ -63,8 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_config(args: argparse.Namespace) -> Config:
-    """The configuration named on the command line, with its overrides applied."""
+def resolve_config(args: argparse.Namespace, default_bind: str = DEFAULT_BIND) -> Config:
+    """The configuration named on the command line, with its overrides applied.
+
+    ``default_bind`` is the listen address when neither ``--bind`` nor the
+    file names one.
+    """
     config = load_config(args.config) if args.config else default_config()
     if args.port is not None:
         if not 0 <= args.port <= 65535:
@@ -72,6 +76,8 @@ def resolve_config(args: argparse.Namespace) -> Config:
         config = replace(config, port=args.port)
     if args.bind:
         config = replace(config, bind=args.bind)
+    elif config.bind is None:
+        config = replace(config, bind=default_bind)
     return config
 
 
@@ -79,6 +85,8 @@ async def start_server(
     config: Config, backend: LockBackend | None = None, *, access_log: bool = False
 ) -> tuple[web.AppRunner, LockBackend]:
     """Start serving ``config``; returns the runner and backend to stop later."""
+    if config.bind is None:
+        config = replace(config, bind=DEFAULT_BIND)
     backend = backend or make_backend(config)
     await backend.start()
     app = create_app(config, backend)

@@ -31,7 +31,7 @@ import logging
 import os
 import signal
 import sys
-from typing import Any
+from typing import Any, ClassVar, NoReturn
 
 from twisted.application import service
 from twisted.internet.defer import Deferred
@@ -46,6 +46,9 @@ from distributex.server import resolve_config, start_server, stop_server
 log = logging.getLogger("distributex")
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+
+# 0.7 listened on every interface; the drop-in keeps that (distributexd doesn't).
+TWISTD_DEFAULT_BIND = "0.0.0.0"
 
 # Exit status for a bad configuration, as distributexd uses.
 EXIT_CONFIG = 2
@@ -63,7 +66,7 @@ class StartupError(Exception):
     """The server could not listen or its backend could not start."""
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     """Stop twistd with one line and no traceback, before it daemonizes.
 
     A ``UsageError`` would make twistd print its whole help text in front
@@ -96,17 +99,17 @@ class Options(usage.Options):
     synopsis = "[-c FILE] [-p PORT] [-b ADDR]"
     longdesc = (
         "Serve distributex lock pools over HTTP. Without -c: the built-in configuration "
-        "(inmemory backend, any pool made on first use). Listens on 127.0.0.1:9889 unless "
-        "the file's bind/port or -b/-p say otherwise (0.7 listened on 0.0.0.0: pass "
-        "--bind 0.0.0.0 for that)."
+        "(inmemory backend, any pool made on first use). Listens on every interface, port "
+        "9889, as 0.7 did, unless the file's bind/port or -b/-p say otherwise (distributexd "
+        "listens on 127.0.0.1 by default)."
     )
-    optParameters: list[list[Any]] = [
+    optParameters: ClassVar[list[list[Any]]] = [
         ["config", "c", None, "YAML configuration file (default: built-in)"],
         ["port", "p", None, "port to listen on (default 9889)", int],
-        ["bind", "b", None, "address to listen on (default 127.0.0.1)"],
+        ["bind", "b", None, "address to listen on (default: every interface, as 0.7)"],
         ["log-level", None, "info", f"logging level: {', '.join(LOG_LEVELS)}"],
     ]
-    optFlags: list[list[str | None]] = [
+    optFlags: ClassVar[list[list[str | None]]] = [
         ["access-log", None, "log every HTTP request (costs speed)"],
     ]
 
@@ -120,7 +123,9 @@ class Options(usage.Options):
         # terminal: after -d any message would only reach the log file.
         args = argparse.Namespace(config=self["config"], port=self["port"], bind=self["bind"])
         try:
-            self.config_obj = resolve_config(args)
+            # 0.7 sites start the server with this very command line and their
+            # clients are on other hosts: keep 0.7's listen address unless told.
+            self.config_obj = resolve_config(args, default_bind=TWISTD_DEFAULT_BIND)
             self.backend = make_backend(self.config_obj)
         except (ConfigError, BackendUnavailable) as exc:
             _fail(str(exc))
@@ -157,9 +162,12 @@ class DistributexService(service.Service):
         self.access_log = access_log
         self.log_level = log_level
         self._runner: Any = None
+        self._start_task: asyncio.Future[None] | None = None
         self._handler: logging.Handler | None = None
 
     def _start_logging(self) -> None:
+        if self._handler is not None:
+            return
         self._handler = _TwistedLogHandler()
         root = logging.getLogger()
         root.addHandler(self._handler)
@@ -172,21 +180,11 @@ class DistributexService(service.Service):
             logging.getLogger().removeHandler(self._handler)
             self._handler = None
 
-    def privilegedStartService(self) -> None:
-        """Listen now, before twistd sheds privileges and reports a -d start.
-
-        The reactor's asyncio loop is not running yet, so the start-up
-        coroutine runs to completion on it here. A failure therefore reaches
-        twistd before it says the daemon started: ``-d`` exits 1 with the
-        reason instead of leaving a pidfile of a server that never listened.
-        """
-        super().privilegedStartService()
-        self._start_logging()
-        loop = asyncio.get_event_loop()  # the loop the asyncio reactor will run
+    async def _start(self) -> None:
         config = self.config
         try:
-            self._runner, self.backend = loop.run_until_complete(
-                start_server(config, self.backend, access_log=self.access_log)
+            self._runner, self.backend = await start_server(
+                config, self.backend, access_log=self.access_log
             )
         except BackendUnavailable as exc:
             log.error("cannot start: %s", exc)
@@ -198,7 +196,7 @@ class DistributexService(service.Service):
             log.error("%s", message)
             raise StartupError(message) from None
         log.info(
-            "distributex %s serving %s on http://%s:%d/ (%s backend, %s, under twistd)",
+            "distributex %s serving %s on http://%s:%d/ (%s backend, %s, under Twisted)",
             __version__,
             ", ".join(config.pools) or "pools made on first use",
             config.bind,
@@ -207,24 +205,55 @@ class DistributexService(service.Service):
             config.source or "built-in configuration",
         )
 
-    def stopService(self) -> Deferred[None] | None:
-        """Answer parked waiters, stop accepting; twistd waits for the Deferred."""
-        super().stopService()
+    def privilegedStartService(self) -> None:
+        """Listen now, before twistd sheds privileges and reports a -d start.
+
+        The reactor's asyncio loop is not running yet, so the start-up
+        coroutine runs to completion on it here. A failure therefore reaches
+        twistd before it says the daemon started: ``-d`` exits 1 with the
+        reason instead of leaving a pidfile of a server that never listened.
+        """
+        super().privilegedStartService()
+        self._start_logging()
+        loop = asyncio.get_event_loop()  # the loop the asyncio reactor will run
+        loop.run_until_complete(self._start())
+
+    def startService(self) -> None:
+        super().startService()
+        if self._runner is None and self._start_task is None:
+            # Runners that skip privilegedStartService (``twist``): start on
+            # the running loop, and stop the reactor if that fails.
+            self._start_logging()
+            self._start_task = asyncio.ensure_future(self._start())
+            self._start_task.add_done_callback(_stop_reactor_on_failure)
+
+    async def _stop(self) -> None:
+        if self._start_task is not None and not self._start_task.done():
+            await asyncio.wait([self._start_task])
         if self._runner is None:
-            self._stop_logging()
-            return None
+            return
         runner, self._runner = self._runner, None
         log.info("stopping")
+        await stop_server(runner, self.backend)
+
+    def stopService(self) -> Deferred[None]:
+        """Answer parked waiters, stop accepting; twistd waits for the Deferred."""
+        super().stopService()
         _exit_zero_after_stop_signal()
-        done: Deferred[None] = Deferred.fromFuture(
-            asyncio.ensure_future(stop_server(runner, self.backend))
-        )
+        done: Deferred[None] = Deferred.fromFuture(asyncio.ensure_future(self._stop()))
 
         def finished(result: Any) -> Any:
             self._stop_logging()
             return result
 
         return done.addBoth(finished)
+
+
+def _stop_reactor_on_failure(task: asyncio.Future[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        from twisted.internet import reactor
+
+        reactor.stop()  # the reason is logged already
 
 
 def _exit_zero_after_stop_signal() -> None:
@@ -240,7 +269,7 @@ def _exit_zero_after_stop_signal() -> None:
         reactor._exitSignal = None  # type: ignore[attr-defined]
 
 
-def makeService(options: Options) -> DistributexService:  # noqa: N802 - twistd's name
+def makeService(options: Options) -> DistributexService:  # twistd looks up this name
     """The service twistd runs for ``twistd distributex``."""
     return DistributexService(
         options.config_obj,
