@@ -12,8 +12,10 @@ CPU time at the window's edges; each worker reads its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import os
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -21,7 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from _common import Server, start_py_spy, summarize_profile
+import aiohttp
+from _common import FENCE_HEADER, Server, start_py_spy, summarize_profile
+from yarl import URL
 
 # One client: (client index, measured window (start_ns, end_ns), record) -> None.
 # It stops issuing requests at the end of the window.
@@ -39,6 +43,70 @@ class WorkerStats:
 
     def count(self, name: str, by: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + by
+
+
+class RawHTTP:
+    """A minimal HTTP/1.1 keep-alive client on asyncio streams (``--client raw``).
+
+    Only for measuring how much of the load generator's cost is aiohttp's: it
+    sends pre-built GET requests and reads Content-Length bodies, nothing else.
+    """
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def get(self, target: str) -> tuple[bytes, str | None]:
+        """GET ``target`` (path and query); returns (body, X-Distributex-Fence or None)."""
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        assert self.reader is not None
+        self.writer.write(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        length, fence = 0, None
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"x-distributex-fence":
+                fence = value.strip().decode()
+        return await self.reader.readexactly(length), fence
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            with contextlib.suppress(OSError):
+                await self.writer.wait_closed()
+
+
+class AiohttpClient:
+    """One aiohttp session with one keep-alive connection, same interface as RawHTTP."""
+
+    def __init__(self, port: int, timeout: float = 60.0) -> None:
+        self.base = f"http://127.0.0.1:{port}"
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=1),
+            timeout=aiohttp.ClientTimeout(total=timeout),
+        )
+        self._urls: dict[str, URL] = {}
+
+    async def get(self, target: str) -> tuple[bytes, str | None]:
+        """GET ``target`` (path and query); returns (body, X-Distributex-Fence or None)."""
+        url = self._urls.get(target)
+        if url is None:
+            url = self._urls[target] = URL(self.base + target, encoded=True)
+        async with self.session.get(url) as resp:
+            return await resp.read(), resp.headers.get(FENCE_HEADER)
+
+    async def close(self) -> None:
+        await self.session.close()
+
+
+def make_client(kind: str, port: int) -> RawHTTP | AiohttpClient:
+    """A one-connection client: ``aiohttp`` (the default) or ``raw``."""
+    return RawHTTP(port) if kind == "raw" else AiohttpClient(port)
 
 
 def machine_busy_ticks() -> tuple[int, int]:
@@ -126,7 +194,7 @@ def run_closed_loop(
         results = [f.result(timeout=duration + 60) for f in futures]
         if spy is not None:
             spy.wait(30)
-            print(summarize_profile(profile))  # type: ignore[arg-type]
+            print(summarize_profile(profile), file=sys.stderr)  # type: ignore[arg-type]
     busy = busy1[0] - busy0[0]
     total = busy1[1] - busy0[1]
     return results, Window(

@@ -19,16 +19,17 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import aiohttp
-from _common import FENCE_HEADER, Grant, Server, emit, fmt_int, safety_violations, use_uvloop
+from _common import Grant, Server, emit, fmt_int, safety_violations, use_uvloop
 from _loadgen import (
+    AiohttpClient,
     ClientLoop,
+    RawHTTP,
     WorkerStats,
+    make_client,
     other_cpu_pct,
     run_closed_loop,
     run_worker_async,
 )
-from yarl import URL
 
 
 def worker(
@@ -38,31 +39,25 @@ def worker(
     port: int,
     pools: int,
     uvloop: bool,
+    client: str,
 ) -> WorkerStats:
     """One load-generator process running ``clients``."""
     use_uvloop(uvloop)
-    return asyncio.run(run_worker_async(_make_loop(port, pools), clients, start_ns, window_ns))
+    make = _make_loop(port, pools, client)
+    return asyncio.run(run_worker_async(make, clients, start_ns, window_ns))
 
 
 def _make_loop(
-    port: int, pools: int
+    port: int, pools: int, client: str
 ) -> Callable[[WorkerStats], Awaitable[tuple[ClientLoop, Callable[[], Awaitable[None]]]]]:
     async def make(stats: WorkerStats) -> tuple[ClientLoop, Callable[[], Awaitable[None]]]:
-        sessions: list[aiohttp.ClientSession] = []
-        timeout = aiohttp.ClientTimeout(total=30)
+        conns: list[RawHTTP | AiohttpClient] = []
 
         async def client_loop(index: int, window: tuple[int, int], stats: WorkerStats) -> None:
-            session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=1), timeout=timeout
-            )
-            sessions.append(session)
-            base = f"http://127.0.0.1:{port}"
-            urls = [
-                (
-                    f"p{p}",
-                    URL(f"{base}/get/?host=c{index}&pool=p{p}", encoded=True),
-                    URL(f"{base}/release/?host=c{index}&pool=p{p}", encoded=True),
-                )
+            conn = make_client(client, port)
+            conns.append(conn)
+            targets = [
+                (f"p{p}", f"/get/?host=c{index}&pool=p{p}", f"/release/?host=c{index}&pool=p{p}")
                 for p in range(pools)
             ]
             rng = random.Random(index)
@@ -71,10 +66,8 @@ def _make_loop(
             no_in_window = 0
             window_start, stop_ns = window
             while (sent := time.monotonic_ns()) < stop_ns:
-                pool, get_url, release_url = rng.choice(urls)
-                async with session.get(get_url) as resp:
-                    body = await resp.read()
-                    fence = resp.headers.get(FENCE_HEADER)
+                pool, get, release = rng.choice(targets)
+                body, fence = await conn.get(get)
                 yes = time.monotonic_ns()
                 if body == b"NO":
                     stats.count("no")
@@ -84,16 +77,15 @@ def _make_loop(
                 if body != b"YES" or fence is None:
                     stats.count("get_not_yes_or_no")
                     continue
-                release = time.monotonic_ns()
-                async with session.get(release_url) as resp:
-                    if await resp.read() != b"OK":
-                        stats.count("release_not_ok")
-                grants.append((index, pool, sent, yes, release, int(fence)))
+                releasing = time.monotonic_ns()
+                if (await conn.get(release))[0] != b"OK":
+                    stats.count("release_not_ok")
+                grants.append((index, pool, sent, yes, releasing, int(fence)))
             stats.count("no_in_window", no_in_window)
 
         async def close() -> None:
-            for session in sessions:
-                await session.close()
+            for conn in conns:
+                await conn.close()
 
         return client_loop, close
 
@@ -108,11 +100,13 @@ def run(
     uvloop: bool = False,
     warmup: float = 1.0,
     profile: str | None = None,
+    client: str = "aiohttp",
 ) -> dict[str, Any]:
     """Run the benchmark; returns its figures."""
     with Server() as server:
+        args = (server.port, pools, uvloop, client)
         results, window = run_closed_loop(
-            server, worker, (server.port, pools, uvloop), clients, procs, duration, warmup, profile
+            server, worker, args, clients, procs, duration, warmup, profile
         )
         status = server.stop()
     grants = [Grant(*g) for r in results for g in r.grants]
@@ -131,6 +125,7 @@ def run(
         "pools": pools,
         "procs": procs,
         "uvloop": uvloop,
+        "client": client,
         "duration_s": window.seconds,
         "cycles": cycles,
         "cycles_per_s": cycles / window.seconds,
@@ -153,7 +148,7 @@ def run(
 
 def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
     violations = sum(r["safety_violations"].values())
-    lg = " (uvloop)" if r["uvloop"] else ""
+    lg = f", {r['client']} client" + (" + uvloop" if r["uvloop"] else "")
     return [
         ("clients / pools / load processes", f"{r['clients']} / {r['pools']} / {r['procs']}{lg}"),
         ("measured window", f"{r['duration_s']:.1f} s"),
@@ -187,10 +182,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profile", metavar="FILE", help="py-spy the server in the window (collapsed stacks)"
     )
+    parser.add_argument(
+        "--client",
+        choices=["aiohttp", "raw"],
+        default="aiohttp",
+        help="HTTP client in the load generator (raw: minimal hand-written, for comparison)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     result = run(
-        args.clients, args.pools, args.duration, args.procs, args.uvloop, args.warmup, args.profile
+        args.clients,
+        args.pools,
+        args.duration,
+        args.procs,
+        args.uvloop,
+        args.warmup,
+        args.profile,
+        args.client,
     )
     emit(result, rows(result), "get_release: get+release cycles over many pools", args.json)
     ok = sum(result["safety_violations"].values()) == 0 and not result["errors"]

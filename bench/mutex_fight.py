@@ -18,9 +18,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import aiohttp
 from _common import (
-    FENCE_HEADER,
     Grant,
     Server,
     emit,
@@ -31,54 +29,60 @@ from _common import (
     safety_violations,
     use_uvloop,
 )
-from _loadgen import ClientLoop, WorkerStats, other_cpu_pct, run_closed_loop, run_worker_async
-from yarl import URL
+from _loadgen import (
+    AiohttpClient,
+    ClientLoop,
+    RawHTTP,
+    WorkerStats,
+    make_client,
+    other_cpu_pct,
+    run_closed_loop,
+    run_worker_async,
+)
 
 POOL = "fight"
 
 
 def worker(
-    clients: list[int], start_ns: int, window_ns: tuple[int, int], port: int, uvloop: bool
+    clients: list[int],
+    start_ns: int,
+    window_ns: tuple[int, int],
+    port: int,
+    uvloop: bool,
+    client: str,
 ) -> WorkerStats:
     """One load-generator process: ``clients`` each with its own keep-alive connection."""
     use_uvloop(uvloop)
-    return asyncio.run(run_worker_async(_make_loop(port), clients, start_ns, window_ns))
+    return asyncio.run(run_worker_async(_make_loop(port, client), clients, start_ns, window_ns))
 
 
 def _make_loop(
-    port: int,
+    port: int, client: str
 ) -> Callable[[WorkerStats], Awaitable[tuple[ClientLoop, Callable[[], Awaitable[None]]]]]:
     async def make(stats: WorkerStats) -> tuple[ClientLoop, Callable[[], Awaitable[None]]]:
-        sessions: list[aiohttp.ClientSession] = []
-        timeout = aiohttp.ClientTimeout(total=60)
+        conns: list[RawHTTP | AiohttpClient] = []
 
         async def client_loop(index: int, window: tuple[int, int], stats: WorkerStats) -> None:
-            session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=1), timeout=timeout
-            )
-            sessions.append(session)
-            base = f"http://127.0.0.1:{port}"
-            wait_url = URL(f"{base}/wait/?host=c{index}&pool={POOL}", encoded=True)
-            release_url = URL(f"{base}/release/?host=c{index}&pool={POOL}", encoded=True)
+            conn = make_client(client, port)
+            conns.append(conn)
+            wait = f"/wait/?host=c{index}&pool={POOL}"
+            release = f"/release/?host=c{index}&pool={POOL}"
             grants = stats.grants
             stop_ns = window[1]
             while (sent := time.monotonic_ns()) < stop_ns:
-                async with session.get(wait_url) as resp:
-                    body = await resp.read()
-                    fence = resp.headers.get(FENCE_HEADER)
+                body, fence = await conn.get(wait)
                 yes = time.monotonic_ns()
                 if body != b"YES" or fence is None:
                     stats.count("wait_not_yes")
                     continue
-                release = time.monotonic_ns()
-                async with session.get(release_url) as resp:
-                    if await resp.read() != b"OK":
-                        stats.count("release_not_ok")
-                grants.append((index, POOL, sent, yes, release, int(fence)))
+                releasing = time.monotonic_ns()
+                if (await conn.get(release))[0] != b"OK":
+                    stats.count("release_not_ok")
+                grants.append((index, POOL, sent, yes, releasing, int(fence)))
 
         async def close() -> None:
-            for session in sessions:
-                await session.close()
+            for conn in conns:
+                await conn.close()
 
         return client_loop, close
 
@@ -92,11 +96,12 @@ def run(
     uvloop: bool = False,
     warmup: float = 1.0,
     profile: str | None = None,
+    client: str = "aiohttp",
 ) -> dict[str, Any]:
     """Run the benchmark; returns its figures."""
     with Server() as server:
         results, window = run_closed_loop(
-            server, worker, (server.port, uvloop), clients, procs, duration, warmup, profile
+            server, worker, (server.port, uvloop, client), clients, procs, duration, warmup, profile
         )
         status = server.stop()
     grants = [Grant(*g) for r in results for g in r.grants]
@@ -114,6 +119,7 @@ def run(
         "clients": clients,
         "procs": procs,
         "uvloop": uvloop,
+        "client": client,
         "duration_s": window.seconds,
         "grants": n,
         "grants_per_s": n / window.seconds,
@@ -143,7 +149,9 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
     return [
         (
             "clients / load processes",
-            f"{r['clients']} / {r['procs']}" + (" (uvloop)" if r["uvloop"] else ""),
+            f"{r['clients']} / {r['procs']}"
+            + (" (uvloop)" if r["uvloop"] else "")
+            + f", {r['client']} client",
         ),
         ("measured window", f"{r['duration_s']:.1f} s"),
         ("grants/s", fmt_int(r["grants_per_s"])),
@@ -181,9 +189,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profile", metavar="FILE", help="py-spy the server in the window (collapsed stacks)"
     )
+    parser.add_argument(
+        "--client",
+        choices=["aiohttp", "raw"],
+        default="aiohttp",
+        help="HTTP client in the load generator (raw: minimal hand-written, for comparison)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    result = run(args.clients, args.duration, args.procs, args.uvloop, args.warmup, args.profile)
+    result = run(
+        args.clients, args.duration, args.procs, args.uvloop, args.warmup, args.profile, args.client
+    )
     emit(result, rows(result), "mutex_fight: clients fighting for one mutex", args.json)
     ok = sum(result["safety_violations"].values()) == 0 and not result["errors"]
     return 0 if ok else 1
