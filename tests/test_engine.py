@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from distributex.engine import LockEngine, PoolSpec
+from distributex.engine import MAX_LEASES_PER_HOLD, LockEngine, PoolSpec
 
 MUTEX = PoolSpec("m", maxlocks=1, expire=10)
 SEM = PoolSpec("s", maxlocks=2, expire=0)
@@ -61,13 +61,57 @@ def test_ttl_is_bounded_by_expire() -> None:
     assert SEM.lease_ttl(None) == 0
 
 
-def test_holder_asking_again_gets_the_same_lease_and_no_new_slot() -> None:
+def test_holder_asking_again_gets_a_lease_of_its_hold_and_no_new_slot() -> None:
     engine = LockEngine()
     first = engine.acquire(SEM, "a", 0)
-    assert engine.acquire(SEM, "a", 1) is first
+    again = engine.acquire(SEM, "a", 1)
+    assert first is not None and again is not None
+    assert again.token != first.token and again.fence == first.fence
     waiter = engine.enqueue(SEM, "a", 2)
-    assert waiter.lease is first
+    assert waiter.lease is not None and waiter.lease.hold is first.hold
     assert engine.acquire(SEM, "b", 3) is not None  # the second slot is still free
+
+
+def test_one_run_releasing_its_lease_keeps_the_other_runs_slot() -> None:
+    """Two runs under one host name: the first one's release must not free the pool."""
+    engine = LockEngine()
+    run1 = engine.acquire(MUTEX, "host-a", 0, ttl=6)
+    run2 = engine.acquire(MUTEX, "host-a", 1, ttl=6)
+    assert run1 is not None and run2 is not None
+    other = engine.enqueue(MUTEX, "host-b", 2)
+    assert engine.release_lease("m", run1.token, 3) == (run1, [])
+    assert other.lease is None
+    assert engine.renew("m", run2.token, 4) is run2
+    assert engine.expire(9.5) == []  # run1's lease would have ended at 6, run2's is at 10
+    assert engine.release_lease("m", run2.token, 9.5) == (run2, [other])
+
+
+def test_legacy_release_by_host_ends_every_lease_of_the_hold() -> None:
+    engine = LockEngine()
+    a = engine.acquire(MUTEX, "h", 0)
+    b = engine.acquire(MUTEX, "h", 1)
+    waiter = engine.enqueue(MUTEX, "next", 2)
+    hold, granted = engine.release("m", "h", 3)
+    assert hold is not None and granted == [waiter]
+    assert engine.lease(a.token) is None and engine.lease(b.token) is None
+
+
+def test_hold_ends_when_its_last_lease_expires() -> None:
+    engine = LockEngine()
+    engine.acquire(MUTEX, "h", 0, ttl=2)
+    engine.acquire(MUTEX, "h", 1, ttl=5)
+    waiter = engine.enqueue(MUTEX, "next", 1)
+    assert engine.expire(2) == []
+    assert engine.next_deadline() == 6
+    assert engine.expire(6) == [waiter]
+
+
+def test_leases_per_hold_are_bounded() -> None:
+    engine = LockEngine()
+    tokens = [engine.acquire(MUTEX, "looping", i).token for i in range(MAX_LEASES_PER_HOLD + 10)]
+    (hold,) = engine.holders("m")
+    assert len(hold.leases) == MAX_LEASES_PER_HOLD
+    assert engine.lease(tokens[0]) is None and engine.lease(tokens[-1]) is not None
 
 
 def test_idle_pools_are_forgotten_and_fences_never_reused() -> None:

@@ -1,14 +1,17 @@
 """Property-based tests: random interleavings against a simple reference model.
 
-Hypothesis drives the engine with get / wait / deliver / hang-up / release /
-renew / clock advance on two pools (a mutex and a semaphore, with and without
-expiry), and checks after every step that:
+Hypothesis drives the engine with get / wait / deliver / hang-up / release by
+host / release by lease / renew / clock advance on three pools (a mutex with
+expiry, a semaphore without, a short-lived semaphore), and checks after every
+step that:
 
 * a pool never has more than ``maxlocks`` holders (safety);
 * no slot is free while someone waits, and waiters are served in arrival
-  order (FIFO, no lost wake-up) — by comparing with a model that keeps a plain
-  list of waiting owners;
-* a lease ends exactly when its time is up, not before and not later;
+  order (FIFO, no lost wake-up) — by comparing with a model that keeps plain
+  lists and dicts;
+* a lease ends exactly when its time is up, not before and not later, and a
+  holder keeps its slot while any of its leases lives;
+* one grant answers every parked request of its owner;
 * fencing tokens strictly increase and are never reused.
 """
 
@@ -35,21 +38,38 @@ POOLS = {
 }
 OWNERS = st.sampled_from(["a", "b", "c", "d", "e"])
 POOL_NAMES = st.sampled_from(sorted(POOLS))
+INF = float("inf")
 
 
 class ModelPool:
-    """The reference: lists and dicts, no cleverness."""
+    """The reference: per owner a dict of its leases' tokens -> expiry; a list queue."""
 
     def __init__(self, spec: PoolSpec) -> None:
         self.spec = spec
-        self.holders: dict[str, float] = {}  # owner -> expires_at
-        self.queue: list[str] = []  # owners in arrival order
+        self.holders: dict[str, dict[str, float]] = {}
+        self.fences: dict[str, int] = {}
+        self.queue: list[str] = []
 
-    def grant_free_slots(self, now: float) -> list[str]:
+    def expiry(self, now: float) -> float:
+        return now + self.spec.expire if self.spec.expire else INF
+
+    def free(self) -> bool:
+        return not self.queue and len(self.holders) < self.spec.maxlocks
+
+    def end_lease(self, owner: str, token: str) -> bool:
+        """Drop one lease; True if that freed the owner's slot."""
+        del self.holders[owner][token]
+        if self.holders[owner]:
+            return False
+        del self.holders[owner], self.fences[owner]
+        return True
+
+    def next_owners(self) -> list[str]:
+        """Owners the free slots go to, in queue order."""
         granted = []
         while self.queue and len(self.holders) < self.spec.maxlocks:
             owner = self.queue.pop(0)
-            self.holders[owner] = now + self.spec.expire if self.spec.expire else float("inf")
+            self.holders[owner] = {}
             granted.append(owner)
         return granted
 
@@ -66,34 +86,38 @@ class EngineMachine(RuleBasedStateMachine):
         self.fences: list[int] = []
         # Requests parked in the engine's queues, by (pool, owner).
         self.parked: dict[tuple[str, str], set[Waiter]] = {}
+        # Leases granted to waiters whose answer has not gone out yet.
+        self.undelivered: set[str] = set()
 
     # -- helpers -------------------------------------------------------------
 
-    def check_granted(self, pool: str, granted: list[Waiter], expected_owners: list[str]) -> None:
-        owners = []
-        for waiter in granted:
-            assert waiter.pool == pool and waiter.lease is not None
-            if waiter.owner not in owners:
-                owners.append(waiter.owner)
-                self.fences.append(waiter.lease.fence)
-        assert owners == expected_owners, (owners, expected_owners)
-        # One grant answers every parked request of its owner, and no other.
-        for owner in owners:
-            answered = {w for w in granted if w.owner == owner}
-            assert answered == self.parked.pop((pool, owner))
-            assert len({w.lease.token for w in answered if w.lease}) == 1
-
-    def model_release(self, pool: str, owner: str) -> list[str]:
+    def new_lease(self, pool: str, owner: str, lease, delivered: bool) -> None:
         model = self.model[pool]
-        del model.holders[owner]
-        return model.grant_free_slots(self.now)
+        assert lease.owner == owner and lease.pool == pool
+        assert lease.token not in model.holders[owner]
+        if owner in model.fences:
+            assert lease.fence == model.fences[owner]  # one hold, one fencing token
+        else:
+            model.fences[owner] = lease.fence
+            self.fences.append(lease.fence)
+        model.holders[owner][lease.token] = model.expiry(self.now)
+        if not delivered:
+            self.undelivered.add(lease.token)
 
-    def wake(self, granted: list[Waiter]) -> None:
-        """The engine's grants across pools must match the model's, pool by pool."""
-        for name in POOLS:
-            mine = [w for w in granted if w.pool == name]
-            expected = self.model[name].grant_free_slots(self.now)
-            self.check_granted(name, mine, expected)
+    def check_granted(self, pool: str, granted: list[Waiter]) -> None:
+        """The engine's grants in ``pool`` are the model's next owners, each fully answered."""
+        expected = self.model[pool].next_owners()
+        owners = list(dict.fromkeys(w.owner for w in granted if w.pool == pool))
+        assert owners == expected, (owners, expected)
+        for owner in owners:
+            answered = {w for w in granted if w.pool == pool and w.owner == owner}
+            assert answered == self.parked.pop((pool, owner))
+            for waiter in answered:
+                self.new_lease(pool, owner, waiter.lease, delivered=False)
+
+    def end_lease(self, pool: str, owner: str, token: str) -> None:
+        self.model[pool].end_lease(owner, token)
+        self.undelivered.discard(token)
 
     # -- rules ---------------------------------------------------------------
 
@@ -101,12 +125,10 @@ class EngineMachine(RuleBasedStateMachine):
     def get(self, pool: str, owner: str) -> None:
         model = self.model[pool]
         lease = self.engine.acquire(POOLS[pool], owner, self.now)
-        if owner in model.holders:
-            assert lease is not None and lease.owner == owner
-        elif not model.queue and len(model.holders) < POOLS[pool].maxlocks:
+        if owner in model.holders or model.free():
             assert lease is not None
-            model.holders[owner] = lease.expires_at
-            self.fences.append(lease.fence)
+            model.holders.setdefault(owner, {})
+            self.new_lease(pool, owner, lease, delivered=True)
         else:
             assert lease is None
 
@@ -114,12 +136,10 @@ class EngineMachine(RuleBasedStateMachine):
     def wait(self, pool: str, owner: str) -> Waiter:
         model = self.model[pool]
         waiter = self.engine.enqueue(POOLS[pool], owner, self.now)
-        if owner in model.holders:
+        if owner in model.holders or model.free():
             assert waiter.lease is not None
-        elif not model.queue and len(model.holders) < POOLS[pool].maxlocks:
-            assert waiter.lease is not None
-            model.holders[owner] = waiter.lease.expires_at
-            self.fences.append(waiter.lease.fence)
+            model.holders.setdefault(owner, {})
+            self.new_lease(pool, owner, waiter.lease, delivered=False)
         else:
             assert waiter.lease is None
             if owner not in model.queue:
@@ -127,57 +147,70 @@ class EngineMachine(RuleBasedStateMachine):
             self.parked.setdefault((pool, owner), set()).add(waiter)
         return waiter
 
-    @rule(waiter=consumes(waiters))
+    @rule(waiter=waiters)  # not consumed: a hang-up after delivery must change nothing
     def deliver(self, waiter: Waiter) -> None:
         if waiter.lease is None:
             return  # still queued; the request stays parked
-        current = self.engine.lease(waiter.lease.token) is waiter.lease
+        token = waiter.lease.token
+        current = token in self.model[waiter.pool].holders.get(waiter.owner, {})
         assert self.engine.deliver(waiter) == current
+        self.undelivered.discard(token)
 
     @rule(waiter=consumes(waiters))
     def hang_up(self, waiter: Waiter) -> None:
         model = self.model[waiter.pool]
         lease = waiter.lease
-        undo = (
-            lease is not None
-            and not lease.delivered
-            and lease.pending == {waiter}
-            and self.engine.lease(lease.token) is lease
-        )
         granted = self.engine.cancel(waiter, self.now)
         if lease is None:
-            # Its owner leaves the queue only if this was its last parked request.
+            # Its owner leaves the queue only with its last parked request.
             parked = self.parked[(waiter.pool, waiter.owner)]
             parked.remove(waiter)
             if not parked:
                 del self.parked[(waiter.pool, waiter.owner)]
                 model.queue.remove(waiter.owner)
             assert granted == []
-        elif undo:
-            expected = self.model_release(waiter.pool, waiter.owner)
-            self.check_granted(waiter.pool, granted, expected)
+        elif lease.token in self.undelivered:
+            self.end_lease(waiter.pool, waiter.owner, lease.token)  # undone
+            self.check_granted(waiter.pool, granted)
         else:
             assert granted == []
 
     @rule(pool=POOL_NAMES, owner=OWNERS)
-    def release(self, pool: str, owner: str) -> None:
-        lease, granted = self.engine.release(pool, owner, self.now)
-        if owner in self.model[pool].holders:
-            assert lease is not None and lease.owner == owner
-            self.check_granted(pool, granted, self.model_release(pool, owner))
+    def release_host(self, pool: str, owner: str) -> None:
+        model = self.model[pool]
+        hold, granted = self.engine.release(pool, owner, self.now)
+        if owner in model.holders:
+            assert hold is not None and hold.owner == owner
+            for token in list(model.holders[owner]):
+                self.end_lease(pool, owner, token)
+            self.check_granted(pool, granted)
         else:
-            assert lease is None and granted == []
+            assert hold is None and granted == []
 
-    @rule(pool=POOL_NAMES, owner=OWNERS)
-    def renew(self, pool: str, owner: str) -> None:
-        holders = {lease.owner: lease for lease in self.engine.holders(pool)}
-        if owner not in holders:
+    @rule(pool=POOL_NAMES, owner=OWNERS, pick=st.integers(0, 3), forge=st.booleans())
+    def release_lease(self, pool: str, owner: str, pick: int, forge: bool) -> None:
+        tokens = sorted(self.model[pool].holders.get(owner, {}))
+        if forge or not tokens:
+            assert self.engine.release_lease(pool, "forged", self.now) == (None, [])
+            return
+        token = tokens[pick % len(tokens)]
+        # Right token, wrong owner: releases nothing.
+        assert self.engine.release_lease(pool, token, self.now, owner="x") == (None, [])
+        lease, granted = self.engine.release_lease(pool, token, self.now, owner=owner)
+        assert lease is not None and lease.token == token
+        self.end_lease(pool, owner, token)
+        self.check_granted(pool, granted)
+
+    @rule(pool=POOL_NAMES, owner=OWNERS, pick=st.integers(0, 3))
+    def renew(self, pool: str, owner: str, pick: int) -> None:
+        tokens = sorted(self.model[pool].holders.get(owner, {}))
+        if not tokens:
             assert self.engine.renew(pool, "no-such-token", self.now) is None
             return
-        lease = self.engine.renew(pool, holders[owner].token, self.now)
-        assert lease is holders[owner]
-        spec = POOLS[pool]
-        self.model[pool].holders[owner] = self.now + spec.expire if spec.expire else float("inf")
+        token = tokens[pick % len(tokens)]
+        lease = self.engine.renew(pool, token, self.now)
+        assert lease is not None and lease.token == token
+        self.model[pool].holders[owner][token] = self.model[pool].expiry(self.now)
 
     @rule(dt=st.sampled_from([0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.5]))
     def advance(self, dt: float) -> None:
@@ -186,20 +219,21 @@ class EngineMachine(RuleBasedStateMachine):
         target = self.now + dt
         while True:
             due = [
-                (expires_at, name, owner)
+                (expires_at, name, owner, token)
                 for name, model in self.model.items()
-                for owner, expires_at in model.holders.items()
+                for owner, leases in model.holders.items()
+                for token, expires_at in leases.items()
                 if expires_at <= target
             ]
             if not due:
                 break
-            when = min(d[0] for d in due)
-            self.now = when
+            self.now = min(d[0] for d in due)
             granted = self.engine.expire(self.now)
-            for expires_at, name, owner in due:
-                if expires_at == when:
-                    del self.model[name].holders[owner]
-            self.wake(granted)
+            for expires_at, name, owner, token in due:
+                if expires_at == self.now:
+                    self.end_lease(name, owner, token)
+            for name in POOLS:
+                self.check_granted(name, granted)
         self.now = target
         assert self.engine.expire(self.now) == []
 
@@ -209,15 +243,17 @@ class EngineMachine(RuleBasedStateMachine):
     def matches_model(self) -> None:
         for name, spec in POOLS.items():
             model = self.model[name]
-            holders = self.engine.holders(name)
-            assert len(holders) <= spec.maxlocks
-            assert {lease.owner for lease in holders} == set(model.holders)
-            for lease in holders:
-                assert lease.expires_at == model.holders[lease.owner]
-                assert lease.expires_at > self.now  # nothing outlives its time
+            holds = self.engine.holders(name)
+            assert len(holds) <= spec.maxlocks
+            assert {hold.owner for hold in holds} == set(model.holders)
+            for hold in holds:
+                assert {t: lease.expires_at for t, lease in hold.leases.items()} == (
+                    model.holders[hold.owner]
+                )
+                assert hold.expires_at > self.now  # nothing outlives its time
             assert self.engine.waiting(name) == model.queue
             if model.queue:
-                assert len(holders) == spec.maxlocks  # no free slot while someone waits
+                assert len(holds) == spec.maxlocks  # no free slot while someone waits
 
     @invariant()
     def fences_increase(self) -> None:
@@ -226,7 +262,11 @@ class EngineMachine(RuleBasedStateMachine):
     @invariant()
     def deadline_is_earliest_expiry(self) -> None:
         expiries = [
-            e for model in self.model.values() for e in model.holders.values() if e != float("inf")
+            e
+            for model in self.model.values()
+            for leases in model.holders.values()
+            for e in leases.values()
+            if e != INF
         ]
         assert self.engine.next_deadline() == (min(expiries) if expiries else None)
 

@@ -226,6 +226,27 @@ def test_two_waits_by_one_host_both_answer_yes(srv: Server) -> None:
     assert a[1]["X-Distributex-Fence"] == b[1]["X-Distributex-Fence"]
 
 
+def test_two_runs_under_one_host_name_keep_the_slot_until_both_release(srv: Server) -> None:
+    run1 = srv.call(q("get", "hostA", "pool1"))
+    run2 = srv.call(q("get", "hostA", "pool1"))
+    assert run1.body == run2.body == "YES"
+    assert run1.headers["X-Distributex-Fence"] == run2.headers["X-Distributex-Fence"]
+    token1, token2 = run1.headers["X-Distributex-Lease"], run2.headers["X-Distributex-Lease"]
+    assert token1 != token2
+    assert srv.call(q("release", "hostA", "pool1", f"&lease={token1}")).body == "OK"
+    assert srv.call(q("get", "hostB", "pool1")).body == "NO"  # run2 still holds it
+    assert srv.call(q("renew", "hostA", "pool1", f"&lease={token2}")).body == "OK"
+    assert srv.call(q("release", "hostA", "pool1", f"&lease={token2}")).body == "OK"
+    assert srv.call(q("get", "hostB", "pool1")).body == "YES"
+
+
+def test_legacy_release_ends_every_run_of_the_host(srv: Server) -> None:
+    srv.call(q("get", "hostA", "pool1"))
+    srv.call(q("get", "hostA", "pool1"))
+    assert srv.call(q("release", "hostA", "pool1")).body == "OK"
+    assert srv.call(q("get", "hostB", "pool1")).body == "YES"
+
+
 def test_expiry_hands_the_slot_on(srv: Server) -> None:
     granted = time.monotonic()
     assert srv.call(q("get", "crashed", "short")).body == "YES"
@@ -263,7 +284,7 @@ def test_fencing_tokens_strictly_increase(srv: Server) -> None:
     other = srv.call(q("get", "x", "sem5"))
     fences.append(int(other.headers["X-Distributex-Fence"]))
     assert all(a < b for a, b in itertools.pairwise(fences))
-    # A holder asking again sees its own grant's token, not a new one.
+    # A holder asking again gets a lease of the same hold: same fencing token.
     again = srv.call(q("get", "x", "sem5"))
     assert int(again.headers["X-Distributex-Fence"]) == fences[-1]
 

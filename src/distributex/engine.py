@@ -12,15 +12,20 @@ Rules kept here, whoever drives the engine:
 * Waiters are served first come, first served; a free slot is never left free
   while someone waits, and :meth:`acquire` never jumps the queue.
 * A holder is identified by its *owner* (the legacy ``host``). An owner holds
-  at most one slot of a pool; asking again while holding returns the same
-  lease. Several waits by one owner share one place in the queue and are all
-  answered by the same grant.
+  at most one slot of a pool: its :class:`Hold`. Every YES is a
+  :class:`Lease` of its own (own token, own time-to-live); asking again while
+  holding adds a lease to the same hold. The owner keeps the slot while any
+  of its leases lives, so one run releasing its lease cannot end the lock of
+  another run under the same host name. Several waits by one owner share one
+  place in the queue and are all answered when the owner is granted.
 * A lease ends ``ttl`` seconds after its grant or latest renewal (``ttl == 0``:
-  never). Its slot then goes to the next waiter.
-* A grant to a waiter counts once it is *delivered*. If every request that
-  was waiting for it gives up first, the grant is undone and passed on.
-* Every grant gets a fencing token from one engine-wide counter, so tokens
-  strictly increase within each pool and are never reused.
+  never), or when released by its token; a legacy release by owner ends the
+  whole hold. When a hold's last lease ends, the slot goes to the next waiter.
+* A grant to a waiter counts once it is *delivered*. If the request gives up
+  first, its lease is undone (and the slot passed on if that was the last).
+* Every hold gets a fencing token from one engine-wide counter, so tokens
+  strictly increase within each pool and are never reused. The leases of one
+  hold share its token.
 """
 
 from __future__ import annotations
@@ -32,6 +37,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 NEVER = math.inf
+
+# More leases than this in one hold means a client re-asks in a loop without
+# releasing; the lease closest to its end is then dropped to bound memory.
+MAX_LEASES_PER_HOLD = 256
 
 
 def _new_token() -> str:
@@ -66,19 +75,44 @@ class PoolSpec:
 
 
 @dataclass(eq=False)
-class Lease:
-    """One grant of one slot of a pool to one owner."""
+class Hold:
+    """One owner's occupancy of one slot of a pool, while any of its leases lives."""
 
     pool: str
     owner: str
-    token: str
     fence: int
+    granted_at: float
+    leases: dict[str, Lease] = field(default_factory=dict, repr=False)
+
+    @property
+    def expires_at(self) -> float:
+        """When the hold ends unless a lease is renewed or released."""
+        return max(lease.expires_at for lease in self.leases.values())
+
+
+@dataclass(eq=False)
+class Lease:
+    """One YES: a claim on its hold's slot, with its own token and time-to-live."""
+
+    hold: Hold = field(repr=False)
+    token: str
     ttl: float
     granted_at: float
     expires_at: float = NEVER
+    # A lease granted to a waiting request counts once the answer goes out.
     delivered: bool = False
-    # Waiters this grant was handed to that have not confirmed delivery yet.
-    pending: set[Waiter] = field(default_factory=set, repr=False)
+
+    @property
+    def pool(self) -> str:
+        return self.hold.pool
+
+    @property
+    def owner(self) -> str:
+        return self.hold.owner
+
+    @property
+    def fence(self) -> int:
+        return self.hold.fence
 
     def remaining(self, now: float) -> float:
         """Seconds until the lease ends (``inf`` if it never does)."""
@@ -99,7 +133,7 @@ class Waiter:
 @dataclass(eq=False)
 class _Pool:
     spec: PoolSpec
-    holders: dict[str, Lease] = field(default_factory=dict)
+    holders: dict[str, Hold] = field(default_factory=dict)
     # owner -> that owner's waiting requests; dict order is the FIFO order.
     queue: dict[str, list[Waiter]] = field(default_factory=dict)
 
@@ -118,9 +152,10 @@ class LockEngine:
     ) -> None:
         self._pools: dict[str, _Pool] = {}
         self._leases: dict[str, Lease] = {}
-        # (expires_at, fence, token); entries go stale on renew and release
+        # (expires_at, seq, token); entries go stale on renew and release
         # and are dropped lazily, or all at once by _compact().
         self._deadlines: list[tuple[float, int, str]] = []
+        self._seq = 0
         self._last_fence = first_fence - 1
         self._new_token = new_token
 
@@ -135,8 +170,8 @@ class LockEngine:
         """The current lease with this token, if there is one."""
         return self._leases.get(token)
 
-    def holders(self, pool: str) -> list[Lease]:
-        """Current leases of a pool, oldest grant first."""
+    def holders(self, pool: str) -> list[Hold]:
+        """Current holds of a pool, oldest grant first."""
         state = self._pools.get(pool)
         return sorted(state.holders.values(), key=lambda x: x.fence) if state else []
 
@@ -153,7 +188,7 @@ class LockEngine:
         """When the earliest lease ends, or None if no lease can end."""
         heap = self._deadlines
         while heap:
-            when, _fence, token = heap[0]
+            when, _seq, token = heap[0]
             lease = self._leases.get(token)
             if lease is not None and lease.expires_at == when:
                 return when
@@ -167,16 +202,17 @@ class LockEngine:
     ) -> Lease | None:
         """Try once for a slot (the ``/get/`` verb); never waits.
 
-        Returns the owner's lease if it already holds one, a new lease if a
-        slot is free and nobody is waiting, else None.
+        Returns a new lease if the owner already holds the pool (a lease of
+        its hold) or a slot is free and nobody is waiting, else None.
         """
         state = self._pool(spec)
-        lease = state.holders.get(owner)
-        if lease is None:
+        hold = state.holders.get(owner)
+        if hold is None:
             if state.queue or len(state.holders) >= spec.maxlocks:
                 self._forget_if_idle(state)
                 return None
-            lease = self._grant(state, owner, spec.lease_ttl(ttl), now)
+            hold = self._hold(state, owner, now)
+        lease = self._lease(hold, spec.lease_ttl(ttl), now)
         lease.delivered = True
         return lease
 
@@ -191,12 +227,11 @@ class LockEngine:
         """
         state = self._pool(spec)
         waiter = Waiter(spec.name, owner, spec.lease_ttl(ttl), now)
-        lease = state.holders.get(owner)
-        if lease is None and not state.queue and len(state.holders) < spec.maxlocks:
-            lease = self._grant(state, owner, waiter.ttl, now)
-        if lease is not None:
-            waiter.lease = lease
-            lease.pending.add(waiter)
+        hold = state.holders.get(owner)
+        if hold is None and not state.queue and len(state.holders) < spec.maxlocks:
+            hold = self._hold(state, owner, now)
+        if hold is not None:
+            waiter.lease = self._lease(hold, waiter.ttl, now)
         else:
             state.queue.setdefault(owner, []).append(waiter)
         return waiter
@@ -210,7 +245,6 @@ class LockEngine:
         lease = waiter.lease
         if lease is None:
             raise ValueError("deliver() on a waiter that has not been granted")
-        lease.pending.discard(waiter)
         if self._leases.get(lease.token) is not lease:
             return False
         lease.delivered = True
@@ -219,9 +253,9 @@ class LockEngine:
     def cancel(self, waiter: Waiter, now: float) -> list[Waiter]:
         """A waiter gives up (timeout, or its client hung up).
 
-        A queued waiter leaves the queue. A granted waiter whose grant nobody
-        has received yet undoes the grant, and the slot is passed on. Returns
-        the waiters granted as a result.
+        A queued waiter leaves the queue. A granted waiter whose answer has
+        not gone out undoes its lease (and the slot is passed on if that was
+        its hold's last lease). Returns the waiters granted as a result.
         """
         lease = waiter.lease
         if lease is None:
@@ -235,21 +269,23 @@ class LockEngine:
                     del state.queue[waiter.owner]
             self._forget_if_idle(state)
             return []
-        lease.pending.discard(waiter)
-        if lease.delivered or lease.pending or self._leases.get(lease.token) is not lease:
+        if lease.delivered or self._leases.get(lease.token) is not lease:
             return []
         return self._end(lease, now)
 
-    def release(self, pool: str, owner: str, now: float) -> tuple[Lease | None, list[Waiter]]:
-        """End the owner's lease on a pool, if it holds one (legacy release).
+    def release(self, pool: str, owner: str, now: float) -> tuple[Hold | None, list[Waiter]]:
+        """End the owner's hold on a pool, all its leases (the legacy release).
 
-        Returns the lease that ended (or None) and the waiters granted.
+        Returns the hold that ended (or None) and the waiters granted.
         """
         state = self._pools.get(pool)
-        lease = state.holders.get(owner) if state else None
-        if lease is None:
+        hold = state.holders.get(owner) if state else None
+        if hold is None:
             return None, []
-        return lease, self._end(lease, now)
+        for token in hold.leases:
+            del self._leases[token]
+        hold.leases.clear()
+        return hold, self._vacate(state, hold, now)
 
     def release_lease(
         self, pool: str, token: str, now: float, owner: str | None = None
@@ -293,7 +329,7 @@ class LockEngine:
             when = self.next_deadline()
             if when is None or when > now:
                 return granted
-            _when, _fence, token = heapq.heappop(self._deadlines)
+            _when, _seq, token = heapq.heappop(self._deadlines)
             granted += self._end(self._leases[token], now)
 
     # -- internals ---------------------------------------------------------
@@ -313,17 +349,18 @@ class LockEngine:
         if state.idle():
             self._pools.pop(state.spec.name, None)
 
-    def _grant(self, state: _Pool, owner: str, ttl: float, now: float) -> Lease:
+    def _hold(self, state: _Pool, owner: str, now: float) -> Hold:
         self._last_fence += 1
-        lease = Lease(
-            pool=state.spec.name,
-            owner=owner,
-            token=self._new_token(),
-            fence=self._last_fence,
-            ttl=ttl,
-            granted_at=now,
-        )
-        state.holders[owner] = lease
+        hold = Hold(pool=state.spec.name, owner=owner, fence=self._last_fence, granted_at=now)
+        state.holders[owner] = hold
+        return hold
+
+    def _lease(self, hold: Hold, ttl: float, now: float) -> Lease:
+        if len(hold.leases) >= MAX_LEASES_PER_HOLD:
+            oldest = min(hold.leases.values(), key=lambda x: x.expires_at)
+            del self._leases[oldest.token], hold.leases[oldest.token]
+        lease = Lease(hold=hold, token=self._new_token(), ttl=ttl, granted_at=now)
+        hold.leases[lease.token] = lease
         self._leases[lease.token] = lease
         self._schedule(lease, now)
         return lease
@@ -331,7 +368,8 @@ class LockEngine:
     def _schedule(self, lease: Lease, now: float) -> None:
         lease.expires_at = now + lease.ttl if lease.ttl > 0 else NEVER
         if lease.expires_at != NEVER:
-            heapq.heappush(self._deadlines, (lease.expires_at, lease.fence, lease.token))
+            self._seq += 1
+            heapq.heappush(self._deadlines, (lease.expires_at, self._seq, lease.token))
             if len(self._deadlines) > 64 and len(self._deadlines) > 4 * len(self._leases):
                 self._compact()
 
@@ -339,28 +377,34 @@ class LockEngine:
         # Stale entries pile up when leases are released long before they
         # would expire; rebuild the heap from live leases only.
         self._deadlines = [
-            (lease.expires_at, lease.fence, lease.token)
-            for lease in self._leases.values()
+            (lease.expires_at, i, lease.token)
+            for i, lease in enumerate(self._leases.values())
             if lease.expires_at != NEVER
         ]
         heapq.heapify(self._deadlines)
 
     def _end(self, lease: Lease, now: float) -> list[Waiter]:
-        state = self._pools[lease.pool]
+        """End one lease; the hold ends with its last lease."""
+        hold = lease.hold
         del self._leases[lease.token]
-        del state.holders[lease.owner]
+        del hold.leases[lease.token]
+        if hold.leases:
+            return []
+        return self._vacate(self._pools[hold.pool], hold, now)
+
+    def _vacate(self, state: _Pool, hold: Hold, now: float) -> list[Waiter]:
+        del state.holders[hold.owner]
         granted = list(self._fill(state, now))
         self._forget_if_idle(state)
         return granted
 
     def _fill(self, state: _Pool, now: float) -> Iterator[Waiter]:
         # Hand free slots to the head of the queue. An owner's waits share
-        # its place, so one grant answers all of them.
+        # its place, so one grant answers all of them, a lease each.
         while state.queue and len(state.holders) < state.spec.maxlocks:
             owner = next(iter(state.queue))
             waiters = state.queue.pop(owner)
-            lease = self._grant(state, owner, waiters[0].ttl, now)
+            hold = self._hold(state, owner, now)
             for waiter in waiters:
-                waiter.lease = lease
-                lease.pending.add(waiter)
+                waiter.lease = self._lease(hold, waiter.ttl, now)
                 yield waiter

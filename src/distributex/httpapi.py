@@ -170,13 +170,13 @@ async def _wait(request: web.Request, spec: PoolSpec, host: str, backend: LockBa
 
 async def _release(request: web.Request, spec: PoolSpec, host: str, backend: LockBackend) -> Any:
     token = _token(request, required=False)
-    lease = await backend.release(spec, host, token)
-    if token is not None and lease is None:
+    released = await backend.release(spec, host, token)
+    if token is not None and not released:
         return _answer(
             "GONE", 410, {"X-Distributex-Reason": "no such lease: expired, released or not yours"}
         )
-    if lease is not None:
-        log.debug("release %s by %s (fence %d)", spec.name, host, lease.fence)
+    if released:
+        log.debug("release %s by %s", spec.name, host)
     return _answer("OK")
 
 

@@ -47,8 +47,11 @@ class LockBackend(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def release(self, spec: PoolSpec, owner: str, token: str | None) -> Lease | None:
-        """End the owner's lease (or exactly the lease ``token``); the lease ended, or None."""
+    async def release(self, spec: PoolSpec, owner: str, token: str | None) -> bool:
+        """End exactly the lease ``token``, or (None) all of the owner's leases.
+
+        True if something was released.
+        """
 
     @abc.abstractmethod
     async def renew(

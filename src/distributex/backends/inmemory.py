@@ -98,15 +98,16 @@ class InMemoryBackend(LockBackend):
             return None
         return waiter.lease if engine.deliver(waiter) else None
 
-    async def release(self, spec: PoolSpec, owner: str, token: str | None) -> Lease | None:
+    async def release(self, spec: PoolSpec, owner: str, token: str | None) -> bool:
         self._check_open()
         now = self.now()
+        ended: object
         if token is None:
-            lease, granted = self.engine.release(spec.name, owner, now)
+            ended, granted = self.engine.release(spec.name, owner, now)
         else:
-            lease, granted = self.engine.release_lease(spec.name, token, now, owner)
+            ended, granted = self.engine.release_lease(spec.name, token, now, owner)
         self._wake(granted)
-        return lease
+        return ended is not None
 
     async def renew(
         self, spec: PoolSpec, owner: str, token: str, ttl: float | None
