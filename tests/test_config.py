@@ -43,6 +43,7 @@ def test_defaults_and_lists() -> None:
         autocreate: true
         bind: 0.0.0.0
         port: 9000
+        start_delay: 60
         pools:
           - name: a
           - name: b
@@ -53,6 +54,7 @@ def test_defaults_and_lists() -> None:
     )
     assert config.memcachehost == "cache1" and config.memcacheport == 11211
     assert config.bind == "0.0.0.0" and config.port == 9000
+    assert config.start_delay == 60
     assert config.pools["a"].expire == 1800
     assert config.pools["b"].expire == 0 and config.pools["b"].servers == {"x", "y"}
     assert "42" in config.pools

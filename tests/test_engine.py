@@ -133,3 +133,15 @@ def test_stale_deadlines_do_not_pile_up() -> None:
         engine.release("m", "a", i)
     assert len(engine._deadlines) <= 64
     assert engine.next_deadline() is None
+
+
+def test_paused_engine_grants_nothing_until_resumed() -> None:
+    engine = LockEngine()
+    engine.pause()
+    assert engine.acquire(SEM, "a", 0) is None
+    first = engine.enqueue(SEM, "a", 1)
+    second = engine.enqueue(SEM, "b", 2)
+    third = engine.enqueue(SEM, "c", 3)
+    assert first.lease is None and engine.waiting("s") == ["a", "b", "c"]
+    assert engine.resume(4) == [first, second]  # two slots, in arrival order
+    assert engine.waiting("s") == ["c"] and third.lease is None

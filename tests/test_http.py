@@ -335,6 +335,17 @@ def test_escaped_names(server: Server) -> None:
     assert server.call(q("get", "other", "p q")).body == "YES"
 
 
+def test_start_delay_holds_grants_back_after_start(server_factory) -> None:
+    started = time.monotonic()
+    srv = server_factory(CONFIG, ["--start-delay", "1.5"])
+    assert srv.call(q("get", "a", "pool1")).body == "NO"
+    waiter = ParkedWait(srv, "b", "pool1")
+    assert waiter.answer()[2] == "YES"
+    assert time.monotonic() - started >= 1.5
+    assert srv.call(q("get", "a", "pool1")).body == "NO"  # b holds it now, in order
+    assert srv.call(q("get", "c", "sem5")).body == "YES"
+
+
 def test_sigterm_answers_waiters_and_exits_zero(srv: Server) -> None:
     srv.call(q("get", "holder", "pool1"))
     waiter = ParkedWait(srv, "parked", "pool1")

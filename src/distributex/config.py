@@ -13,6 +13,8 @@ Top-level keys:
 ``bind``          address to listen on (default: ``127.0.0.1`` for
                   ``distributexd``; every interface under ``twistd``, as 0.7).
 ``port``          port to listen on (default 9889).
+``start_delay``   seconds after start-up during which nothing is granted
+                  (default 0): see the README's "Restarts".
 ``autocreate``    ``true``: a pool not listed is created on first use as a
                   mutex with the default expire (default ``false`` when the
                   file lists pools; ``true`` with no file at all).
@@ -37,7 +39,16 @@ DEFAULT_PORT = 9889
 DEFAULT_BIND = "127.0.0.1"
 BACKENDS = ("inmemory", "memcache")
 
-_TOP_KEYS = ("backend", "memcachehost", "memcacheport", "bind", "port", "autocreate", "pools")
+_TOP_KEYS = (
+    "backend",
+    "memcachehost",
+    "memcacheport",
+    "bind",
+    "port",
+    "start_delay",
+    "autocreate",
+    "pools",
+)
 _POOL_KEYS = ("name", "expire", "maxlocks", "servers")
 
 
@@ -54,6 +65,7 @@ class Config:
     memcacheport: int = 11211
     bind: str | None = None  # None: the entry point's default
     port: int = DEFAULT_PORT
+    start_delay: float = 0.0
     autocreate: bool = True
     pools: dict[str, PoolSpec] = field(default_factory=dict)
     source: str | None = None
@@ -151,6 +163,8 @@ class _Checker:
             kwargs["bind"] = self.text(top["bind"][1], "bind")
         if "port" in top:
             kwargs["port"] = self.port(top["port"][1], "port")
+        if "start_delay" in top:
+            kwargs["start_delay"] = self.number(top["start_delay"][1], "start_delay", minimum=0)
         if "autocreate" in top:
             node = top["autocreate"][1]
             value = self.value(node)

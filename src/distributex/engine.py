@@ -158,6 +158,7 @@ class LockEngine:
         self._seq = 0
         self._last_fence = first_fence - 1
         self._new_token = new_token
+        self._paused = False
 
     # -- queries -----------------------------------------------------------
 
@@ -179,6 +180,29 @@ class LockEngine:
         """Owners waiting on a pool, in the order they will be served."""
         state = self._pools.get(pool)
         return list(state.queue) if state else []
+
+    @property
+    def paused(self) -> bool:
+        """True while new holds are not granted (see :meth:`pause`)."""
+        return self._paused
+
+    def pause(self) -> None:
+        """Stop granting new holds: gets answer None, waits queue up.
+
+        For a start-up delay: after a restart that lost its state, holders of
+        leases granted before it must learn that their lease is gone (at their
+        next renewal) before anyone else is granted the slot. Existing holds
+        keep getting leases and renewals.
+        """
+        self._paused = True
+
+    def resume(self, now: float) -> list[Waiter]:
+        """Grant again; returns the waiters granted from the queues."""
+        self._paused = False
+        granted: list[Waiter] = []
+        for state in list(self._pools.values()):
+            granted += self._fill(state, now)
+        return granted
 
     def pool_names(self) -> list[str]:
         """Pools that have holders or waiters (idle pools hold no state)."""
@@ -208,7 +232,7 @@ class LockEngine:
         state = self._pool(spec)
         hold = state.holders.get(owner)
         if hold is None:
-            if state.queue or len(state.holders) >= spec.maxlocks:
+            if self._paused or state.queue or len(state.holders) >= spec.maxlocks:
                 self._forget_if_idle(state)
                 return None
             hold = self._hold(state, owner, now)
@@ -228,7 +252,12 @@ class LockEngine:
         state = self._pool(spec)
         waiter = Waiter(spec.name, owner, spec.lease_ttl(ttl), now)
         hold = state.holders.get(owner)
-        if hold is None and not state.queue and len(state.holders) < spec.maxlocks:
+        if (
+            hold is None
+            and not self._paused
+            and not state.queue
+            and len(state.holders) < spec.maxlocks
+        ):
             hold = self._hold(state, owner, now)
         if hold is not None:
             waiter.lease = self._lease(hold, waiter.ttl, now)
@@ -401,7 +430,7 @@ class LockEngine:
     def _fill(self, state: _Pool, now: float) -> Iterator[Waiter]:
         # Hand free slots to the head of the queue. An owner's waits share
         # its place, so one grant answers all of them, a lease each.
-        while state.queue and len(state.holders) < state.spec.maxlocks:
+        while not self._paused and state.queue and len(state.holders) < state.spec.maxlocks:
             owner = next(iter(state.queue))
             waiters = state.queue.pop(owner)
             hold = self._hold(state, owner, now)

@@ -48,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
         "-b", "--bind", metavar="ADDR", help="address to listen on (default 127.0.0.1)"
     )
     parser.add_argument(
+        "--start-delay",
+        type=float,
+        metavar="SECONDS",
+        help="grant nothing for this long after start-up (default: the file's start_delay, else 0)",
+    )
+    parser.add_argument(
         "-n", "--nodaemon", action="store_true", help="accepted and ignored (as 'twistd -n')"
     )
     parser.add_argument(
@@ -74,6 +80,10 @@ def resolve_config(args: argparse.Namespace, default_bind: str = DEFAULT_BIND) -
         if not 0 <= args.port <= 65535:
             raise ConfigError(f"--port must be 0-65535, not {args.port}")
         config = replace(config, port=args.port)
+    if getattr(args, "start_delay", None) is not None:
+        if not (args.start_delay >= 0 and args.start_delay != float("inf")):
+            raise ConfigError(f"--start-delay must be >= 0 seconds, not {args.start_delay}")
+        config = replace(config, start_delay=args.start_delay)
     if args.bind:
         config = replace(config, bind=args.bind)
     elif config.bind is None:

@@ -17,7 +17,7 @@ def make_backend(config: Config) -> LockBackend:
     if config.backend == "inmemory":
         from distributex.backends.inmemory import InMemoryBackend
 
-        return InMemoryBackend()
+        return InMemoryBackend(start_delay=config.start_delay)
     raise BackendUnavailable(
         f"backend '{config.backend}' is not available in this version of distributex"
     )

@@ -5,6 +5,10 @@ event-driven: a release, an expiry or a hang-up wakes exactly the waiters the
 engine granted, in the same loop iteration. Expiry runs on one timer set for
 the engine's next deadline, so it is exact whatever the traffic.
 
+With ``start_delay`` (config ``start_delay``), a fresh server grants nothing
+for that many seconds: requests queue up and ``/get/`` answers NO, so that
+holders of leases granted before a restart notice the loss first.
+
 Fencing tokens start from the wall clock in microseconds, so tokens handed
 out after a restart are still larger than those handed out before it (as
 long as the server grants fewer than a million locks a second on average and
@@ -24,8 +28,10 @@ from distributex.engine import Lease, LockEngine, PoolSpec, Waiter
 class InMemoryBackend(LockBackend):
     """Lock state in this process, served from one event loop."""
 
-    def __init__(self, engine: LockEngine | None = None) -> None:
+    def __init__(self, engine: LockEngine | None = None, start_delay: float = 0.0) -> None:
         self.engine = engine or LockEngine(first_fence=time.time_ns() // 1000)
+        self.start_delay = start_delay
+        self._resume_timer: asyncio.TimerHandle | None = None
         self._wakeups: dict[Waiter, asyncio.Future[None]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -41,8 +47,22 @@ class InMemoryBackend(LockBackend):
     def now(self) -> float:
         return self.loop.time()
 
+    async def start(self) -> None:
+        # A restart forgot every lease. Hold grants back so that clients
+        # still running under a lease from before it hit GONE at their next
+        # renewal, and stop, before anyone else is given their slot.
+        if self.start_delay > 0:
+            self.engine.pause()
+            self._resume_timer = self.loop.call_later(self.start_delay, self._resume)
+
+    def _resume(self) -> None:
+        self._resume_timer = None
+        self._wake(self.engine.resume(self.now()))
+
     async def close(self) -> None:
         self._closed = True
+        if self._resume_timer is not None:
+            self._resume_timer.cancel()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
