@@ -112,6 +112,8 @@ def test_paths_with_and_without_slash(srv: Server) -> None:
         ("/get/?host=a&pool=pool1&ttl=0", 400, "ttl"),
         ("/renew/?host=a&pool=pool1", 400, "lease"),
         ("/get/?host=" + "x" * 300 + "&pool=pool1", 400, "longer"),
+        ("/get/?host=a&host=b&pool=pool1", 400, "more than once"),
+        ("/release/?host=a&pool=pool1&lease=x&lease=y", 400, "more than once"),
     ],
 )
 def test_invalid_requests(srv: Server, path: str, status: int, reason: str) -> None:
@@ -119,6 +121,18 @@ def test_invalid_requests(srv: Server, path: str, status: int, reason: str) -> N
     assert answer.status == status
     assert answer.body == "INVALID"
     assert reason in answer.headers["X-Distributex-Reason"]
+
+
+def test_malformed_http_is_a_400_and_one_log_line(srv: Server) -> None:
+    for raw in (b"GARBAGE\r\n\r\n", b"GET /get/?host=" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n"):
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+            sock.sendall(raw)
+            status_line = sock.recv(64).split(b"\r\n")[0]
+            assert status_line.split()[1] == b"400", status_line
+    assert srv.call(q("get", "a", "pool1")).body == "YES"  # still serving
+    srv.stop()
+    log = srv.log.read_text()
+    assert "bad HTTP request" in log and "Traceback" not in log
 
 
 def test_servers_allow_list(srv: Server) -> None:

@@ -79,8 +79,15 @@ def _lease_headers(lease: Lease) -> dict[str, str]:
     }
 
 
+def _param(request: web.Request, key: str) -> str | None:
+    values = request.query.getall(key, [])
+    if len(values) > 1:
+        raise Invalid(400, f"parameter '{key}' given more than once")
+    return values[0] if values else None
+
+
 def _name(request: web.Request, key: str) -> str:
-    value = request.query.get(key, "")
+    value = _param(request, key) or ""
     if not value:
         raise Invalid(400, f"missing parameter '{key}'")
     if len(value) > MAX_NAME:
@@ -91,7 +98,7 @@ def _name(request: web.Request, key: str) -> str:
 
 
 def _seconds(request: web.Request, key: str) -> float | None:
-    raw = request.query.get(key)
+    raw = _param(request, key)
     if raw is None or raw == "":
         return None
     try:
@@ -111,7 +118,7 @@ def _ttl(request: web.Request) -> float | None:
 
 
 def _token(request: web.Request, required: bool) -> str | None:
-    token = request.query.get("lease") or None
+    token = _param(request, "lease") or None
     if token is None and required:
         raise Invalid(400, "missing parameter 'lease'")
     if token is not None and len(token) > MAX_NAME:

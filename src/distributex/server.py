@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from distributex import __version__
 from distributex.backends import BackendUnavailable, LockBackend, make_backend
@@ -33,6 +34,24 @@ log = logging.getLogger("distributex")
 # how long the server waits for answers already being written.
 SHUTDOWN_GRACE = 3.0
 LISTEN_BACKLOG = 4096
+
+
+class _QuietBadRequests(logging.Filter):
+    """Malformed HTTP (a 400 aiohttp answers itself) logs one line, not a traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg, record.args, record.exc_info = "bad HTTP request: %s", (exc.message,), None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+def quiet_bad_requests() -> None:
+    """Install the filter on aiohttp's server logger (idempotent)."""
+    logger = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _QuietBadRequests) for f in logger.filters):
+        logger.addFilter(_QuietBadRequests())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,6 +117,7 @@ async def start_server(
     if config.bind is None:
         config = replace(config, bind=DEFAULT_BIND)
     backend = backend or make_backend(config)
+    quiet_bad_requests()
     await backend.start()
     app = create_app(config, backend)
     runner = web.AppRunner(
