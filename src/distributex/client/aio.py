@@ -9,9 +9,12 @@
 
 Same rules as the blocking client (see :mod:`distributex.client.sync`): one
 long ``/wait/`` with TCP keepalive for an unbounded wait (keeps the FIFO
-place), a read timeout of wait timeout + ``timeout`` otherwise, renewal every
-``ttl/3``. Cancelling a task that waits for a lock closes its connection, and
-the server drops it from the queue. ``lease.lost`` is an :class:`asyncio.Event`.
+place), a read timeout of wait timeout + ``timeout`` otherwise, a ``/wait/``
+answered ``NO`` early asked again for the time left, renewal every ``ttl/3``
+(the renewal task never sleeps longer than ``KEEPER_TICK``, so a suspend of
+this machine is noticed promptly). Cancelling a task that waits for a lock
+closes its connection, and the server drops it from the queue.
+``lease.lost`` is an :class:`asyncio.Event`.
 """
 
 from __future__ import annotations
@@ -31,9 +34,13 @@ import aiohttp
 from distributex.client.errors import LockLost, LockRefused, LockTimeout, ServerUnavailable
 from distributex.client.sync import (
     DEFAULT_TIMEOUT,
+    KEEPER_TICK,
     MAX_BODY,
+    MIN_REWAIT,
     NO_EXPIRY_CHECK,
     PIN_AFTER_WAIT,
+    REWAIT_PAUSE,
+    REWAIT_PAUSE_MAX,
     Lease,
     _fmt,
     _lower,
@@ -41,6 +48,7 @@ from distributex.client.sync import (
     clock,
     describe,
     grant_fields,
+    one_line,
     parse_server,
     set_keepalive,
 )
@@ -128,9 +136,9 @@ class AsyncClient:
             ) as resp:
                 body = await resp.content.read(MAX_BODY)
                 return resp.status, body.decode("utf-8", "replace"), _lower(resp.headers)
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        except (aiohttp.ClientError, TimeoutError, OSError, UnicodeError) as exc:
             raise ServerUnavailable(
-                f"cannot reach distributex server {self.address}: {describe(exc)}"
+                one_line(f"cannot reach distributex server {self.address}: {describe(exc)}")
             ) from exc
 
     async def acquire(
@@ -146,18 +154,31 @@ class AsyncClient:
         if timeout is not None and timeout < 0:
             raise ValueError("timeout must be >= 0")
         params: dict[str, str | None] = {"host": self.host, "pool": pool, "ttl": _fmt(ttl)}
-        sent = clock()
-        if wait:
-            verb = "wait"
-            params["timeout"] = _fmt(timeout)
-            read = None if timeout is None else timeout + self.timeout
-        else:
-            verb, read = "get", self.timeout
-        status, body, headers = await self._call(verb, params, read)
-        if check_answer(verb, status, body, headers) != "YES":
+        deadline = None if timeout is None else clock() + timeout
+        pause = REWAIT_PAUSE
+        while True:
+            sent = clock()
             if wait:
+                verb = "wait"
+                left = None if deadline is None else max(0.0, deadline - sent)
+                params["timeout"] = _fmt(left)
+                read = None if left is None else left + self.timeout
+            else:
+                verb, read = "get", self.timeout
+            status, body, headers = await self._call(verb, params, read)
+            word = check_answer(verb, status, body, headers)
+            if word == "YES":
+                break
+            if word != "NO":
+                raise ServerUnavailable(f"unexpected answer to /{verb}/: {word!r}")
+            if not wait:
+                raise LockTimeout(f"pool '{pool}' is busy")
+            if deadline is not None and deadline - clock() < MIN_REWAIT:
                 raise LockTimeout(f"pool '{pool}' not obtained within {timeout:g}s")
-            raise LockTimeout(f"pool '{pool}' is busy")
+            log.info("/wait/ for pool '%s' answered NO early; asking again", pool)
+            if deadline is None:
+                await asyncio.sleep(pause)
+                pause = min(REWAIT_PAUSE_MAX, pause * 2)
         fence, token, granted_ttl = grant_fields(headers)
         lease = AsyncLease(pool, self.host, fence, token, granted_ttl, sent)
         if token and granted_ttl and clock() - sent > PIN_AFTER_WAIT * granted_ttl:
@@ -179,10 +200,13 @@ class AsyncClient:
         sent = clock()
         t = timeout or self.timeout
         status, body, headers = await self._call("renew", params, t, t)
-        if check_answer("renew", status, body, headers) == "GONE":
+        word = check_answer("renew", status, body, headers)
+        if word == "GONE":
             raise LockLost(
                 f"lease on pool '{lease.pool}' is gone (expired, or released by someone else)"
             )
+        if word != "OK":  # a 200 YES/NO is no renewal: a confused server, retried
+            raise ServerUnavailable(f"unexpected answer to /renew/: {word!r} (expected OK)")
         fence, _token, granted_ttl = grant_fields(headers)
         lease.renewed_at = sent
         if granted_ttl is not None:
@@ -231,6 +255,12 @@ class AsyncClient:
             await _stop(keeper)
             await self.release_quietly(lease)
             raise
+        if (
+            lease.ttl
+            and lease.token
+            and clock() >= lease.confirmed_until - _margin(lease, lost_margin)
+        ):  # a suspend may have ended the lease just now
+            lease.mark_lost("the lease ran out while this machine was suspended or stalled")
         await _stop(keeper)
         held = await self.release_quietly(lease)
         if lease.lost.is_set():
@@ -254,8 +284,7 @@ class AsyncClient:
         while True:
             granted = lease.ttl
             if granted:
-                margin = lost_margin if lost_margin is not None else min(1.0, granted / 10)
-                lost_at = lease.confirmed_until - margin
+                lost_at = lease.confirmed_until - _margin(lease, lost_margin)
                 due = lease.renewed_at + granted / 3
                 retry = min(1.0, granted / 10)
             else:
@@ -271,7 +300,8 @@ class AsyncClient:
                 )
                 break
             if now < due:
-                await asyncio.sleep(min(due, lost_at) - now)
+                # Never sleep long: sleeps stand still while the machine is suspended.
+                await asyncio.sleep(min(due - now, lost_at - now, KEEPER_TICK))
                 continue
             try:
                 budget = max(0.05, min(self.timeout, lost_at - clock()))
@@ -296,6 +326,10 @@ class AsyncClient:
                         await result
                 except Exception:
                     log.exception("on_lost callback failed")
+
+
+def _margin(lease: Lease, lost_margin: float | None) -> float:
+    return lost_margin if lost_margin is not None else min(1.0, (lease.ttl or 0) / 10)
 
 
 async def _stop(task: asyncio.Task[None]) -> None:

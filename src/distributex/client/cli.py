@@ -48,11 +48,14 @@ command:
 exit status:
   N      the command's exit status (0 only if the command ran and exited 0)
   128+N  the command died of signal N; or we got signal N before it started
-  2      usage error (bad option or option combination)
+  2      usage error (bad option or option combination, text that is not UTF-8)
   69     server unreachable, timed out, or answered 503 (command not run)
   70     internal error (command not run)
   71     the local lock file (-l) cannot be used (command not run)
-  73     the lock was lost while the command ran; the command was stopped
+  73     the lock was lost while the command ran; the command was stopped.
+         Also: the final release found the lease already gone (GONE) and no
+         renewal after the command's end had confirmed it (it may have
+         ended while the command ran)
   75     lock not obtained: --timeout ran out, or busy with --no-wait (not run)
   77     request refused by the server (INVALID: unknown pool, host not
          allowed, bad parameter) (command not run)
@@ -68,14 +71,23 @@ lease, renewal and lost locks:
   through until grace + margin seconds before the lease could run out
   (margin = min(1, ttl/10)). Then the command's process group gets SIGTERM,
   and SIGKILL --grace seconds later, so it is dead before the server can
-  give the lock to anyone else. Hence --ttl must be at least about
+  give the lock to anyone else. Lease time counts while this machine is
+  suspended (CLOCK_BOOTTIME). Hence --ttl must be at least about
   2 x (grace + 1) (e.g. --grace 10 needs --ttl >= 22); if the server grants
   a shorter TTL, grace is shortened to fit.
+
+process group:
+  The lock covers the command's process group: when the command ends, what
+  it left running in its group (background jobs) gets SIGTERM, then SIGKILL
+  after --grace, before the lock is released. If distributex is SIGKILLed,
+  the command's top process gets SIGKILL too (Linux); the rest of its group,
+  and anything that setsid()s away, is beyond reach.
 
 signals:
   SIGINT, SIGTERM and SIGHUP are forwarded to the command's process group;
   a second one sends SIGKILL. The lock is released when the command has
-  ended. A signal while waiting for the lock stops waiting (exit 128+N).
+  ended; after a signal there is no --min-hold. A signal while waiting for
+  the lock (or connecting) stops at once (exit 128+N).
 
 host identity:
   The server sees one holder per host name: two clients with the same
@@ -124,6 +136,8 @@ def read_config(paths: list[Path], required: bool) -> dict[str, tuple[str, str]]
             continue
         except OSError as exc:
             raise ConfigProblem(f"{path}: cannot read: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigProblem(f"{path}: not UTF-8 text (byte {exc.start})") from None
         for number, raw in enumerate(text.splitlines(), 1):
             line = raw.split("#", 1)[0].strip()
             if not line:
@@ -145,6 +159,21 @@ def _seconds(text: str) -> float:
     if not math.isfinite(value) or value < 0:
         raise ValueError("must be a number of seconds >= 0")
     return value
+
+
+def _encodable(text: str) -> bool:
+    """Valid text (command-line bytes that are not UTF-8 come as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _text(text: str) -> str:
+    if not _encodable(text):
+        raise ValueError("not valid UTF-8 text")
+    return text
 
 
 def _port(text: str) -> int:
@@ -278,13 +307,15 @@ def resolve(
     def pick(name: str, convert: Callable[[str], object], builtin: object) -> object:
         return _default(name, getattr(args, name), env, config, convert, builtin)
 
-    server = pick("server", str, None) or None
+    server = pick("server", _text, None) or None
     if "DISTRIBUTEX_SERVER" in env and not env["DISTRIBUTEX_SERVER"] and args.server is None:
         server = None  # DISTRIBUTEX_SERVER= (empty) turns a configured server off
     port = pick("port", _port, None)
     ttl = pick("ttl", _seconds, DEFAULT_TTL)
     grace = pick("grace", _seconds, DEFAULT_GRACE)
-    host_id = pick("host_id", str, None) or socket.getfqdn()
+    if args.host_id is not None and not _encodable(args.host_id):
+        parser.error(f"--host-id {args.host_id!r}: not valid UTF-8 text")
+    host_id = pick("host_id", _text, None) or socket.getfqdn()
     lock_dir = pick("lock_dir", str, None) or None
     http_timeout = pick("http_timeout", _positive, DEFAULT_TIMEOUT)
     assert isinstance(ttl, float) and isinstance(grace, float)
@@ -302,6 +333,8 @@ def resolve(
         parser.error("no command given")
     if not args.pool:
         parser.error("the pool (-r) must not be empty")
+    if not _encodable(args.pool):
+        parser.error(f"the pool (-r) {args.pool!r} is not valid UTF-8 text")
     if server is None and not args.local:
         parser.error(
             "no server: give -H SERVER (or set DISTRIBUTEX_SERVER), or -l for a local lock only"

@@ -7,29 +7,39 @@ Order of events:
 2. Take the server lock with :meth:`Client.acquire` in a helper thread, so a
    signal can abort the wait (the connection is closed and the server drops
    us from its queue).
-3. Start a :class:`LeaseKeeper`: renewal every ttl/3, retries every
+3. Run the command in its own session (so its whole process group can be
+   signalled; its top process also gets SIGKILL if we die, PR_SET_PDEATHSIG),
+   then start a :class:`LeaseKeeper`: renewal every ttl/3, retries every
    min(1, ttl/10) s, and the lease is declared lost ``grace + margin``
    seconds before it can run out at the server (margin = min(1, ttl/10)).
-4. Run the command in its own session (so its whole process group can be
-   signalled) and supervise it:
+   The supervision loop checks that deadline itself every 50 ms as well.
+4. Supervise the command:
 
    * lease lost: SIGTERM to the group; SIGKILL ``grace`` seconds later (never
      later than ``margin`` before the lease's earliest possible expiry);
      exit :data:`EXIT_LOST`. So the command is dead before another host can
      be granted the lock.
    * SIGINT/SIGTERM/SIGHUP to us: forwarded to the group; a second signal
-     sends SIGKILL. We release once the command has ended.
+     sends SIGKILL.
+   * the command's top process ended but its process group still has
+     members (background jobs): SIGTERM to the group, SIGKILL ``grace``
+     seconds later. The lock covers the whole group.
 
-5. ``--min-hold``: keep the lock (renewing) until that long after the grant.
-6. Release by lease token, drop the local lock, exit with the command's status.
+5. ``--min-hold``: keep the lock (renewing) until that long after the grant,
+   unless a signal came.
+6. Release by lease token, drop the local lock, exit with the command's
+   status (or :data:`EXIT_LOST` if the release answered GONE and the lease
+   was not confirmed alive after the command ended).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import hashlib
+import math
 import os
 import signal
 import subprocess
@@ -37,7 +47,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TextIO
 from urllib.parse import quote
 
@@ -47,7 +59,7 @@ from distributex.client.errors import (
     LockTimeout,
     ServerUnavailable,
 )
-from distributex.client.sync import CancelToken, Client, Lease, LeaseKeeper, clock
+from distributex.client.sync import CancelToken, Client, Lease, LeaseKeeper, clock, one_line
 
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 69
@@ -62,6 +74,9 @@ EXIT_NOTFOUND = 127
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 POLL = 0.05
+# How long to wait for a process group to vanish after SIGKILL before giving up on it.
+KILL_WAIT = 5.0
+PR_SET_PDEATHSIG = 1
 
 
 def kill_margin(ttl: float) -> float:
@@ -165,16 +180,18 @@ class Runner:
         self.s = settings
         self.err = err or sys.stderr
         self.signals: list[int] = []
+        self.signalled = False  # any forwarded signal ever came (signals is a queue)
         self.deadline = None if settings.timeout is None else clock() + settings.timeout
 
     def say(self, message: str) -> None:
-        print(f"distributex: {message}", file=self.err, flush=True)
+        print(f"distributex: {one_line(message, 500)}", file=self.err, flush=True)
 
     def debug(self, message: str) -> None:
         if self.s.verbose:
             self.say(message)
 
     def _on_signal(self, signum: int, _frame: object) -> None:
+        self.signalled = True
         self.signals.append(signum)
 
     def run(self) -> int:
@@ -254,6 +271,8 @@ class Runner:
             except BaseException as exc:
                 outcome["error"] = exc
 
+        how = "trying" if not s.wait else "waiting for"
+        self.debug(f"{how} pool '{s.pool}' on {client.address} as '{client.host}'")
         worker = threading.Thread(target=acquire, name="distributex-acquire", daemon=True)
         worker.start()
         while worker.is_alive():
@@ -270,6 +289,11 @@ class Runner:
                 f"lock on pool '{s.pool}' from {client.address} as '{client.host}': "
                 f"fence {lease.fence}, ttl {lease.ttl}"
             )
+            if not lease.token:
+                self.say(
+                    f"warning: {client.address} granted pool '{s.pool}' without a lease "
+                    "(a 0.7 server?): no renewal and no lost-lock protection; running anyway"
+                )
             return lease
         error = outcome.get("error")
         where = f"pool '{s.pool}' on {client.address}"
@@ -312,12 +336,12 @@ class Runner:
             if grace < s.grace:
                 self.debug(f"granted ttl {lease.ttl:g}s is short: grace cut to {grace:.2f}s")
             margin = kill_margin(lease.ttl) if lease.ttl else 0.0
+            # Started once the command runs: no other thread exists when we fork it.
             keeper = LeaseKeeper(client, lease, ttl=s.ttl, lost_margin=grace + margin)
-            keeper.start()
         self.command_end: float | None = None
         stopped: Exit | None = None
         try:
-            code = self._supervise(client, lease, grace, granted_at)
+            code = self._supervise(client, lease, keeper, grace, granted_at)
         except Exit as exc:  # the command did not run: still release first
             stopped, code = exc, exc.code
         finally:
@@ -330,16 +354,20 @@ class Runner:
                     f"could not release pool '{s.pool}' (server unreachable); "
                     "it frees itself when the lease expires"
                 )
-            elif (
-                held is False
-                and stopped is None
-                and code != EXIT_LOST
-                and self.command_end is not None
-                and not (lease.ttl and lease.confirmed_until >= self.command_end)
-            ):
-                # The lease ended at some unknown time before we released it.
-                self.say(f"lock on pool '{s.pool}' had ended before the command did")
-                return EXIT_LOST
+            if stopped is None and code != EXIT_LOST and self.command_end is not None:
+                if held is False and lease.renewed_at < self.command_end:
+                    # GONE: the lease ended at a moment we cannot know, and nothing
+                    # confirmed it alive after the command ended.
+                    self.say(
+                        f"lock on pool '{s.pool}' was already gone at release (released by "
+                        "someone else, or lost by the server), maybe before the command ended"
+                    )
+                    return EXIT_LOST
+                if lease.lost.is_set():
+                    self.say(
+                        f"lock on pool '{s.pool}' lost during --min-hold, after the command "
+                        f"ended ({lease.lost_reason})"
+                    )
         if stopped is not None:
             raise stopped
         return code
@@ -356,45 +384,65 @@ class Runner:
         try:
             # A new session: the command's whole process group can be signalled,
             # and no terminal job control stops it for reading the terminal.
-            return subprocess.Popen(argv, env=env, start_new_session=True)
+            return subprocess.Popen(
+                argv, env=env, start_new_session=True, preexec_fn=_parent_death_signal()
+            )
         except FileNotFoundError:
             raise Exit(EXIT_NOTFOUND, f"{argv[0]}: command not found") from None
         except PermissionError:
             raise Exit(EXIT_NOEXEC, f"{argv[0]}: permission denied") from None
         except OSError as exc:
             raise Exit(EXIT_NOEXEC, f"{argv[0]}: cannot run: {exc.strerror}") from None
+        except subprocess.SubprocessError as exc:
+            raise Exit(EXIT_NOEXEC, f"{argv[0]}: cannot run: {exc}") from None
+
+    def _kill_deadline(self, now: float, grace: float, lease: Lease | None) -> float:
+        """When to SIGKILL after a SIGTERM now: after ``grace``, and before the lease can end."""
+        at = now + grace
+        if lease is not None and lease.ttl:
+            at = min(at, lease.confirmed_until - kill_margin(lease.ttl))
+        return at
 
     def _supervise(
-        self, client: Client | None, lease: Lease | None, grace: float, granted_at: float
+        self,
+        client: Client | None,
+        lease: Lease | None,
+        keeper: LeaseKeeper | None,
+        grace: float,
+        granted_at: float,
     ) -> int:
         s = self.s
         if self.signals:
             raise self._interrupted("before the command started")
-        if lease is not None and lease.lost.is_set():
-            raise Exit(EXIT_LOST, f"lock lost before the command started: {lease.lost_reason}")
+        if keeper is not None and keeper.check_deadline():
+            raise Exit(
+                EXIT_LOST, f"lock lost before the command started: {keeper.lease.lost_reason}"
+            )
         proc = self._spawn(self._environment(client, lease))
+        if keeper is not None:
+            keeper.start()
         pgid = proc.pid
-        lost = False
-        kill_at: float | None = None
-        killed = False
-        forwarded = 0
         rc: int | None = None
+        lost = False  # the lease was lost while (part of) the command ran
+        draining = False  # the top process ended; the rest of its group is being stopped
+        kill_at: float | None = None
+        killed_at: float | None = None
+        forwarded = 0
         while True:
+            now = clock()
             if rc is None:
                 rc = proc.poll()
-                if rc is not None:
-                    self.command_end = clock()
-            now = clock()
-            if lease is not None and lease.lost.is_set() and not lost and rc is None:
+            # The keeper checks the deadline too, but its sleeps may stand still
+            # during a suspend: compare the lease clock here as well.
+            if keeper is not None and not lost and keeper.check_deadline():
                 lost = True
                 self.say(
-                    f"lock on pool '{s.pool}' lost ({lease.lost_reason}); stopping the command"
+                    f"lock on pool '{s.pool}' lost ({keeper.lease.lost_reason}); "
+                    "stopping the command"
                 )
                 _killpg(pgid, signal.SIGTERM)
-                kill_at = now + grace
-                if lease.ttl:
-                    kill_at = min(kill_at, lease.confirmed_until - kill_margin(lease.ttl))
-            while self.signals and rc is None:
+                kill_at = min(kill_at or math.inf, self._kill_deadline(now, grace, lease))
+            while self.signals:
                 sig = self.signals.pop(0)
                 forwarded += 1
                 if forwarded == 1:
@@ -403,32 +451,42 @@ class Runner:
                 else:
                     self.debug("second signal: killing the command")
                     _killpg(pgid, signal.SIGKILL)
-            if lost and kill_at is not None and not killed:
-                # Lock lost: the whole group must be gone, not just its leader.
-                if now >= kill_at:
-                    _killpg(pgid, signal.SIGKILL)
-                    killed = True
-                elif rc is not None and not _group_alive(pgid):
-                    killed = True
-            if rc is not None and (not lost or killed):
-                break
+                    killed_at = killed_at or now
+            if rc is not None and not draining and not lost:
+                if not _group_alive(pgid):
+                    break
+                draining = True
+                self.say(
+                    "the command left processes running in its process group: "
+                    "terminating them (the lock covers the whole group)"
+                )
+                _killpg(pgid, signal.SIGTERM)
+                kill_at = min(kill_at or math.inf, self._kill_deadline(now, grace, lease))
+            if kill_at is not None and killed_at is None and now >= kill_at:
+                _killpg(pgid, signal.SIGKILL)  # the whole group, not just its leader
+                killed_at = now
+            if rc is not None and (draining or lost):
+                if not _group_alive(pgid):
+                    break
+                if killed_at is not None and now - killed_at > KILL_WAIT:
+                    self.say("processes of the command's group survived SIGKILL; releasing anyway")
+                    break
             time.sleep(POLL)
+        self.command_end = clock()
         if lost:  # already said why
             return EXIT_LOST
-        if (
-            lease is not None
-            and lease.lost_at is not None
-            and self.command_end is not None
-            and lease.lost_at <= self.command_end
-        ):
+        if lease is not None and lease.lost_at is not None and lease.lost_at <= self.command_end:
             self.say(f"lock on pool '{s.pool}' was lost before the command ended")
             return EXIT_LOST
         code = 128 - rc if rc < 0 else rc
-        self._min_hold(lease, granted_at)
+        self._min_hold(keeper, granted_at)
         return code
 
-    def _min_hold(self, lease: Lease | None, granted_at: float) -> None:
+    def _min_hold(self, keeper: LeaseKeeper | None, granted_at: float) -> None:
         if self.s.min_hold <= 0:
+            return
+        if self.signalled:
+            self.debug("a signal came: no --min-hold")
             return
         until = granted_at + self.s.min_hold
         if clock() < until:
@@ -437,10 +495,33 @@ class Runner:
             if self.signals:
                 self.debug("signal: ending --min-hold early")
                 return
-            if lease is not None and lease.lost.is_set():
-                self.say(f"lock on pool '{self.s.pool}' lost during --min-hold")
-                return
+            if keeper is not None and keeper.check_deadline():
+                return  # reported after the release
             time.sleep(min(POLL, max(0.0, until - clock())))
+
+
+def _parent_death_signal() -> Callable[[], None] | None:
+    """A preexec_fn giving the command SIGKILL when we die (Linux); None elsewhere.
+
+    Only the command's top process gets it: the rest of its process group is
+    beyond reach once we are gone.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    parent = os.getpid()
+
+    def preexec() -> None:  # runs in the child, between fork and exec
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # we died before prctl took effect
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
 
 
 def _killpg(pgid: int, sig: int) -> None:
@@ -449,10 +530,30 @@ def _killpg(pgid: int, sig: int) -> None:
 
 
 def _group_alive(pgid: int) -> bool:
+    """Does process group ``pgid`` still have a member that is not a zombie?"""
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    # Zombies count for kill(); where /proc exists, look closer (a PID 1 that
+    # does not reap orphans would otherwise keep the group "alive" forever).
+    try:
+        if int(Path("/proc/self/stat").read_bytes().split()[0]) != os.getpid():
+            return True  # a /proc of another PID namespace
+        entries = os.listdir("/proc")
+    except (OSError, ValueError, IndexError):
+        return True
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        # fields: state, ppid, pgrp, ...
+        if len(fields) > 2 and fields[2] == str(pgid).encode() and fields[0] != b"Z":
+            return True
+    return False

@@ -12,16 +12,27 @@
     # leaving the block releases by lease token; LockLost if the lease was lost
 
 HTTP: the standard library's :mod:`http.client`, one short connection per call,
-and every call has a timeout. A ``/wait/`` with a timeout reads for (wait
-timeout + ``Client.timeout``). An unbounded ``/wait/`` is *one* long request
-with no read timeout, because re-issuing a ``/wait/`` would lose the place in
-the server's FIFO queue. A dead server process resets the connection at once;
-a dead or unreachable server *machine* is noticed by TCP keepalive (probes
-after 10 s idle, every 5 s, 3 misses: about 25 s).
+and every call has a timeout. Connecting (name lookup included) is bounded by
+``Client.timeout`` and can be aborted at once through a :class:`CancelToken`.
+A ``/wait/`` with a timeout reads for (wait timeout + ``Client.timeout``). An
+unbounded ``/wait/`` is *one* long request with no read timeout, because
+re-issuing a ``/wait/`` would lose the place in the server's FIFO queue. A
+dead server process resets the connection at once; a dead or unreachable
+server *machine* is noticed by TCP keepalive (probes after 10 s idle, every
+5 s, 3 misses: about 25 s). A ``/wait/`` answered ``NO`` before its timeout
+ran out (the server could not hand the grant over) is simply asked again,
+for the time that is left (an unbounded wait: for as long as it takes).
 
 Times are taken from ``CLOCK_BOOTTIME`` where the OS has it (a monotonic clock
-that keeps counting while the machine is suspended, as the server's lease
-clock does), else :func:`time.monotonic`.
+that keeps counting while *this* machine is suspended), else
+:func:`time.monotonic`. The server's lease clock is its event loop's
+monotonic clock, which does *not* count a suspend of the server machine: a
+suspended server's leases then last longer in wall time, which is safe. A
+suspend of the *client* machine, on the other hand, counts fully against its
+leases, as it must: after resuming, a lease whose time ran out meanwhile is
+lost. The renewal thread never sleeps longer than
+:data:`KEEPER_TICK` at a time, so it notices such a jump promptly (sleeps use
+the monotonic clock, which stands still during a suspend).
 
 Identity: a client identifies itself by ``host`` (default: the machine's fully
 qualified name). The server treats one host as one holder: two clients with
@@ -32,9 +43,14 @@ holders on one machine distinct ``host`` names (or use a local lock as well).
 from __future__ import annotations
 
 import contextlib
+import errno
 import http.client
 import logging
 import math
+import os
+import queue
+import re
+import selectors
 import socket
 import threading
 import time
@@ -65,6 +81,15 @@ NO_EXPIRY_CHECK = 30.0
 # the grant time is only known to lie between the request and the answer.
 PIN_AFTER_WAIT = 0.1
 MAX_BODY = 64 * 1024
+# The renewal thread sleeps at most this long at a time (see the module docstring).
+KEEPER_TICK = 0.5
+# Granularity of a cancellable connect.
+CONNECT_SLICE = 0.1
+# A /wait/ answered NO with less than this left of its timeout has timed out.
+MIN_REWAIT = 0.05
+# Pause between re-asked untimed /wait/s answered NO (doubling up to the maximum).
+REWAIT_PAUSE = 0.1
+REWAIT_PAUSE_MAX = 2.0
 _USER_AGENT = "distributex-client/1"
 
 _CLOCK_ID = getattr(time, "CLOCK_BOOTTIME", None)
@@ -100,10 +125,31 @@ def parse_server(server: str, port: int | None = None) -> tuple[str, int]:
     host = parts.hostname
     if not host:
         raise ValueError(f"no host name in server {server!r}")
+    if _BAD_HOST_CHAR.search(host):
+        raise ValueError(f"bad host name {host!r} in server {server!r}")
+    try:
+        host.encode("ascii")
+    except UnicodeEncodeError:
+        try:
+            host.encode("idna")
+        except UnicodeError:
+            raise ValueError(f"bad host name {host!r} in server {server!r}") from None
     chosen = port if port is not None else (written if written is not None else DEFAULT_PORT)
     if not 0 < chosen < 65536:
         raise ValueError(f"port {chosen} out of range")
     return host, chosen
+
+
+_BAD_HOST_CHAR = re.compile(r"[\x00-\x20\x7f/\\?#@]")
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """``text`` with control characters escaped (one line), at most ``limit`` characters."""
+    out = "".join(
+        ch if ch.isprintable() else ch.encode("unicode_escape", "backslashreplace").decode("ascii")
+        for ch in text
+    )
+    return out if len(out) <= limit else out[: limit - 3] + "..."
 
 
 def _fmt(seconds: float | None) -> str | None:
@@ -120,7 +166,7 @@ def check_answer(verb: str, status: int, body: str, headers: Mapping[str, str]) 
     ``headers`` must have lower-case keys.
     """
     word = body.strip()
-    reason = headers.get("x-distributex-reason", "")
+    reason = one_line(headers.get("x-distributex-reason", ""), 200)
     if status == 200 and word in ("YES", "NO", "OK"):
         return word
     if status == 410 and verb in ("release", "renew"):
@@ -144,13 +190,15 @@ def grant_fields(headers: Mapping[str, str]) -> tuple[int | None, str | None, fl
     token = headers.get("x-distributex-lease")
     ttl = headers.get("x-distributex-ttl")
     try:
-        return (
-            int(fence) if fence else None,
-            token or None,
-            float(ttl) if ttl else None,
-        )
+        granted = float(ttl) if ttl else None
+        if granted is not None and (not math.isfinite(granted) or granted < 0):
+            raise ValueError(ttl)
+        return (int(fence) if fence else None, token or None, granted)
     except ValueError:
-        raise ServerUnavailable(f"malformed lease headers from server: {headers!r}") from None
+        shown = {k: v for k, v in headers.items() if k.startswith("x-distributex")}
+        raise ServerUnavailable(
+            one_line(f"malformed lease headers from server: {shown!r}")
+        ) from None
 
 
 def describe(exc: BaseException) -> str:
@@ -165,7 +213,9 @@ def describe(exc: BaseException) -> str:
         return "connection closed by the server"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror.lower()
-    return str(exc) or type(exc).__name__
+    if isinstance(exc, http.client.BadStatusLine):
+        return f"not an HTTP answer: {one_line(str(exc), 60)}"
+    return one_line(str(exc), 120) or type(exc).__name__
 
 
 def set_keepalive(sock: socket.socket) -> None:
@@ -217,13 +267,17 @@ class Lease:
         return self.renewed_at + self.ttl
 
     def mark_lost(self, reason: str) -> bool:
-        """Record the loss; False if it was already recorded."""
-        if self.lost.is_set():
-            return False
-        self.lost_reason = reason
-        self.lost_at = clock()
-        self.lost.set()
-        return True
+        """Record the loss; False if it was already recorded. Safe from any thread."""
+        with _LOST_LOCK:
+            if self.lost.is_set():
+                return False
+            self.lost_reason = reason
+            self.lost_at = clock()
+            self.lost.set()
+            return True
+
+
+_LOST_LOCK = threading.Lock()
 
 
 class CancelToken:
@@ -236,11 +290,13 @@ class CancelToken:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._socks: set[socket.socket] = set()
+        self._event = threading.Event()
         self.cancelled = False
 
     def cancel(self) -> None:
         with self._lock:
             self.cancelled = True
+            self._event.set()
             socks = list(self._socks)
         for sock in socks:
             with contextlib.suppress(OSError):
@@ -255,6 +311,107 @@ class CancelToken:
     def _detach(self, sock: socket.socket) -> None:
         with self._lock:
             self._socks.discard(sock)
+
+    def _check(self) -> None:
+        if self.cancelled:
+            raise Cancelled("cancelled")
+
+
+def _resolve(
+    host: str, port: int, deadline: float, cancel: CancelToken | None
+) -> list[tuple[Any, ...]]:
+    """getaddrinfo, bounded by ``deadline`` and abortable (it has no timeout of its own)."""
+    kind = (socket.AF_UNSPEC, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        return socket.getaddrinfo(host, port, *kind, socket.AI_NUMERICHOST)
+    except (socket.gaierror, UnicodeError):
+        pass
+    answer: queue.SimpleQueue[Any] = queue.SimpleQueue()
+
+    def lookup() -> None:
+        try:
+            answer.put(socket.getaddrinfo(host, port, *kind))
+        except BaseException as exc:
+            answer.put(exc)
+
+    # A daemon thread: a lookup that hangs is abandoned, not waited for.
+    threading.Thread(target=lookup, name="distributex-resolve", daemon=True).start()
+    while True:
+        if cancel is not None:
+            cancel._check()
+        left = deadline - clock()
+        if left <= 0:
+            raise socket.gaierror(errno.ETIMEDOUT, "name lookup timed out")
+        try:
+            result = answer.get(timeout=min(CONNECT_SLICE, left))
+        except queue.Empty:
+            continue
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+
+def open_socket(
+    host: str, port: int, timeout: float, cancel: CancelToken | None = None
+) -> socket.socket:
+    """A TCP connection to (host, port) within ``timeout`` seconds, lookup included.
+
+    With ``cancel``, the socket is attached to the token *before* connecting,
+    and the connect is polled in short slices, so a cancel aborts it at once
+    even when the server is black-holed.
+    """
+    deadline = clock() + timeout
+    last: OSError | None = None
+    for family, type_, proto, _name, addr in _resolve(host, port, deadline, cancel):
+        sock = socket.socket(family, type_, proto)
+        try:
+            if cancel is not None:
+                cancel._attach(sock)
+            try:
+                sock.setblocking(False)
+                code = sock.connect_ex(addr)
+                if code not in (0, errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK):
+                    raise OSError(code, os.strerror(code))
+                if code != 0:
+                    with selectors.DefaultSelector() as sel:
+                        sel.register(sock, selectors.EVENT_WRITE)
+                        while True:
+                            if cancel is not None:
+                                cancel._check()
+                            left = deadline - clock()
+                            if left <= 0:
+                                raise TimeoutError("timed out")
+                            if sel.select(min(CONNECT_SLICE, left)):
+                                break
+                    code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    if code:
+                        raise OSError(code, os.strerror(code))
+            finally:
+                if cancel is not None:
+                    cancel._detach(sock)
+            sock.setblocking(True)
+            return sock
+        except OSError as exc:
+            sock.close()
+            last = exc
+        except BaseException:
+            sock.close()
+            raise
+    raise last or OSError(errno.EHOSTUNREACH, "no address to connect to")
+
+
+class _Connection(http.client.HTTPConnection):
+    """An HTTPConnection whose connect is :func:`open_socket` (bounded, cancellable)."""
+
+    def __init__(self, host: str, port: int, timeout: float, cancel: CancelToken | None) -> None:
+        super().__init__(host, port, timeout=timeout)
+        self._cancel = cancel
+
+    def connect(self) -> None:
+        assert isinstance(self.timeout, float | int)
+        self.sock = open_socket(self.host, self.port, float(self.timeout), self._cancel)
+        with contextlib.suppress(OSError):
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class Client:
@@ -296,9 +453,7 @@ class Client:
         connect_timeout: float | None = None,
     ) -> tuple[int, str, dict[str, str]]:
         query = urlencode({k: v for k, v in params.items() if v is not None})
-        conn = http.client.HTTPConnection(
-            self.server, self.port, timeout=connect_timeout or self.timeout
-        )
+        conn = _Connection(self.server, self.port, connect_timeout or self.timeout, cancel)
         attached: socket.socket | None = None
         try:
             conn.connect()
@@ -316,7 +471,7 @@ class Client:
             resp = conn.getresponse()
             body = resp.read(MAX_BODY).decode("utf-8", "replace")
             return resp.status, body, _lower(resp.headers)
-        except (OSError, http.client.HTTPException) as exc:
+        except (OSError, http.client.HTTPException, UnicodeError, Cancelled) as exc:
             if cancel is not None and cancel.cancelled:
                 raise Cancelled(f"/{verb}/ cancelled") from None
             raise ServerUnavailable(
@@ -341,6 +496,8 @@ class Client:
 
         ``wait=False``: try once (``/get/``). Otherwise wait in the server's
         FIFO queue, at most ``timeout`` seconds (None: as long as it takes).
+        A ``/wait/`` answered ``NO`` before that (the server could not hand
+        a grant over) is asked again for the time that is left.
         ``ttl`` asks for a lease time shorter than the pool's ``expire``.
 
         Raises :class:`LockTimeout`, :class:`LockRefused`,
@@ -351,20 +508,37 @@ class Client:
         if timeout is not None and timeout < 0:
             raise ValueError("timeout must be >= 0")
         params: dict[str, str | None] = {"host": self.host, "pool": pool, "ttl": _fmt(ttl)}
-        sent = clock()
-        if not wait:
-            status, body, headers = self._call("get", params, self.timeout, cancel)
-            verb = "get"
-        else:
-            verb = "wait"
-            params["timeout"] = _fmt(timeout)
-            read = None if timeout is None else timeout + self.timeout
-            status, body, headers = self._call("wait", params, read, cancel)
-        word = check_answer(verb, status, body, headers)
-        if word != "YES":
-            if wait:
+        deadline = None if timeout is None else clock() + timeout
+        pause = REWAIT_PAUSE
+        while True:
+            sent = clock()
+            if not wait:
+                verb = "get"
+                status, body, headers = self._call(verb, params, self.timeout, cancel)
+            else:
+                verb = "wait"
+                left = None if deadline is None else max(0.0, deadline - sent)
+                params["timeout"] = _fmt(left)
+                read = None if left is None else left + self.timeout
+                status, body, headers = self._call(verb, params, read, cancel)
+            word = check_answer(verb, status, body, headers)
+            if word == "YES":
+                break
+            if word != "NO":
+                raise ServerUnavailable(f"unexpected answer to /{verb}/: {word!r}")
+            if not wait:
+                raise LockTimeout(f"pool '{pool}' is busy")
+            if deadline is not None and deadline - clock() < MIN_REWAIT:
                 raise LockTimeout(f"pool '{pool}' not obtained within {timeout:g}s")
-            raise LockTimeout(f"pool '{pool}' is busy")
+            log.info("/wait/ for pool '%s' answered NO early; asking again", pool)
+            if deadline is None:
+                # Never a hot loop, whatever the server does.
+                if cancel is not None:
+                    if cancel._event.wait(pause):
+                        raise Cancelled("/wait/ cancelled")
+                else:
+                    time.sleep(pause)
+                pause = min(REWAIT_PAUSE_MAX, pause * 2)
         fence, token, granted_ttl = grant_fields(headers)
         lease = Lease(pool, self.host, fence, token, granted_ttl, sent)
         if token and granted_ttl and clock() - sent > PIN_AFTER_WAIT * granted_ttl:
@@ -396,10 +570,13 @@ class Client:
         status, body, headers = self._call(
             "renew", params, timeout or self.timeout, cancel, timeout or self.timeout
         )
-        if check_answer("renew", status, body, headers) == "GONE":
+        word = check_answer("renew", status, body, headers)
+        if word == "GONE":
             raise LockLost(
                 f"lease on pool '{lease.pool}' is gone (expired, or released by someone else)"
             )
+        if word != "OK":  # a 200 YES/NO is no renewal: a confused server, retried
+            raise ServerUnavailable(f"unexpected answer to /renew/: {word!r} (expected OK)")
         fence, _token, granted_ttl = grant_fields(headers)
         lease.renewed_at = sent
         if granted_ttl is not None:
@@ -417,9 +594,11 @@ class Client:
         lease.released = True
         return check_answer("release", status, body, headers) == "OK"
 
-    def release_host(self, pool: str) -> None:
-        """The seed's release: whatever slot of ``pool`` this host holds."""
-        status, body, headers = self._call("release", {"host": self.host, "pool": pool}, None)
+    def release_host(self, pool: str, timeout: float | None = None) -> None:
+        """The seed's release: every slot of ``pool`` this host holds."""
+        t = timeout or self.timeout
+        params: dict[str, str | None] = {"host": self.host, "pool": pool}
+        status, body, headers = self._call("release", params, t, connect_timeout=t)
         check_answer("release", status, body, headers)
 
     # -- the context manager -----------------------------------------------------------
@@ -452,6 +631,7 @@ class Client:
             keeper.stop()
             self.release_quietly(lease)
             raise
+        keeper.check_deadline()  # a suspend may have ended the lease just now
         keeper.stop()
         held = self.release_quietly(lease)
         if lease.lost.is_set():
@@ -520,6 +700,28 @@ class LeaseKeeper:
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join()
 
+    def check_deadline(self) -> bool:
+        """Declare the lease lost if its renewal deadline has passed; True if it is lost.
+
+        The renewal thread does this itself at least every :data:`KEEPER_TICK`
+        seconds; a supervisor may call it as often as it likes, from any thread.
+        """
+        lease = self.lease
+        if lease.lost.is_set():
+            return True
+        if lease.ttl:
+            now = clock()
+            if now >= lease.confirmed_until - self.margin():
+                self._declare_lost(self._silence_reason(now))
+        return lease.lost.is_set()
+
+    def _silence_reason(self, now: float) -> str:
+        err = f": {self.last_error}" if self.last_error else ""
+        return (
+            f"no renewal confirmed for {now - self.lease.renewed_at:.1f}s of a "
+            f"{self.lease.ttl or 0:g}s lease (server unreachable{err})"
+        )
+
     def _declare_lost(self, reason: str) -> None:
         if self._stop.is_set() or not self.lease.mark_lost(reason):
             return
@@ -546,17 +748,16 @@ class LeaseKeeper:
             if retry_at is not None:
                 due = retry_at
             now = clock()
+            if lease.lost.is_set():  # declared by check_deadline() in another thread
+                return
             if now >= lost_at:
-                err = f": {self.last_error}" if self.last_error else ""
-                self._declare_lost(
-                    f"no renewal confirmed for {now - lease.renewed_at:.1f}s of a {ttl:g}s "
-                    f"lease (server unreachable{err})"
-                )
+                self._declare_lost(self._silence_reason(now))
                 return
-            if now < due and self._stop.wait(min(due, lost_at) - now):
-                return
-            if clock() < due:
-                continue
+            # Never sleep long: sleeps stand still while the machine is suspended.
+            if now < due:
+                if self._stop.wait(min(due - now, lost_at - now, KEEPER_TICK)):
+                    return
+                continue  # check the deadline again before renewing
             try:
                 budget = max(0.05, min(self.client.timeout, lost_at - clock()))
                 self.client.renew(lease, ttl=self.ttl, timeout=budget, cancel=self._cancel)
