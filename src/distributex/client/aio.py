@@ -44,6 +44,7 @@ from distributex.client.sync import (
     Lease,
     _fmt,
     _lower,
+    apply_renewal,
     check_answer,
     clock,
     describe,
@@ -200,19 +201,7 @@ class AsyncClient:
         sent = clock()
         t = timeout or self.timeout
         status, body, headers = await self._call("renew", params, t, t)
-        word = check_answer("renew", status, body, headers)
-        if word == "GONE":
-            raise LockLost(
-                f"lease on pool '{lease.pool}' is gone (expired, or released by someone else)"
-            )
-        if word != "OK":  # a 200 YES/NO is no renewal: a confused server, retried
-            raise ServerUnavailable(f"unexpected answer to /renew/: {word!r} (expected OK)")
-        fence, _token, granted_ttl = grant_fields(headers)
-        lease.renewed_at = sent
-        if granted_ttl is not None:
-            lease.ttl = granted_ttl
-        if fence is not None:
-            lease.fence = fence
+        apply_renewal(lease, sent, status, body, headers)
 
     async def release(self, lease: Lease, timeout: float | None = None) -> bool:
         """Release exactly this lease. False if it was already gone (GONE)."""

@@ -201,6 +201,29 @@ def grant_fields(headers: Mapping[str, str]) -> tuple[int | None, str | None, fl
         ) from None
 
 
+def apply_renewal(
+    lease: Lease, sent: float, status: int, body: str, headers: Mapping[str, str]
+) -> None:
+    """Take the server's answer to a ``/renew/`` sent at ``sent`` into ``lease``.
+
+    Raises :class:`LockLost` on GONE; any answer but OK is a confused server,
+    :class:`ServerUnavailable` (the caller retries until the lease's deadline).
+    """
+    word = check_answer("renew", status, body, headers)
+    if word == "GONE":
+        raise LockLost(
+            f"lease on pool '{lease.pool}' is gone (expired, or released by someone else)"
+        )
+    if word != "OK":
+        raise ServerUnavailable(f"unexpected answer to /renew/: {word!r} (expected OK)")
+    fence, _token, granted_ttl = grant_fields(headers)
+    lease.renewed_at = sent
+    if granted_ttl is not None:
+        lease.ttl = granted_ttl
+    if fence is not None:
+        lease.fence = fence
+
+
 def describe(exc: BaseException) -> str:
     """A short human phrase for a network error."""
     if isinstance(exc, TimeoutError | socket.timeout):
@@ -570,19 +593,7 @@ class Client:
         status, body, headers = self._call(
             "renew", params, timeout or self.timeout, cancel, timeout or self.timeout
         )
-        word = check_answer("renew", status, body, headers)
-        if word == "GONE":
-            raise LockLost(
-                f"lease on pool '{lease.pool}' is gone (expired, or released by someone else)"
-            )
-        if word != "OK":  # a 200 YES/NO is no renewal: a confused server, retried
-            raise ServerUnavailable(f"unexpected answer to /renew/: {word!r} (expected OK)")
-        fence, _token, granted_ttl = grant_fields(headers)
-        lease.renewed_at = sent
-        if granted_ttl is not None:
-            lease.ttl = granted_ttl
-        if fence is not None:
-            lease.fence = fence
+        apply_renewal(lease, sent, status, body, headers)
 
     def release(self, lease: Lease, timeout: float | None = None) -> bool:
         """Release exactly this lease. False if it was already gone (GONE)."""
