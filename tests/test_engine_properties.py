@@ -37,6 +37,7 @@ POOLS = {
     "short": PoolSpec("short", maxlocks=2, expire=1.5),
 }
 OWNERS = st.sampled_from(["a", "b", "c", "d", "e"])
+TTLS = st.sampled_from([None, None, 0.5, 2.0, 10.0])  # None: the pool's expire
 POOL_NAMES = st.sampled_from(sorted(POOLS))
 INF = float("inf")
 
@@ -50,11 +51,16 @@ class ModelPool:
         self.fences: dict[str, int] = {}
         self.queue: list[str] = []
 
-    def expiry(self, now: float) -> float:
-        return now + self.spec.expire if self.spec.expire else INF
+    def expiry(self, now: float, ttl: float | None = None) -> float:
+        """A lease's end: the client's ttl can only shorten a non-zero expire."""
+        if ttl is None:
+            ttl = self.spec.expire
+        elif self.spec.expire:
+            ttl = min(ttl, self.spec.expire)
+        return now + ttl if ttl else INF
 
-    def free(self) -> bool:
-        return not self.queue and len(self.holders) < self.spec.maxlocks
+    def free(self, paused: bool) -> bool:
+        return not paused and not self.queue and len(self.holders) < self.spec.maxlocks
 
     def end_lease(self, owner: str, token: str) -> bool:
         """Drop one lease; True if that freed the owner's slot."""
@@ -64,10 +70,10 @@ class ModelPool:
         del self.holders[owner], self.fences[owner]
         return True
 
-    def next_owners(self) -> list[str]:
+    def next_owners(self, paused: bool) -> list[str]:
         """Owners the free slots go to, in queue order."""
         granted = []
-        while self.queue and len(self.holders) < self.spec.maxlocks:
+        while not paused and self.queue and len(self.holders) < self.spec.maxlocks:
             owner = self.queue.pop(0)
             self.holders[owner] = {}
             granted.append(owner)
@@ -88,10 +94,15 @@ class EngineMachine(RuleBasedStateMachine):
         self.parked: dict[tuple[str, str], set[Waiter]] = {}
         # Leases granted to waiters whose answer has not gone out yet.
         self.undelivered: set[str] = set()
+        # The ttl each parked request asked for.
+        self.asked: dict[Waiter, float | None] = {}
+        self.paused = False
 
     # -- helpers -------------------------------------------------------------
 
-    def new_lease(self, pool: str, owner: str, lease, delivered: bool) -> None:
+    def new_lease(
+        self, pool: str, owner: str, lease, delivered: bool, ttl: float | None = None
+    ) -> None:
         model = self.model[pool]
         assert lease.owner == owner and lease.pool == pool
         assert lease.token not in model.holders[owner]
@@ -100,20 +111,20 @@ class EngineMachine(RuleBasedStateMachine):
         else:
             model.fences[owner] = lease.fence
             self.fences.append(lease.fence)
-        model.holders[owner][lease.token] = model.expiry(self.now)
+        model.holders[owner][lease.token] = model.expiry(self.now, ttl)
         if not delivered:
             self.undelivered.add(lease.token)
 
     def check_granted(self, pool: str, granted: list[Waiter]) -> None:
         """The engine's grants in ``pool`` are the model's next owners, each fully answered."""
-        expected = self.model[pool].next_owners()
+        expected = self.model[pool].next_owners(self.paused)
         owners = list(dict.fromkeys(w.owner for w in granted if w.pool == pool))
         assert owners == expected, (owners, expected)
         for owner in owners:
             answered = {w for w in granted if w.pool == pool and w.owner == owner}
             assert answered == self.parked.pop((pool, owner))
             for waiter in answered:
-                self.new_lease(pool, owner, waiter.lease, delivered=False)
+                self.new_lease(pool, owner, waiter.lease, False, self.asked.pop(waiter))
 
     def end_lease(self, pool: str, owner: str, token: str) -> None:
         self.model[pool].end_lease(owner, token)
@@ -121,30 +132,31 @@ class EngineMachine(RuleBasedStateMachine):
 
     # -- rules ---------------------------------------------------------------
 
-    @rule(pool=POOL_NAMES, owner=OWNERS)
-    def get(self, pool: str, owner: str) -> None:
+    @rule(pool=POOL_NAMES, owner=OWNERS, ttl=TTLS)
+    def get(self, pool: str, owner: str, ttl: float | None) -> None:
         model = self.model[pool]
-        lease = self.engine.acquire(POOLS[pool], owner, self.now)
-        if owner in model.holders or model.free():
+        lease = self.engine.acquire(POOLS[pool], owner, self.now, ttl)
+        if owner in model.holders or model.free(self.paused):
             assert lease is not None
             model.holders.setdefault(owner, {})
-            self.new_lease(pool, owner, lease, delivered=True)
+            self.new_lease(pool, owner, lease, True, ttl)
         else:
             assert lease is None
 
-    @rule(target=waiters, pool=POOL_NAMES, owner=OWNERS)
-    def wait(self, pool: str, owner: str) -> Waiter:
+    @rule(target=waiters, pool=POOL_NAMES, owner=OWNERS, ttl=TTLS)
+    def wait(self, pool: str, owner: str, ttl: float | None) -> Waiter:
         model = self.model[pool]
-        waiter = self.engine.enqueue(POOLS[pool], owner, self.now)
-        if owner in model.holders or model.free():
+        waiter = self.engine.enqueue(POOLS[pool], owner, self.now, ttl)
+        if owner in model.holders or model.free(self.paused):
             assert waiter.lease is not None
             model.holders.setdefault(owner, {})
-            self.new_lease(pool, owner, waiter.lease, delivered=False)
+            self.new_lease(pool, owner, waiter.lease, False, ttl)
         else:
             assert waiter.lease is None
             if owner not in model.queue:
                 model.queue.append(owner)
             self.parked.setdefault((pool, owner), set()).add(waiter)
+            self.asked[waiter] = ttl
         return waiter
 
     @rule(waiter=waiters)  # not consumed: a hang-up after delivery must change nothing
@@ -165,6 +177,7 @@ class EngineMachine(RuleBasedStateMachine):
             # Its owner leaves the queue only with its last parked request.
             parked = self.parked[(waiter.pool, waiter.owner)]
             parked.remove(waiter)
+            del self.asked[waiter]
             if not parked:
                 del self.parked[(waiter.pool, waiter.owner)]
                 model.queue.remove(waiter.owner)
@@ -201,16 +214,32 @@ class EngineMachine(RuleBasedStateMachine):
         self.end_lease(pool, owner, token)
         self.check_granted(pool, granted)
 
-    @rule(pool=POOL_NAMES, owner=OWNERS, pick=st.integers(0, 3))
-    def renew(self, pool: str, owner: str, pick: int) -> None:
+    @rule(pool=POOL_NAMES, owner=OWNERS, pick=st.integers(0, 3), ttl=TTLS)
+    def renew(self, pool: str, owner: str, pick: int, ttl: float | None) -> None:
         tokens = sorted(self.model[pool].holders.get(owner, {}))
         if not tokens:
             assert self.engine.renew(pool, "no-such-token", self.now) is None
             return
         token = tokens[pick % len(tokens)]
-        lease = self.engine.renew(pool, token, self.now)
+        lease = self.engine.renew(pool, token, self.now, ttl)
         assert lease is not None and lease.token == token
-        self.model[pool].holders[owner][token] = self.model[pool].expiry(self.now)
+        # Without a ttl, a renewal keeps the lease's own time-to-live.
+        self.model[pool].holders[owner][token] = self.now + lease.ttl if lease.ttl else INF
+        if ttl is not None:
+            assert self.model[pool].holders[owner][token] == self.model[pool].expiry(self.now, ttl)
+
+    @rule()
+    def pause(self) -> None:
+        self.engine.pause()
+        self.paused = True
+
+    @rule()
+    def resume(self) -> None:
+        granted = self.engine.resume(self.now)
+        self.paused = False
+        # Pools are filled one after another; check them in that order (fences).
+        for name in dict.fromkeys([w.pool for w in granted] + list(POOLS)):
+            self.check_granted(name, granted)
 
     @rule(dt=st.sampled_from([0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.5]))
     def advance(self, dt: float) -> None:
@@ -252,7 +281,7 @@ class EngineMachine(RuleBasedStateMachine):
                 )
                 assert hold.expires_at > self.now  # nothing outlives its time
             assert self.engine.waiting(name) == model.queue
-            if model.queue:
+            if model.queue and not self.paused:
                 assert len(holds) == spec.maxlocks  # no free slot while someone waits
 
     @invariant()
