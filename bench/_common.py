@@ -233,6 +233,40 @@ def use_uvloop(enabled: bool) -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
+def add_load_options(parser: Any) -> None:
+    """Options every load-generating benchmark takes (after its own --clients)."""
+    parser.add_argument("--duration", type=float, default=10.0, help="measured seconds")
+    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds first")
+    parser.add_argument("--procs", type=int, default=1, help="load-generator processes")
+    parser.add_argument("--uvloop", action="store_true", help="uvloop in the load generator")
+    parser.add_argument(
+        "--profile", metavar="FILE", help="py-spy the server in the window (collapsed stacks)"
+    )
+    parser.add_argument(
+        "--client",
+        choices=["aiohttp", "raw"],
+        default="aiohttp",
+        help="HTTP client in the load generator (raw: minimal hand-written, for comparison)",
+    )
+    parser.add_argument("--json", action="store_true")
+
+
+def load_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
+    """The closing rows every load-generating benchmark prints: CPU, safety, errors."""
+    violations = sum(r["safety_violations"].values())
+    return [
+        ("load-generator CPU", " + ".join(f"{p:.0f} %" for p in r["loadgen_cpu_pct"])),
+        ("machine busy (all cores)", f"{r['machine_busy_pct']:.0f} %"),
+        ("other processes' CPU", f"{r['other_cpu_pct']:.0f} % of a core"),
+        (
+            "safety violations",
+            f"{violations} in {r['safety_checked_grants']:,} grants"
+            + ("" if not violations else f" {r['safety_violations']}"),
+        ),
+        ("errors", str(r["errors"] or 0)),
+    ]
+
+
 def print_table(title: str, rows: Sequence[tuple[str, str]]) -> None:
     """A two-column table of figures, for people."""
     width = max(len(name) for name, _ in rows)

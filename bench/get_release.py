@@ -19,7 +19,16 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from _common import Grant, Server, emit, fmt_int, safety_violations, use_uvloop
+from _common import (
+    Grant,
+    Server,
+    add_load_options,
+    emit,
+    fmt_int,
+    load_rows,
+    safety_violations,
+    use_uvloop,
+)
 from _loadgen import (
     AiohttpClient,
     ClientLoop,
@@ -147,7 +156,6 @@ def run(
 
 
 def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
-    violations = sum(r["safety_violations"].values())
     lg = f", {r['client']} client" + (" + uvloop" if r["uvloop"] else "")
     return [
         ("clients / pools / load processes", f"{r['clients']} / {r['pools']} / {r['procs']}{lg}"),
@@ -159,15 +167,7 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
         ("server CPU per request", f"{r['server_cpu_us_per_request']:.0f} µs"),
         ("server CPU per get+release", f"{r['server_cpu_us_per_get_release']:.0f} µs"),
         ("server CPU per cycle, NOs included", f"{r['server_cpu_us_per_cycle_incl_no']:.0f} µs"),
-        ("load-generator CPU", " + ".join(f"{p:.0f} %" for p in r["loadgen_cpu_pct"])),
-        ("machine busy (all cores)", f"{r['machine_busy_pct']:.0f} %"),
-        ("other processes' CPU", f"{r['other_cpu_pct']:.0f} % of a core"),
-        (
-            "safety violations",
-            f"{violations} in {r['safety_checked_grants']:,} grants"
-            + ("" if not violations else f" {r['safety_violations']}"),
-        ),
-        ("errors", str(r["errors"] or 0)),
+        *load_rows(r),
     ]
 
 
@@ -175,20 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--pools", type=int, default=64)
-    parser.add_argument("--duration", type=float, default=10.0, help="measured seconds")
-    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds first")
-    parser.add_argument("--procs", type=int, default=1, help="load-generator processes")
-    parser.add_argument("--uvloop", action="store_true", help="uvloop in the load generator")
-    parser.add_argument(
-        "--profile", metavar="FILE", help="py-spy the server in the window (collapsed stacks)"
-    )
-    parser.add_argument(
-        "--client",
-        choices=["aiohttp", "raw"],
-        default="aiohttp",
-        help="HTTP client in the load generator (raw: minimal hand-written, for comparison)",
-    )
-    parser.add_argument("--json", action="store_true")
+    add_load_options(parser)
     args = parser.parse_args(argv)
     result = run(
         args.clients,
