@@ -36,6 +36,7 @@ from distributex.client.sync import (
     DEFAULT_TIMEOUT,
     KEEPER_TICK,
     MAX_BODY,
+    MAX_SECONDS,
     MIN_REWAIT,
     NO_EXPIRY_CHECK,
     PIN_AFTER_WAIT,
@@ -46,6 +47,7 @@ from distributex.client.sync import (
     _lower,
     apply_renewal,
     check_answer,
+    check_durations,
     clock,
     describe,
     grant_fields,
@@ -94,8 +96,8 @@ class AsyncClient:
     ) -> None:
         self.server, self.port = parse_server(server, port)
         self.host = host or socket.getfqdn()
-        if timeout <= 0:
-            raise ValueError("timeout must be > 0")
+        if not 0 < timeout <= MAX_SECONDS:
+            raise ValueError(f"timeout must be > 0 and at most {MAX_SECONDS:.0f} s")
         self.timeout = timeout
         self._session: aiohttp.ClientSession | None = None
 
@@ -119,15 +121,14 @@ class AsyncClient:
         self,
         verb: str,
         params: dict[str, str | None],
-        read_timeout: float | None,
+        budget: float | None,
         connect_timeout: float | None = None,
     ) -> tuple[int, str, dict[str, str]]:
         if self._session is None:
             self._session = aiohttp.ClientSession(connector=_connector())
         query = {k: v for k, v in params.items() if v is not None}
-        limits = aiohttp.ClientTimeout(
-            total=None, connect=connect_timeout or self.timeout, sock_read=read_timeout
-        )
+        # ``budget`` bounds the whole call, not each read (None: an untimed /wait/).
+        limits = aiohttp.ClientTimeout(total=budget, connect=connect_timeout or self.timeout)
         try:
             async with self._session.get(
                 f"http://{self.address}/{verb}/",
@@ -150,10 +151,7 @@ class AsyncClient:
         wait: bool = True,
     ) -> AsyncLease:
         """Get a slot of ``pool`` without background renewal (see :meth:`lock`)."""
-        if ttl is not None and ttl <= 0:
-            raise ValueError("ttl must be > 0 (None: the pool's expire)")
-        if timeout is not None and timeout < 0:
-            raise ValueError("timeout must be >= 0")
+        check_durations(timeout, ttl)
         params: dict[str, str | None] = {"host": self.host, "pool": pool, "ttl": _fmt(ttl)}
         deadline = None if timeout is None else clock() + timeout
         pause = REWAIT_PAUSE
@@ -180,7 +178,14 @@ class AsyncClient:
             if deadline is None:
                 await asyncio.sleep(pause)
                 pause = min(REWAIT_PAUSE_MAX, pause * 2)
-        fence, token, granted_ttl = grant_fields(headers)
+        try:
+            fence, token, granted_ttl = grant_fields(headers)
+        except ServerUnavailable:
+            # A YES we cannot use (bad lease headers): give back exactly what was granted.
+            raw = headers.get("x-distributex-lease")
+            if raw:
+                await self.release_quietly(AsyncLease(pool, self.host, None, raw, None, sent))
+            raise
         lease = AsyncLease(pool, self.host, fence, token, granted_ttl, sent)
         if token and granted_ttl and clock() - sent > PIN_AFTER_WAIT * granted_ttl:
             try:

@@ -19,7 +19,7 @@ from distributex.client.runner import (
     Settings,
     min_ttl_for_grace,
 )
-from distributex.client.sync import DEFAULT_PORT, DEFAULT_TIMEOUT, parse_server
+from distributex.client.sync import DEFAULT_PORT, DEFAULT_TIMEOUT, MAX_SECONDS, parse_server
 
 DEFAULT_TTL = 60.0
 DEFAULT_GRACE = 10.0
@@ -158,6 +158,8 @@ def _seconds(text: str) -> float:
     value = float(text)
     if not math.isfinite(value) or value < 0:
         raise ValueError("must be a number of seconds >= 0")
+    if value > MAX_SECONDS:
+        raise ValueError(f"must be at most {MAX_SECONDS:.0f} seconds (about 3 years)")
     return value
 
 

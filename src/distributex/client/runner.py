@@ -41,6 +41,7 @@ import fcntl
 import hashlib
 import math
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -53,6 +54,7 @@ from pathlib import Path
 from typing import TextIO
 from urllib.parse import quote
 
+from distributex.client import watchdog
 from distributex.client.errors import (
     DistributexError,
     LockRefused,
@@ -94,6 +96,83 @@ def effective_grace(grace: float, ttl: float | None) -> float:
     if not ttl:
         return grace
     return max(0.0, min(grace, ttl / 2 - kill_margin(ttl)))
+
+
+# Ignored while we run: a stopped client could not renew its lease (the
+# command runs in its own session, so the terminal does not stop it either).
+JOB_CONTROL_SIGNALS = (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
+# How long the watchdog may take to start.
+WATCHDOG_START = 10.0
+# A healthy client stops the command itself: the watchdog's SIGTERM comes this much later.
+WATCHDOG_SLACK = 0.25
+
+
+class WatchdogProcess:
+    """The client's side of :mod:`distributex.client.watchdog`: start it, feed it, end it."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.fed: tuple[float, float] | None = None
+        self.warned = False
+
+    def start(self) -> None:
+        """Start the watchdog and wait until it reads its input (raises :class:`Exit`)."""
+        script = os.path.abspath(watchdog.__file__)
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", script],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                start_new_session=True,  # out of reach of Ctrl-Z and of signals to our group
+            )
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise Exit(EXIT_SOFTWARE, f"cannot start the watchdog: {exc}; command not run") from exc
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], WATCHDOG_START)
+        if not ready or self.proc.stdout.readline().strip() != b"ready":
+            self.kill()
+            raise Exit(EXIT_SOFTWARE, "the watchdog did not start; command not run")
+
+    def feed(self, pgid: int, term_at: float, kill_at: float, grace: float) -> None:
+        """Tell it the command's group and deadlines (only when they changed)."""
+        if self.proc is None or self.fed == (term_at, kill_at):
+            return
+        self._send(f"watch {pgid} {term_at!r} {kill_at!r} {grace!r}\n")
+        self.fed = (term_at, kill_at)
+
+    def fired(self) -> bool:
+        """Did it signal the command (because we did not act in time)?"""
+        return self.proc is not None and self.proc.poll() == watchdog.FIRED
+
+    def died(self) -> bool:
+        """Did it end on its own, other than by firing (someone killed it)?"""
+        if self.proc is None or self.warned:
+            return False
+        code = self.proc.poll()
+        self.warned = code is not None and code != watchdog.FIRED
+        return self.warned
+
+    def finish(self) -> bool:
+        """Tell it we are done and reap it; True if it had fired."""
+        if self.proc is None:
+            return False
+        self._send("done\n")
+        try:
+            self.proc.wait(WATCHDOG_START)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        return self.proc.returncode == watchdog.FIRED
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def _send(self, line: str) -> None:
+        assert self.proc is not None and self.proc.stdin is not None
+        with contextlib.suppress(OSError, ValueError):
+            self.proc.stdin.write(line.encode("ascii"))
+            self.proc.stdin.flush()
 
 
 class Exit(Exception):
@@ -184,7 +263,10 @@ class Runner:
         self.deadline = None if settings.timeout is None else clock() + settings.timeout
 
     def say(self, message: str) -> None:
-        print(f"distributex: {one_line(message, 500)}", file=self.err, flush=True)
+        # A broken stderr (its reader gone, e.g. journald restarted) must never
+        # stand between us and stopping the command or releasing the lock.
+        with contextlib.suppress(OSError, ValueError):
+            print(f"distributex: {one_line(message, 500)}", file=self.err, flush=True)
 
     def debug(self, message: str) -> None:
         if self.s.verbose:
@@ -196,12 +278,16 @@ class Runner:
 
     def run(self) -> int:
         saved = {sig: signal.signal(sig, self._on_signal) for sig in FORWARDED_SIGNALS}
+        saved.update({sig: signal.signal(sig, signal.SIG_IGN) for sig in JOB_CONTROL_SIGNALS})
         try:
             return self._run()
         except Exit as exc:
             if exc.message:
                 self.say(exc.message)
             return exc.code
+        except Exception as exc:  # never a traceback; the lock was released on the way out
+            self.say(f"internal error: {exc!r}")
+            return EXIT_SOFTWARE
         finally:
             for sig, handler in saved.items():
                 signal.signal(sig, handler)
@@ -411,16 +497,46 @@ class Runner:
         grace: float,
         granted_at: float,
     ) -> int:
-        s = self.s
         if self.signals:
             raise self._interrupted("before the command started")
         if keeper is not None and keeper.check_deadline():
             raise Exit(
                 EXIT_LOST, f"lock lost before the command started: {keeper.lease.lost_reason}"
             )
-        proc = self._spawn(self._environment(client, lease))
+        dog = WatchdogProcess()
+        dog.start()
+        try:
+            proc = self._spawn(self._environment(client, lease))
+        except BaseException:
+            dog.finish()
+            raise
+        pgid = proc.pid
+        dog.feed(pgid, *self._watchdog_deadlines(lease, grace), grace)
         if keeper is not None:
             keeper.start()
+        try:
+            return self._watch(proc, dog, lease, keeper, grace, granted_at)
+        finally:
+            dog.kill()
+
+    def _watchdog_deadlines(self, lease: Lease | None, grace: float) -> tuple[float, float]:
+        """When the watchdog stops the command if we have not: (SIGTERM, SIGKILL)."""
+        if lease is None or not lease.ttl or not lease.token:
+            return math.inf, math.inf
+        margin = kill_margin(lease.ttl)
+        kill_at = lease.confirmed_until - margin
+        return min(kill_at, kill_at - grace + WATCHDOG_SLACK), kill_at
+
+    def _watch(
+        self,
+        proc: subprocess.Popen[bytes],
+        dog: WatchdogProcess,
+        lease: Lease | None,
+        keeper: LeaseKeeper | None,
+        grace: float,
+        granted_at: float,
+    ) -> int:
+        s = self.s
         pgid = proc.pid
         rc: int | None = None
         lost = False  # the lease was lost while (part of) the command ran
@@ -432,14 +548,34 @@ class Runner:
             now = clock()
             if rc is None:
                 rc = proc.poll()
+            if dog.fired() and not lost and lease is not None:
+                # We did not run while the lease ran out (stopped, frozen, starved):
+                # the watchdog stopped the command for us.
+                lease.mark_lost("this client did not run while its lease ran out")
+            elif dog.died():
+                self.say(
+                    "warning: the watchdog ended unexpectedly: the command is no longer "
+                    "stopped if this client stops running"
+                )
+            else:
+                term_at, dog_kill_at = self._watchdog_deadlines(lease, grace)
+                if lost or draining:  # we sent SIGTERM ourselves; one is enough
+                    term_at = math.inf
+                dog.feed(pgid, term_at, dog_kill_at, grace)
             # The keeper checks the deadline too, but its sleeps may stand still
             # during a suspend: compare the lease clock here as well.
             if keeper is not None and not lost and keeper.check_deadline():
                 lost = True
-                self.say(
-                    f"lock on pool '{s.pool}' lost ({keeper.lease.lost_reason}); "
-                    "stopping the command"
-                )
+                if dog.fired():
+                    self.say(
+                        f"lock on pool '{s.pool}' lost ({keeper.lease.lost_reason}); "
+                        "the watchdog stopped the command, as this client was not running"
+                    )
+                else:
+                    self.say(
+                        f"lock on pool '{s.pool}' lost ({keeper.lease.lost_reason}); "
+                        "stopping the command"
+                    )
                 _killpg(pgid, signal.SIGTERM)
                 kill_at = min(kill_at or math.inf, self._kill_deadline(now, grace, lease))
             while self.signals:
@@ -473,6 +609,10 @@ class Runner:
                     break
             time.sleep(POLL)
         self.command_end = clock()
+        if dog.finish() and not lost and lease is not None:
+            lease.mark_lost("this client did not run while its lease ran out")
+            self.say(f"lock on pool '{s.pool}' lost: the watchdog stopped the command")
+            return EXIT_LOST
         if lost:  # already said why
             return EXIT_LOST
         if lease is not None and lease.lost_at is not None and lease.lost_at <= self.command_end:

@@ -91,6 +91,9 @@ MIN_REWAIT = 0.05
 REWAIT_PAUSE = 0.1
 REWAIT_PAUSE_MAX = 2.0
 _USER_AGENT = "distributex-client/1"
+# The longest time any option or argument may give, in seconds (about 3 years):
+# larger values overflow socket and thread timeouts.
+MAX_SECONDS = 1e8
 
 _CLOCK_ID = getattr(time, "CLOCK_BOOTTIME", None)
 
@@ -113,11 +116,17 @@ def parse_server(server: str, port: int | None = None) -> tuple[str, int]:
     text = server.strip()
     if not text:
         raise ValueError("empty server name")
+    if text.count(":") > 1 and "[" not in text and "://" not in text:
+        text = f"[{text}]"  # a bare IPv6 address such as ::1 (no port can be written)
     if "://" not in text:
         text = "http://" + text
     parts = urlsplit(text)
     if parts.scheme != "http":
         raise ValueError(f"unsupported scheme {parts.scheme!r} in server {server!r} (use http)")
+    if "@" in parts.netloc:
+        raise ValueError(f"user names are not supported in server {server!r}")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or text.endswith(("?", "#")):
+        raise ValueError(f"server {server!r} has a path; give only host[:port]")
     try:
         written = parts.port
     except ValueError:
@@ -141,6 +150,15 @@ def parse_server(server: str, port: int | None = None) -> tuple[str, int]:
 
 
 _BAD_HOST_CHAR = re.compile(r"[\x00-\x20\x7f/\\?#@]")
+_LEASE_TOKEN = re.compile(r"[!-~]{1,255}")
+
+
+def check_durations(timeout: float | None, ttl: float | None) -> None:
+    """Raise ValueError for a wait ``timeout`` or lease ``ttl`` the client cannot use."""
+    if ttl is not None and not 0 < ttl <= MAX_SECONDS:
+        raise ValueError(f"ttl must be > 0 and at most {MAX_SECONDS:.0f} s (None: the pool's)")
+    if timeout is not None and not 0 <= timeout <= MAX_SECONDS:
+        raise ValueError(f"timeout must be >= 0 and at most {MAX_SECONDS:.0f} s")
 
 
 def one_line(text: str, limit: int = 300) -> str:
@@ -193,6 +211,9 @@ def grant_fields(headers: Mapping[str, str]) -> tuple[int | None, str | None, fl
         granted = float(ttl) if ttl else None
         if granted is not None and (not math.isfinite(granted) or granted < 0):
             raise ValueError(ttl)
+        # The token goes into the command's environment and into URLs: printable ASCII only.
+        if token and not _LEASE_TOKEN.fullmatch(token):
+            raise ValueError(token)
         return (int(fence) if fence else None, token or None, granted)
     except ValueError:
         shown = {k: v for k, v in headers.items() if k.startswith("x-distributex")}
@@ -386,7 +407,7 @@ def open_socket(
     deadline = clock() + timeout
     last: OSError | None = None
     for family, type_, proto, _name, addr in _resolve(host, port, deadline, cancel):
-        sock = socket.socket(family, type_, proto)
+        sock = DeadlineSocket(family, type_, proto)
         try:
             if cancel is not None:
                 cancel._attach(sock)
@@ -423,6 +444,36 @@ def open_socket(
     raise last or OSError(errno.EHOSTUNREACH, "no address to connect to")
 
 
+class DeadlineSocket(socket.socket):
+    """A socket whose sends and receives all end by one :attr:`deadline` (None: no bound).
+
+    A socket timeout bounds each read alone: a server that drips a byte a
+    second (or sends ``100 Continue`` forever) would hold a call for ever.
+    Here every read and send gets only the time left until the deadline.
+    """
+
+    deadline: float | None = None
+
+    def _arm(self) -> None:
+        if self.deadline is not None:
+            left = self.deadline - clock()
+            if left <= 0:
+                raise TimeoutError("timed out")
+            self.settimeout(left)
+
+    def recv_into(self, *args: Any, **kwargs: Any) -> int:
+        self._arm()
+        return super().recv_into(*args, **kwargs)
+
+    def recv(self, *args: Any, **kwargs: Any) -> bytes:
+        self._arm()
+        return super().recv(*args, **kwargs)
+
+    def sendall(self, *args: Any, **kwargs: Any) -> None:
+        self._arm()
+        super().sendall(*args, **kwargs)
+
+
 class _Connection(http.client.HTTPConnection):
     """An HTTPConnection whose connect is :func:`open_socket` (bounded, cancellable)."""
 
@@ -453,8 +504,8 @@ class Client:
     ) -> None:
         self.server, self.port = parse_server(server, port)
         self.host = host or socket.getfqdn()
-        if timeout <= 0:
-            raise ValueError("timeout must be > 0")
+        if not 0 < timeout <= MAX_SECONDS:
+            raise ValueError(f"timeout must be > 0 and at most {MAX_SECONDS:.0f} s")
         self.timeout = timeout
 
     @property
@@ -471,21 +522,28 @@ class Client:
         self,
         verb: str,
         params: dict[str, str | None],
-        read_timeout: float | None,
+        budget: float | None,
         cancel: CancelToken | None = None,
         connect_timeout: float | None = None,
     ) -> tuple[int, str, dict[str, str]]:
         query = urlencode({k: v for k, v in params.items() if v is not None})
-        conn = _Connection(self.server, self.port, connect_timeout or self.timeout, cancel)
+        connect = connect_timeout or self.timeout
+        if budget is not None:
+            connect = min(connect, budget)
+        # ``budget`` bounds the whole call, connect included (None: unbounded,
+        # for an untimed /wait/ that must keep its place in the queue).
+        deadline = None if budget is None else clock() + budget
+        conn = _Connection(self.server, self.port, connect, cancel)
         attached: socket.socket | None = None
         try:
             conn.connect()
-            assert conn.sock is not None
+            assert isinstance(conn.sock, DeadlineSocket)
             set_keepalive(conn.sock)
             if cancel is not None:
                 cancel._attach(conn.sock)
                 attached = conn.sock
-            conn.sock.settimeout(read_timeout)
+            conn.sock.settimeout(None)
+            conn.sock.deadline = deadline
             conn.request(
                 "GET",
                 f"/{verb}/?{query}",
@@ -526,10 +584,7 @@ class Client:
         Raises :class:`LockTimeout`, :class:`LockRefused`,
         :class:`ServerUnavailable` or :class:`Cancelled`.
         """
-        if ttl is not None and ttl <= 0:
-            raise ValueError("ttl must be > 0 (None: the pool's expire)")
-        if timeout is not None and timeout < 0:
-            raise ValueError("timeout must be >= 0")
+        check_durations(timeout, ttl)
         params: dict[str, str | None] = {"host": self.host, "pool": pool, "ttl": _fmt(ttl)}
         deadline = None if timeout is None else clock() + timeout
         pause = REWAIT_PAUSE
@@ -562,11 +617,21 @@ class Client:
                 else:
                     time.sleep(pause)
                 pause = min(REWAIT_PAUSE_MAX, pause * 2)
-        fence, token, granted_ttl = grant_fields(headers)
+        try:
+            fence, token, granted_ttl = grant_fields(headers)
+        except ServerUnavailable:
+            self._release_malformed(pool, headers, sent)
+            raise
         lease = Lease(pool, self.host, fence, token, granted_ttl, sent)
         if token and granted_ttl and clock() - sent > PIN_AFTER_WAIT * granted_ttl:
             self._pin(lease, ttl, cancel)
         return lease
+
+    def _release_malformed(self, pool: str, headers: Mapping[str, str], sent: float) -> None:
+        """A YES we cannot use (bad lease headers): give back exactly what was granted."""
+        token = headers.get("x-distributex-lease")
+        if token:
+            self.release_quietly(Lease(pool, self.host, None, token, None, sent))
 
     def _pin(self, lease: Lease, ttl: float | None, cancel: CancelToken | None) -> None:
         """Renew right after a long wait, so ``confirmed_until`` is tight."""
@@ -727,10 +792,13 @@ class LeaseKeeper:
         return lease.lost.is_set()
 
     def _silence_reason(self, now: float) -> str:
-        err = f": {self.last_error}" if self.last_error else ""
+        if self.last_error is not None:
+            why = f"server unreachable: {self.last_error}"
+        else:
+            why = "no answer in time, or this client was not running"
         return (
             f"no renewal confirmed for {now - self.lease.renewed_at:.1f}s of a "
-            f"{self.lease.ttl or 0:g}s lease (server unreachable{err})"
+            f"{self.lease.ttl or 0:g}s lease ({why})"
         )
 
     def _declare_lost(self, reason: str) -> None:
