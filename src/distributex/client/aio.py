@@ -49,6 +49,7 @@ from distributex.client.sync import (
     check_answer,
     check_durations,
     clock,
+    default_host_id,
     describe,
     grant_fields,
     one_line,
@@ -95,7 +96,7 @@ class AsyncClient:
         timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
         self.server, self.port = parse_server(server, port)
-        self.host = host or socket.getfqdn()
+        self.host = host or default_host_id()
         if not 0 < timeout <= MAX_SECONDS:
             raise ValueError(f"timeout must be > 0 and at most {MAX_SECONDS:.0f} s")
         self.timeout = timeout

@@ -6,7 +6,6 @@ import argparse
 import logging
 import math
 import os
-import socket
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,7 +18,13 @@ from distributex.client.runner import (
     Settings,
     min_ttl_for_grace,
 )
-from distributex.client.sync import DEFAULT_PORT, DEFAULT_TIMEOUT, MAX_SECONDS, parse_server
+from distributex.client.sync import (
+    DEFAULT_PORT,
+    DEFAULT_TIMEOUT,
+    MAX_SECONDS,
+    default_host_id,
+    parse_server,
+)
 
 DEFAULT_TTL = 60.0
 DEFAULT_GRACE = 10.0
@@ -253,8 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument(
         "--host-id", metavar="NAME",
-        help="identity shown to the server (env DISTRIBUTEX_HOST_ID; default: this machine's "
-        "fully qualified name)",
+        help="identity shown to the server (env DISTRIBUTEX_HOST_ID; default: the name 0.7 "
+        "sent: the first name of this host's entry in /etc/hosts or DNS, else its host name)",
     )  # fmt: skip
     p.add_argument(
         "--lock-dir", metavar="DIR", help="directory of -l lock files (env DISTRIBUTEX_LOCK_DIR)"
@@ -317,7 +322,7 @@ def resolve(
     grace = pick("grace", _seconds, DEFAULT_GRACE)
     if args.host_id is not None and not _encodable(args.host_id):
         parser.error(f"--host-id {args.host_id!r}: not valid UTF-8 text")
-    host_id = pick("host_id", _text, None) or socket.getfqdn()
+    host_id = pick("host_id", _text, None) or default_host_id()
     lock_dir = pick("lock_dir", str, None) or None
     http_timeout = pick("http_timeout", _positive, DEFAULT_TIMEOUT)
     assert isinstance(ttl, float) and isinstance(grace, float)

@@ -34,8 +34,8 @@ lost. The renewal thread never sleeps longer than
 :data:`KEEPER_TICK` at a time, so it notices such a jump promptly (sleeps use
 the monotonic clock, which stands still during a suspend).
 
-Identity: a client identifies itself by ``host`` (default: the machine's fully
-qualified name). The server treats one host as one holder: two clients with
+Identity: a client identifies itself by ``host`` (default: what distributex
+0.7 sent, see :func:`default_host_id`). The server treats one host as one holder: two clients with
 the same ``host`` asking for the same pool *share* the slot. Give concurrent
 holders on one machine distinct ``host`` names (or use a local lock as well).
 """
@@ -91,6 +91,8 @@ MIN_REWAIT = 0.05
 REWAIT_PAUSE = 0.1
 REWAIT_PAUSE_MAX = 2.0
 _USER_AGENT = "distributex-client/1"
+# How long the default host identity's name lookup may take.
+HOST_LOOKUP_TIMEOUT = 5.0
 # The longest time any option or argument may give, in seconds (about 3 years):
 # larger values overflow socket and thread timeouts.
 MAX_SECONDS = 1e8
@@ -151,6 +153,34 @@ def parse_server(server: str, port: int | None = None) -> tuple[str, int]:
 
 _BAD_HOST_CHAR = re.compile(r"[\x00-\x20\x7f/\\?#@]")
 _LEASE_TOKEN = re.compile(r"[!-~]{1,255}")
+
+
+def default_host_id(timeout: float = HOST_LOOKUP_TIMEOUT) -> str:
+    """This machine's identity as distributex 0.7 sent it: its name's primary DNS name.
+
+    0.7 sent ``socket.gethostbyaddr(socket.gethostname())[0]`` (the first name
+    of the host's entry in /etc/hosts or DNS), so both versions on one machine
+    are one holder and one ``servers`` entry allows both. The lookup runs in a
+    helper thread and is given up after ``timeout`` seconds; if it fails or
+    times out, the identity is the plain host name (``socket.gethostname()``),
+    where 0.7 stopped with a traceback.
+    """
+    name = socket.gethostname()
+    answer: queue.SimpleQueue[str] = queue.SimpleQueue()
+
+    def lookup() -> None:
+        try:
+            answer.put(socket.gethostbyaddr(name)[0])
+        except (OSError, UnicodeError):
+            answer.put(name)
+
+    # A daemon thread: a resolver that hangs is abandoned, not waited for.
+    threading.Thread(target=lookup, name="distributex-hostname", daemon=True).start()
+    try:
+        return answer.get(timeout=timeout) or name
+    except queue.Empty:
+        log.info("looking up %r took over %gs: using it as the host identity", name, timeout)
+        return name
 
 
 def check_durations(timeout: float | None, ttl: float | None) -> None:
@@ -503,7 +533,7 @@ class Client:
         timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
         self.server, self.port = parse_server(server, port)
-        self.host = host or socket.getfqdn()
+        self.host = host or default_host_id()
         if not 0 < timeout <= MAX_SECONDS:
             raise ValueError(f"timeout must be > 0 and at most {MAX_SECONDS:.0f} s")
         self.timeout = timeout
