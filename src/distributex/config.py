@@ -22,10 +22,39 @@ Top-level keys:
                   (seconds, default 1800, 0 = never), ``maxlocks`` (default
                   1) and ``servers`` (allow-list: comma-separated string or a
                   list).
+
+Limits (see the README's "Limits"):
+
+``max_pools``        pools made on first use that may hold state at once: a
+                     whole number >= 1 (default 10000).
+``max_connections``  open connections at once: a whole number >= 0 (default
+                     0: derived from the file descriptor limit).
+``header_timeout``   seconds a connection may take to send its request head:
+                     > 0 (default 10).
+``idle_timeout``     seconds a kept-alive connection may sit idle between
+                     requests: > 0 (default 60).
+
+Rules beyond the keys:
+
+- Names (pool ``name``, ``servers`` entries, ``bind``, ``memcachehost``) are
+  the text written: ``name: 010`` is the pool "010", not 8, and ``12:30``,
+  ``0x1F``, ``1e3``, ``yes`` and ``2001-12-14`` stay as written. A name YAML
+  reads as null (nothing, ``~``, ``null``) is refused; quote it to mean the
+  text. A name must be printable (no control characters) and at most 255
+  characters, as the HTTP API requires.
+- Numbers are finite: seconds at most 10**9 (about 31 years), ``maxlocks`` at
+  most 1,000,000, ``max_pools`` and ``max_connections`` at most 10,000,000.
+  Other numbers keep their YAML 1.1 meaning (``expire: 1:30`` is 90 seconds).
+- The file is at most 1 MiB of UTF-8 text, nested at most 64 levels deep.
+  Anchors and aliases work; merge keys (``<<``) and tags other than the
+  standard ``!!str``, ``!!int``, ``!!float``, ``!!bool``, ``!!null``,
+  ``!!seq`` and ``!!map`` are refused.
 """
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +68,17 @@ DEFAULT_PORT = 9889
 DEFAULT_BIND = "127.0.0.1"
 BACKENDS = ("inmemory", "memcache")
 
+# Bounds on what a file may hold (see the module doc). Seconds stop at 10**9
+# so every later sum stays a finite float; the rest are far beyond real use
+# but keep a typo from asking for a billion of something.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_DEPTH = 64
+MAX_NAME_LENGTH = 255  # httpapi.MAX_NAME: longer names are refused there
+MAX_SECONDS = 10**9
+MAX_MAXLOCKS = 1_000_000
+MAX_POOLS = 10_000_000
+MAX_CONNECTIONS = 10_000_000
+
 _TOP_KEYS = (
     "backend",
     "memcachehost",
@@ -47,9 +87,25 @@ _TOP_KEYS = (
     "port",
     "start_delay",
     "autocreate",
+    "max_pools",
+    "max_connections",
+    "header_timeout",
+    "idle_timeout",
     "pools",
 )
 _POOL_KEYS = ("name", "expire", "maxlocks", "servers")
+
+_YAML_TAG = "tag:yaml.org,2002:"
+_NULL_TAG = _YAML_TAG + "null"
+_MERGE_TAG = _YAML_TAG + "merge"
+_SEQ_TAG = _YAML_TAG + "seq"
+_MAP_TAG = _YAML_TAG + "map"
+# Scalars that become Python values; the _TEXT_TAGS ones stay the text written.
+_TEXT_TAGS = tuple(_YAML_TAG + name for name in ("timestamp", "value", "merge"))
+_SCALAR_TAGS = (
+    *(_YAML_TAG + name for name in ("str", "int", "float", "bool", "null")),
+    *_TEXT_TAGS,
+)
 
 
 class ConfigError(Exception):
@@ -67,6 +123,14 @@ class Config:
     port: int = DEFAULT_PORT
     start_delay: float = 0.0
     autocreate: bool = True
+    # Limits (see the README's "Limits"): pools made on first use that may
+    # hold state at once; open connections (0: from the fd limit); seconds a
+    # connection may take to send a request head; seconds a kept-alive
+    # connection may sit idle between requests.
+    max_pools: int = 10000
+    max_connections: int = 0
+    header_timeout: float = 10.0
+    idle_timeout: float = 60.0
     pools: dict[str, PoolSpec] = field(default_factory=dict)
     source: str | None = None
 
@@ -86,26 +150,121 @@ def default_config() -> Config:
 def load_config(path: str | Path) -> Config:
     """Read and check a configuration file; raises :class:`ConfigError`."""
     name = str(path)
+    if not name.isprintable():
+        name = repr(name)  # the error stays one line whatever the path holds
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        data = _read_capped(path, name)
     except OSError as exc:
         raise ConfigError(f"{name}: cannot read: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{name}: not UTF-8 text: {exc.reason}") from None
+        raise ConfigError(f"{name}: not UTF-8 text: {exc.reason} at byte {exc.start}") from None
     return parse_config(text, name)
+
+
+def _read_capped(path: str | Path, name: str) -> bytes:
+    """At most MAX_CONFIG_BYTES of the file, or a ConfigError saying why not."""
+    # Non-blocking open: a FIFO nobody writes to would otherwise hang for ever.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise ConfigError(f"{name}: is a directory, not a configuration file")
+        # Blocking reads from here: a pipe's writer may still be writing.
+        os.set_blocking(fd, True)
+        chunks: list[bytes] = []
+        size = 0
+        while size <= MAX_CONFIG_BYTES:  # read one byte past the cap to know
+            chunk = os.read(fd, MAX_CONFIG_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{name}: larger than 1 MiB; is this the configuration file?")
+    if size == 0 and stat.S_ISFIFO(mode):
+        raise ConfigError(f"{name}: a FIFO and nothing was written to it")
+    return b"".join(chunks)
+
+
+class _TooDeep(yaml.MarkedYAMLError):
+    """Raised by _Loader when collections nest deeper than MAX_DEPTH."""
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that stops at MAX_DEPTH: its composer recurses once per level."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise _TooDeep(problem_mark=self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 def parse_config(text: str, source: str = "<config>") -> Config:
     """Check configuration text; ``source`` names it in error messages."""
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=_Loader)
+    except _TooDeep as exc:
+        raise ConfigError(
+            f"{_where(source, exc.problem_mark)}: nested more than {MAX_DEPTH} levels deep"
+        ) from None
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
-        raise ConfigError(f"{where}: YAML syntax error: {exc.problem or exc.context}") from None
+        where = _where(source, exc.problem_mark or exc.context_mark)
+        problem = _one_line(str(exc.problem or exc.context))
+        raise ConfigError(f"{where}: YAML syntax error: {problem}") from None
+    except yaml.reader.ReaderError as exc:
+        # Not a marked error: only an index into the text.
+        line = text.count("\n", 0, exc.position) + 1
+        column = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
+        raise ConfigError(
+            f"{source}:{line}:{column}: unacceptable character #x{exc.character:04x}: "
+            "special characters are not allowed"
+        ) from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: YAML error: {exc}") from None
-    return _Checker(source).config(root)
+        raise ConfigError(f"{source}: YAML error: {_one_line(str(exc))}") from None
+    except RecursionError:  # a backstop: _Loader's depth limit should come first
+        raise ConfigError(f"{source}: nested too deeply") from None
+    checker = _Checker(source)
+    if root is not None:
+        checker.check_tags(root)
+    return checker.config(root)
+
+
+def _where(source: str, mark: yaml.Mark | None) -> str:
+    return f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+
+
+def _one_line(text: str, limit: int = 120) -> str:
+    """``text`` on one line and at most about ``limit`` characters."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _show(value: object) -> str:
+    """A value for an error message: repr'd (so one line), shortened, nodes named."""
+    if isinstance(value, yaml.MappingNode):
+        return "a mapping"
+    if isinstance(value, yaml.SequenceNode):
+        return "a list"
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
+        return "a number that big"  # repr() of a huge int is long and may even refuse
+    return _one_line(repr(value), 60)
+
+
+def _tag_text(tag: str) -> str:
+    """``!!int`` for the standard tags, the tag itself for any other."""
+    return "!!" + tag.removeprefix(_YAML_TAG) if tag.startswith(_YAML_TAG) else tag
 
 
 class _Checker:
@@ -118,14 +277,69 @@ class _Checker:
     def fail(self, node: yaml.Node | None, problem: str) -> ConfigError:
         if node is None:
             return ConfigError(f"{self.source}: {problem}")
-        mark = node.start_mark
-        return ConfigError(f"{self.source}:{mark.line + 1}:{mark.column + 1}: {problem}")
+        return ConfigError(f"{_where(self.source, node.start_mark)}: {problem}")
+
+    def check_tags(self, root: yaml.Node) -> None:
+        """Refuse tags and merge keys anywhere in the file, before anything is built.
+
+        Each node is visited once, so aliases (even a billion laughs, or an
+        alias inside its own anchor) cost no more than the text they are in.
+        """
+        seen: set[int] = set()
+        todo = [root]
+        while todo:
+            node = todo.pop()
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            if isinstance(node, yaml.ScalarNode):
+                allowed = _SCALAR_TAGS
+            elif isinstance(node, yaml.SequenceNode):
+                allowed = (_SEQ_TAG,)
+                todo.extend(node.value)
+            else:
+                allowed = (_MAP_TAG,)
+                for key, value in node.value:
+                    if key.tag == _MERGE_TAG:
+                        raise self.fail(key, "YAML merge keys (<<) are not supported")
+                    todo += (key, value)
+            if node.tag not in allowed:
+                raise self.fail(node, f"unsupported YAML tag {_show(_tag_text(node.tag))}")
 
     def value(self, node: yaml.Node) -> Any:
-        """The Python value of a scalar node, resolved the way SafeLoader would."""
+        """The Python value of a scalar node, resolved the way SafeLoader would.
+
+        Dates and the odd ``=`` / ``<<`` scalars stay the text written: nothing
+        here wants a date, and SafeLoader cannot build the other two.
+        """
         if not isinstance(node, yaml.ScalarNode):
             return node
-        return self._loader.construct_object(node)
+        if node.tag in _TEXT_TAGS:
+            return node.value
+        try:
+            return self._loader.construct_object(node)
+        except (ValueError, LookupError, OverflowError, TypeError, yaml.YAMLError):
+            # e.g. "!!int abc", or more digits than Python will convert
+            raise self.fail(
+                node, f"not a valid {_tag_text(node.tag)}: {_show(node.value)}"
+            ) from None
+
+    def name(self, node: yaml.Node, what: str) -> str:
+        """The text written for a name: ``010`` is "010", not 8 (see the module doc)."""
+        if not isinstance(node, yaml.ScalarNode) or node.value == "":
+            shown = _show(node.value if isinstance(node, yaml.ScalarNode) else node)
+            raise self.fail(node, f"{what} must be a non-empty string, not {shown}")
+        if node.tag == _NULL_TAG and node.style is None:
+            raise self.fail(
+                node, f"{what} must be a non-empty string, not null (quote it to use it as text)"
+            )
+        text: str = node.value
+        if len(text) > MAX_NAME_LENGTH:
+            raise self.fail(node, f"{what} is longer than {MAX_NAME_LENGTH} characters")
+        if not text.isprintable():
+            # The HTTP API refuses such names, so nothing could ever use them.
+            raise self.fail(node, f"{what} {_show(text)} is not printable")
+        return text
 
     def mapping(self, node: yaml.Node, what: str, allowed: tuple[str, ...]) -> dict[str, Any]:
         if not isinstance(node, yaml.MappingNode):
@@ -134,13 +348,13 @@ class _Checker:
         for key_node, value_node in node.value:
             key = self.value(key_node)
             if not isinstance(key, str):
-                raise self.fail(key_node, f"{what}: keys must be names, not {key!r}")
+                raise self.fail(key_node, f"{what}: keys must be names, not {_show(key)}")
             if key not in allowed:
                 raise self.fail(
-                    key_node, f"{what}: unknown key '{key}' (known: {', '.join(allowed)})"
+                    key_node, f"{what}: unknown key {_show(key)} (known: {', '.join(allowed)})"
                 )
             if key in out:
-                raise self.fail(key_node, f"{what}: key '{key}' given twice")
+                raise self.fail(key_node, f"{what}: key {_show(key)} given twice")
             out[key] = (key_node, value_node)
         return out
 
@@ -153,14 +367,16 @@ class _Checker:
             node = top["backend"][1]
             backend = self.value(node)
             if backend not in BACKENDS:
-                raise self.fail(node, f"unknown backend {backend!r} (known: {', '.join(BACKENDS)})")
+                raise self.fail(
+                    node, f"unknown backend {_show(backend)} (known: {', '.join(BACKENDS)})"
+                )
             kwargs["backend"] = backend
         if "memcachehost" in top:
-            kwargs["memcachehost"] = self.text(top["memcachehost"][1], "memcachehost")
+            kwargs["memcachehost"] = self.name(top["memcachehost"][1], "memcachehost")
         if "memcacheport" in top:
             kwargs["memcacheport"] = self.port(top["memcacheport"][1], "memcacheport")
         if "bind" in top:
-            kwargs["bind"] = self.text(top["bind"][1], "bind")
+            kwargs["bind"] = self.name(top["bind"][1], "bind")
         if "port" in top:
             kwargs["port"] = self.port(top["port"][1], "port")
         if "start_delay" in top:
@@ -169,8 +385,16 @@ class _Checker:
             node = top["autocreate"][1]
             value = self.value(node)
             if not isinstance(value, bool):
-                raise self.fail(node, f"autocreate must be true or false, not {value!r}")
+                raise self.fail(node, f"autocreate must be true or false, not {_show(value)}")
             kwargs["autocreate"] = value
+        if "max_pools" in top:
+            kwargs["max_pools"] = self.whole(top["max_pools"][1], "max_pools", 1, MAX_POOLS)
+        if "max_connections" in top:
+            node = top["max_connections"][1]
+            kwargs["max_connections"] = self.whole(node, "max_connections", 0, MAX_CONNECTIONS)
+        for key in ("header_timeout", "idle_timeout"):
+            if key in top:
+                kwargs[key] = self.number(top[key][1], key, minimum=0, above=True)
         pools: dict[str, PoolSpec] = {}
         if "pools" in top:
             node = top["pools"][1]
@@ -191,65 +415,76 @@ class _Checker:
         keys = self.mapping(node, "pool", _POOL_KEYS)
         if "name" not in keys:
             raise self.fail(node, "pool without a name")
-        name_node = keys["name"][1]
-        name = self.value(name_node)
-        if isinstance(name, bool) or not isinstance(name, str | int | float) or name == "":
-            raise self.fail(name_node, f"pool name must be a non-empty string, not {name!r}")
-        name = str(name)
+        name = self.name(keys["name"][1], "pool name")
         where = f"pool '{name}'"
         expire = DEFAULT_EXPIRE
         if "expire" in keys:
             expire = self.number(keys["expire"][1], f"{where}: expire", minimum=0)
         maxlocks = 1
         if "maxlocks" in keys:
-            mnode = keys["maxlocks"][1]
-            maxlocks = self.value(mnode)
-            if isinstance(maxlocks, bool) or not isinstance(maxlocks, int) or maxlocks < 1:
-                raise self.fail(
-                    mnode, f"{where}: maxlocks must be a whole number >= 1, not {maxlocks!r}"
-                )
+            maxlocks = self.whole(keys["maxlocks"][1], f"{where}: maxlocks", 1, MAX_MAXLOCKS)
         servers = None
         if "servers" in keys:
             servers = self.servers(keys["servers"][1], where)
-        return PoolSpec(name=name, maxlocks=maxlocks, expire=float(expire), servers=servers)
+        return PoolSpec(name=name, maxlocks=maxlocks, expire=expire, servers=servers)
 
     def servers(self, node: yaml.Node, where: str) -> frozenset[str] | None:
         if isinstance(node, yaml.SequenceNode):
             items = []
             for item in node.value:
-                value = self.value(item)
-                if not isinstance(value, str) or not value.strip():
-                    raise self.fail(item, f"{where}: servers must be host names, not {value!r}")
-                items.append(value.strip())
+                if not isinstance(item, yaml.ScalarNode) or not item.value.strip():
+                    value = _show(item.value if isinstance(item, yaml.ScalarNode) else item)
+                    raise self.fail(item, f"{where}: servers must be host names, not {value}")
+                items.append(self.host(item, item.value, where))
+        elif isinstance(node, yaml.ScalarNode):
+            if node.tag == _NULL_TAG and node.style is None:
+                return None  # "servers:" with nothing: any host, as in 0.7
+            # The text written, so a host "1234" or "010" stays as written.
+            parts = node.value.split(",")
+            items = [self.host(node, part, where) for part in parts if part.strip()]
         else:
-            value = self.value(node)
-            if value is None:
-                return None
-            if not isinstance(value, str):
-                raise self.fail(
-                    node, f"{where}: servers must be a comma-separated string or a list"
-                )
-            items = [part.strip() for part in value.split(",") if part.strip()]
+            raise self.fail(node, f"{where}: servers must be a comma-separated string or a list")
         if not items:
             raise self.fail(node, f"{where}: servers is empty (leave it out to allow any host)")
         return frozenset(items)
 
-    def number(self, node: yaml.Node, what: str, minimum: float) -> float:
+    def host(self, node: yaml.Node, text: str, where: str) -> str:
+        host = text.strip()
+        if len(host) > MAX_NAME_LENGTH:
+            raise self.fail(
+                node, f"{where}: servers entry is longer than {MAX_NAME_LENGTH} characters"
+            )
+        if not host.isprintable():
+            # The HTTP API refuses such hosts, so the entry could never match.
+            raise self.fail(node, f"{where}: servers entry {_show(host)} is not printable")
+        return host
+
+    def number(self, node: yaml.Node, what: str, minimum: float, above: bool = False) -> float:
+        """Seconds: finite, >= ``minimum`` (> with ``above``), at most MAX_SECONDS."""
         value = self.value(node)
         if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
-            raise self.fail(node, f"{what} must be a number of seconds, not {value!r}")
-        if value < minimum or value == float("inf"):
-            raise self.fail(node, f"{what} must be >= {minimum:g} and finite, not {value!r}")
-        return float(value)
+            raise self.fail(node, f"{what} must be a number of seconds, not {_show(value)}")
+        if value < minimum or (above and value == minimum) or value == float("inf"):
+            relation = ">" if above else ">="
+            raise self.fail(
+                node, f"{what} must be {relation} {minimum:g} and finite, not {_show(value)}"
+            )
+        if value > MAX_SECONDS:
+            raise self.fail(
+                node, f"{what} must be at most {MAX_SECONDS} seconds, not {_show(value)}"
+            )
+        return float(value) + 0.0  # + 0.0 turns -0.0 into 0.0
 
-    def text(self, node: yaml.Node, what: str) -> str:
+    def whole(self, node: yaml.Node, what: str, minimum: int, maximum: int) -> int:
         value = self.value(node)
-        if not isinstance(value, str) or not value:
-            raise self.fail(node, f"{what} must be a non-empty string, not {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise self.fail(node, f"{what} must be a whole number >= {minimum}, not {_show(value)}")
+        if value > maximum:
+            raise self.fail(node, f"{what} must be at most {maximum}, not {_show(value)}")
         return value
 
     def port(self, node: yaml.Node, what: str) -> int:
         value = self.value(node)
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
-            raise self.fail(node, f"{what} must be a port number 0-65535, not {value!r}")
+            raise self.fail(node, f"{what} must be a port number 0-65535, not {_show(value)}")
         return value

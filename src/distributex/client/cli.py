@@ -81,12 +81,14 @@ lease, renewal and lost locks:
   2 x (grace + 1) (e.g. --grace 10 needs --ttl >= 22); if the server grants
   a shorter TTL, grace is shortened to fit.
 
-process group:
+process group and watchdog:
   The lock covers the command's process group: when the command ends, what
   it left running in its group (background jobs) gets SIGTERM, then SIGKILL
-  after --grace, before the lock is released. If distributex is SIGKILLed,
-  the command's top process gets SIGKILL too (Linux); the rest of its group,
-  and anything that setsid()s away, is beyond reach.
+  after --grace, before the lock is released. A watchdog process, fed the
+  lease's deadlines after each renewal, stops the group on the same schedule
+  if this client cannot (stopped with SIGSTOP, frozen, starved of CPU) or
+  dies; the client then exits 73. Anything that setsid()s away is beyond
+  reach. Ctrl-Z (SIGTSTP) is ignored: a stopped client would lose its lock.
 
 signals:
   SIGINT, SIGTERM and SIGHUP are forwarded to the command's process group;
@@ -95,6 +97,9 @@ signals:
   the lock (or connecting) stops at once (exit 128+N).
 
 host identity:
+  Default: the name distributex 0.7 sent, gethostbyaddr(gethostname())[0]
+  (the first name of this host in /etc/hosts or DNS; the plain host name if
+  that lookup fails or takes over 5 s).
   The server sees one holder per host name: two clients with the same
   --host-id share the lock. Use -l (or distinct --host-id) to keep jobs on
   one machine apart.
