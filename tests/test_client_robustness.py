@@ -539,7 +539,7 @@ def test_background_jobs_ignoring_sigterm_get_sigkill_after_grace(
     # The job writes its pid only once its trap is set, and the command ends only
     # after that: a busy machine cannot let the SIGTERM arrive before the trap.
     job = f"trap '' TERM; echo $$ > {pid_file}.tmp; mv {pid_file}.tmp {pid_file}; exec sleep 30"
-    cmd = f"sh -c \"{job}\" & while [ ! -s {pid_file} ]; do sleep 0.01; done"
+    cmd = f'sh -c "{job}" & while [ ! -s {pid_file} ]; do sleep 0.01; done'
     proc = start([*srv(server.port), "-r", "p", "--ttl", "5", "--grace", "1", "-v", cmd])
     pid = int(wait_for_file(pid_file))
     _pids.append(pid)
