@@ -7,9 +7,9 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 
-# Debian packages the test suite needs (none yet beyond Python itself; the
-# memcached/Redis/etcd backends will add theirs here).
-DEBIAN_PACKAGES=()
+# Debian packages the test suite needs: the real servers the backend tests
+# start on loopback (memcached now; Redis and etcd will add theirs here).
+DEBIAN_PACKAGES=(memcached)
 if [ ${#DEBIAN_PACKAGES[@]} -gt 0 ]; then
     missing=()
     for pkg in "${DEBIAN_PACKAGES[@]}"; do
@@ -23,7 +23,7 @@ fi
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q -e '.[test,twisted]'
+"$VENV/bin/python" -m pip install -q -e '.[test,twisted,all]'
 
 "$VENV/bin/ruff" check .
 "$VENV/bin/ruff" format --check .

@@ -10,6 +10,8 @@ Top-level keys:
 ``backend``       ``inmemory`` (default) or ``memcache``.
 ``memcachehost``  memcache backend: host (default ``localhost``).
 ``memcacheport``  memcache backend: port (default 11211).
+``key_prefix``    memcache backend: prefix of every key, so one memcached
+                  serves several clusters (default ``distributex/``).
 ``bind``          address to listen on (default: ``127.0.0.1`` for
                   ``distributexd``; every interface under ``twistd``, as 0.7).
 ``port``          port to listen on (default 9889).
@@ -78,11 +80,14 @@ MAX_SECONDS = 10**9
 MAX_MAXLOCKS = 1_000_000
 MAX_POOLS = 10_000_000
 MAX_CONNECTIONS = 10_000_000
+# Store keys are at most 250 bytes; the rest of a key is under 60.
+MAX_KEY_PREFIX = 150
 
 _TOP_KEYS = (
     "backend",
     "memcachehost",
     "memcacheport",
+    "key_prefix",
     "bind",
     "port",
     "start_delay",
@@ -119,6 +124,7 @@ class Config:
     backend: str = "inmemory"
     memcachehost: str = "localhost"
     memcacheport: int = 11211
+    key_prefix: str = "distributex/"
     bind: str | None = None  # None: the entry point's default
     port: int = DEFAULT_PORT
     start_delay: float = 0.0
@@ -372,7 +378,22 @@ class _Checker:
                 )
             kwargs["backend"] = backend
         if "memcachehost" in top:
-            kwargs["memcachehost"] = self.name(top["memcachehost"][1], "memcachehost")
+            node = top["memcachehost"][1]
+            if isinstance(node, yaml.SequenceNode) or "," in str(self.value(node) or ""):
+                # Keys spread over several servers: the epoch record that detects
+                # a lost store would live on one of them only.
+                raise self.fail(node, "memcachehost names one memcached server, not a list of them")
+            kwargs["memcachehost"] = self.name(node, "memcachehost")
+        if "key_prefix" in top:
+            node = top["key_prefix"][1]
+            prefix = self.name(node, "key_prefix")
+            if not prefix.isascii() or " " in prefix or len(prefix) > MAX_KEY_PREFIX:
+                raise self.fail(
+                    node,
+                    f"key_prefix must be at most {MAX_KEY_PREFIX} ASCII characters without "
+                    f"spaces, not {_show(prefix)}",
+                )
+            kwargs["key_prefix"] = prefix
         if "memcacheport" in top:
             kwargs["memcacheport"] = self.port(top["memcacheport"][1], "memcacheport")
         if "bind" in top:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import heapq
 import math
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, KeysView
 from dataclasses import dataclass, field
 
 NEVER = math.inf
@@ -101,6 +101,8 @@ class Lease:
     expires_at: float = NEVER
     # A lease granted to a waiting request counts once the answer goes out.
     delivered: bool = False
+    # The waiting request it was granted to (None for a /get/), until delivered.
+    waiter: Waiter | None = field(default=None, repr=False)
 
     @property
     def pool(self) -> str:
@@ -121,13 +123,20 @@ class Lease:
 
 @dataclass(eq=False)
 class Waiter:
-    """One request waiting for a slot. ``lease`` is set once it is granted."""
+    """One request waiting for a slot. ``lease`` is set once it is granted.
+
+    ``id`` names it in stored state; ``server`` is the server it waits on
+    (empty for a single server), so that other servers sharing the state can
+    tell whose waiters they are.
+    """
 
     pool: str
     owner: str
     ttl: float
     since: float
     lease: Lease | None = None
+    id: str = field(default_factory=lambda: secrets.token_urlsafe(9))
+    server: str = ""
 
 
 @dataclass(eq=False)
@@ -136,9 +145,27 @@ class _Pool:
     holders: dict[str, Hold] = field(default_factory=dict)
     # owner -> that owner's waiting requests; dict order is the FIFO order.
     queue: dict[str, list[Waiter]] = field(default_factory=dict)
+    # Grant no new hold before this time (state lost: old leases may be live).
+    blocked_until: float = -math.inf
 
     def idle(self) -> bool:
-        return not self.holders and not self.queue
+        return not self.holders and not self.queue and self.blocked_until == -math.inf
+
+
+@dataclass
+class PoolState:
+    """One pool's whole state, for backends that keep it outside the engine.
+
+    The objects are the engine's own: ``holds`` with their leases (a lease
+    granted to a waiter but not yet delivered keeps its ``waiter``), and the
+    ``queue`` of waiting requests in FIFO order. ``fence`` is the last
+    fencing token handed out in the pool.
+    """
+
+    fence: int
+    holds: list[Hold] = field(default_factory=list)
+    queue: list[Waiter] = field(default_factory=list)
+    blocked_until: float = -math.inf
 
 
 class LockEngine:
@@ -208,6 +235,10 @@ class LockEngine:
         """Pools that have holders or waiters (idle pools hold no state)."""
         return list(self._pools)
 
+    def pools_in_use(self) -> KeysView[str]:
+        """A live view of :meth:`pool_names`, without copying it."""
+        return self._pools.keys()
+
     def next_deadline(self) -> float | None:
         """When the earliest lease ends, or None if no lease can end."""
         heap = self._deadlines
@@ -232,7 +263,11 @@ class LockEngine:
         state = self._pool(spec)
         hold = state.holders.get(owner)
         if hold is None:
-            if self._paused or state.queue or len(state.holders) >= spec.maxlocks:
+            if (
+                not self._may_grant(state, now)
+                or state.queue
+                or len(state.holders) >= spec.maxlocks
+            ):
                 self._forget_if_idle(state)
                 return None
             hold = self._hold(state, owner, now)
@@ -240,7 +275,15 @@ class LockEngine:
         lease.delivered = True
         return lease
 
-    def enqueue(self, spec: PoolSpec, owner: str, now: float, ttl: float | None = None) -> Waiter:
+    def enqueue(
+        self,
+        spec: PoolSpec,
+        owner: str,
+        now: float,
+        ttl: float | None = None,
+        server: str = "",
+        waiter_id: str | None = None,
+    ) -> Waiter:
         """Ask for a slot and wait for it (the ``/wait/`` verb).
 
         The returned waiter is granted at once (``waiter.lease`` set) when the
@@ -250,17 +293,20 @@ class LockEngine:
         :meth:`cancel`.
         """
         state = self._pool(spec)
-        waiter = Waiter(spec.name, owner, spec.lease_ttl(ttl), now)
+        waiter = Waiter(spec.name, owner, spec.lease_ttl(ttl), now, server=server)
+        if waiter_id is not None:
+            waiter.id = waiter_id
         hold = state.holders.get(owner)
         if (
             hold is None
-            and not self._paused
+            and self._may_grant(state, now)
             and not state.queue
             and len(state.holders) < spec.maxlocks
         ):
             hold = self._hold(state, owner, now)
         if hold is not None:
             waiter.lease = self._lease(hold, waiter.ttl, now)
+            waiter.lease.waiter = waiter
         else:
             state.queue.setdefault(owner, []).append(waiter)
         return waiter
@@ -277,6 +323,7 @@ class LockEngine:
         if self._leases.get(lease.token) is not lease:
             return False
         lease.delivered = True
+        lease.waiter = None
         return True
 
     def cancel(self, waiter: Waiter, now: float) -> list[Waiter]:
@@ -361,6 +408,82 @@ class LockEngine:
             _when, _seq, token = heapq.heappop(self._deadlines)
             granted += self._end(self._leases[token], now)
 
+    # -- state kept outside the engine (shared-state backends) ---------------
+
+    def restore(self, spec: PoolSpec, stored: PoolState) -> None:
+        """Take a pool's stored state into the engine (replacing what it had).
+
+        The engine's fence counter moves up to the pool's, never down.
+        """
+        self._pools.pop(spec.name, None)
+        state = _Pool(spec, blocked_until=stored.blocked_until)
+        for hold in stored.holds:
+            state.holders[hold.owner] = hold
+            for lease in hold.leases.values():
+                self._leases[lease.token] = lease
+                if lease.expires_at != NEVER:
+                    self._seq += 1
+                    heapq.heappush(self._deadlines, (lease.expires_at, self._seq, lease.token))
+        for waiter in stored.queue:
+            state.queue.setdefault(waiter.owner, []).append(waiter)
+        self._last_fence = max(self._last_fence, stored.fence)
+        self._pools[spec.name] = state
+
+    def state(self, pool: str) -> PoolState | None:
+        """A pool's whole state (None: idle, nothing to keep but its fence)."""
+        state = self._pools.get(pool)
+        if state is None:
+            return None
+        return PoolState(
+            fence=self._last_fence,
+            holds=self.holders(pool),
+            queue=[w for waiters in state.queue.values() for w in waiters],
+            blocked_until=state.blocked_until,
+        )
+
+    def block(self, spec: PoolSpec, until: float) -> None:
+        """Grant no new hold of the pool before ``until`` (existing holds go on)."""
+        state = self._pool(spec)
+        state.blocked_until = max(state.blocked_until, until)
+
+    def find_waiter(self, pool: str, waiter_id: str) -> Waiter | None:
+        """The waiting request ``waiter_id``: queued, or granted and not yet delivered."""
+        state = self._pools.get(pool)
+        if state is None:
+            return None
+        for waiters in state.queue.values():
+            for waiter in waiters:
+                if waiter.id == waiter_id:
+                    return waiter
+        for hold in state.holders.values():
+            for lease in hold.leases.values():
+                if lease.waiter is not None and lease.waiter.id == waiter_id:
+                    return lease.waiter
+        return None
+
+    def waiters_of(self, pool: str) -> list[Waiter]:
+        """Every waiting request of a pool: queued, or granted and not yet delivered."""
+        state = self._pools.get(pool)
+        if state is None:
+            return []
+        queued = [w for waiters in state.queue.values() for w in waiters]
+        granted = [
+            lease.waiter
+            for hold in state.holders.values()
+            for lease in hold.leases.values()
+            if lease.waiter is not None
+        ]
+        return queued + granted
+
+    def fill(self, pool: str, now: float) -> list[Waiter]:
+        """Hand free slots to waiters (after a block ended); returns those granted."""
+        state = self._pools.get(pool)
+        if state is None:
+            return []
+        granted = list(self._fill(state, now))
+        self._forget_if_idle(state)
+        return granted
+
     # -- internals ---------------------------------------------------------
 
     def _pool(self, spec: PoolSpec) -> _Pool:
@@ -427,13 +550,21 @@ class LockEngine:
         self._forget_if_idle(state)
         return granted
 
+    def _may_grant(self, state: _Pool, now: float) -> bool:
+        if now >= state.blocked_until:
+            state.blocked_until = -math.inf  # the block is over; nothing left to keep
+        return not self._paused and now >= state.blocked_until
+
     def _fill(self, state: _Pool, now: float) -> Iterator[Waiter]:
         # Hand free slots to the head of the queue. An owner's waits share
         # its place, so one grant answers all of them, a lease each.
-        while not self._paused and state.queue and len(state.holders) < state.spec.maxlocks:
+        while (
+            self._may_grant(state, now) and state.queue and len(state.holders) < state.spec.maxlocks
+        ):
             owner = next(iter(state.queue))
             waiters = state.queue.pop(owner)
             hold = self._hold(state, owner, now)
             for waiter in waiters:
                 waiter.lease = self._lease(hold, waiter.ttl, now)
+                waiter.lease.waiter = waiter
                 yield waiter

@@ -18,6 +18,16 @@ def make_backend(config: Config) -> LockBackend:
         from distributex.backends.inmemory import InMemoryBackend
 
         return InMemoryBackend(start_delay=config.start_delay)
+    if config.backend == "memcache":
+        from distributex.backends import memcache
+        from distributex.backends.shared import SharedStateBackend
+
+        if memcache.aiomcache is None:
+            raise BackendUnavailable(
+                "backend 'memcache' needs aiomcache: pip install 'distributex[memcache]'"
+            )
+        store = memcache.MemcacheStore(config.memcachehost, config.memcacheport)
+        return SharedStateBackend(store, key_prefix=config.key_prefix)
     raise BackendUnavailable(
         f"backend '{config.backend}' is not available in this version of distributex"
     )

@@ -1,0 +1,106 @@
+"""The ``memcache`` backend: the shared-state layer over one memcached server.
+
+Pool records are read with ``gets`` and written with ``cas`` (``add`` to
+create one), so a write based on a version another server has replaced is
+refused and the step is redone: never a blind ``set`` of lock state. Only a
+server's own heartbeat key is written with ``set``.
+
+Client: aiomcache (aio-libs), the maintained asyncio memcached client with
+``gets``/``cas``/``add``. It has no timeouts of its own, so every call is
+bounded by the layer; a call abandoned mid-answer leaves its connection out
+of step with the server, so every failure drops the whole connection pool
+(:meth:`MemcacheStore.reset`) and the next call connects afresh.
+
+Clock: memcached has none to offer, so leases are judged by the servers'
+wall clocks (keep them in sync with NTP; the client's kill margin absorbs
+skew below a fraction of a second).
+
+One memcached only: several would split the keys of the cluster between
+them, and the epoch record that detects a lost store would live on one of
+them only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from distributex.backends.base import BackendUnavailable
+from distributex.backends.shared import Store, Stored
+
+try:
+    import aiomcache
+    from aiomcache.client import acquire as _with_connection
+except ImportError:  # pragma: no cover - checked by make_backend
+    aiomcache = None  # type: ignore[assignment]
+
+# Connections to memcached per distributex server.
+POOL_SIZE = 8
+
+if aiomcache is not None:
+
+    class _Client(aiomcache.Client):
+        """aiomcache's client with ``gets`` of several keys in one round trip."""
+
+        @_with_connection
+        async def gets_many(self, conn: Any, *keys: bytes) -> tuple[dict[bytes, bytes], dict]:
+            return await self._multi_get(conn, *keys, with_cas=True)
+
+
+class MemcacheStore(Store):
+    """One memcached server (``memcachehost``:``memcacheport``)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        shown = f"[{host}]" if ":" in host else host
+        self.description = f"memcached {shown}:{port}"
+        self._client: Any = None
+
+    def _connect(self) -> Any:
+        if self._client is None:
+            self._client = _Client(self.host, self.port, pool_size=POOL_SIZE, pool_minsize=1)
+        return self._client
+
+    async def start(self) -> None:
+        self._connect()
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()
+
+    def reset(self) -> None:
+        # Connections may be half-way through an answer: never reuse them. The
+        # next call makes a new client; the old one's connections, busy ones
+        # included, are closed here (aiomcache's pool offers no way to do that).
+        client, self._client = self._client, None
+        if client is None:
+            return
+        pool = client._pool
+        for conn in list(pool._in_use):
+            conn.writer.close()
+        while not pool._pool.empty():
+            pool._pool.get_nowait().writer.close()
+
+    async def get(self, keys: list[str]) -> dict[str, Stored]:
+        try:
+            values, versions = await self._connect().gets_many(*(k.encode() for k in keys))
+        except aiomcache.exceptions.ClientException as exc:
+            raise BackendUnavailable(f"{self.description}: {exc}") from None
+        return {k.decode(): Stored(v, versions.get(k)) for k, v in values.items()}
+
+    async def put(self, key: str, value: bytes, version: Any | None, ttl: int = 0) -> bool:
+        client = self._connect()
+        try:
+            if version is None:
+                return bool(await client.add(key.encode(), value, exptime=ttl))
+            return bool(await client.cas(key.encode(), value, version, exptime=ttl))
+        except aiomcache.exceptions.ClientException as exc:
+            # e.g. SERVER_ERROR out of memory (memcached -M), object too large
+            raise BackendUnavailable(f"{self.description} refused a write: {exc}") from None
+
+    async def set(self, key: str, value: bytes, ttl: int = 0) -> None:
+        try:
+            await self._connect().set(key.encode(), value, exptime=ttl)
+        except aiomcache.exceptions.ClientException as exc:
+            raise BackendUnavailable(f"{self.description} refused a write: {exc}") from None

@@ -1,0 +1,750 @@
+"""The shared-state layer: the engine's rules over a store that several servers share.
+
+Every store-backed backend (memcached now; SQLite, Redis and etcd on the same
+layer) is this class plus a :class:`Store`: a small key-value interface with
+compare-and-set. The rules stay in :class:`~distributex.engine.LockEngine`:
+a request runs one *step* on its pool::
+
+    read the pool's record (and the epoch record) from the store
+    restore it into a fresh engine; expire what is due; drop dead servers' waiters
+    run the request on the engine (acquire, enqueue, deliver, release, renew, ...)
+    write the new record if it is still the version we read   (compare-and-set)
+    on a conflict: read again and redo the step (with a short random pause)
+
+So two servers can never both act on the same version of a pool: one write
+wins, the other redoes its step on what the winner wrote. ``docs/backends.md``
+has the diagram and the reasons.
+
+Waiters live on one server, the queue in the store. A queue entry names its
+server; every server keeps a heartbeat key alive. Entries (and grants not yet
+delivered) of a server whose heartbeat is gone are dropped by whoever steps
+the pool next. A server with local waiters polls their pools (a read, and a
+write only when something is due); a grant made by another server to one of
+its waiters is delivered by a step of its own, and undone if the client has
+hung up. A store that cannot notify is polled; one that can (Redis, etcd)
+wakes the poller early through :meth:`Store.watch`.
+
+Store loss: the epoch record is made once (``add``). If it vanishes (the
+store restarted empty or was flushed), the server that notices makes a new
+one that records the loss; until every lease granted before it could have
+ended (the pool's ``expire``), no pool without a record grants a new hold.
+Fencing tokens never go back: a new pool record starts above the wall clock
+in microseconds and above the highest token this server has seen.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import random
+import secrets
+import time
+import weakref
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from distributex.backends.base import BackendUnavailable, LockBackend
+from distributex.config import DEFAULT_EXPIRE
+from distributex.engine import NEVER, Hold, Lease, LockEngine, PoolSpec, PoolState, Waiter
+
+log = logging.getLogger("distributex.shared")
+
+T = TypeVar("T")
+
+# The stored record's format; a record of a newer format is refused.
+RECORD_VERSION = 1
+# A server refreshes its heartbeat this often; the key lives HEARTBEAT_TTL seconds,
+# so a dead server's waiters are dropped HEARTBEAT_TTL + ALIVE_CACHE seconds after it died.
+HEARTBEAT_INTERVAL = 2.0
+HEARTBEAT_TTL = 8
+ALIVE_CACHE = 1.0
+# How often a server with local waiters reads their pools (stores that cannot notify).
+POLL_INTERVAL = 0.01
+POLL_BACKOFF_MAX = 1.0
+# One store call, and one whole step, end within these (then 503).
+CALL_TIMEOUT = 2.0
+STEP_TIMEOUT = 4.0
+MAX_ATTEMPTS = 50
+# A pool with nothing held or queued keeps a small record (its fence) this long.
+IDLE_TTL = 24 * 3600
+# After a store loss, pools that never expire leases are held back this long.
+LOSS_HOLD_NEVER_EXPIRE = DEFAULT_EXPIRE
+
+
+class StaleRecord(Exception):
+    """A record this version cannot read (corrupt, or written by a newer version)."""
+
+
+@dataclass
+class Stored:
+    """A value read from the store and the version to compare against when writing it."""
+
+    value: bytes
+    version: Any
+
+
+class Store(abc.ABC):
+    """A key-value store with compare-and-set, as the shared-state layer needs it.
+
+    Keys are text of at most 250 characters (no spaces or control characters).
+    Calls raise :class:`BackendUnavailable` (with a reason for the 503) when the
+    store cannot answer; the layer bounds them in time as well.
+    """
+
+    #: Says where the store is, for messages ("memcached 127.0.0.1:11211").
+    description: str = "store"
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Connect (a first round trip may be made by the layer)."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Drop connections."""
+
+    def reset(self) -> None:  # noqa: B027 - optional hook
+        """Drop connections after a failed or abandoned call (they may be mid-answer)."""
+
+    def now(self) -> float:
+        """Seconds on the clock every server judges leases by (default: the wall clock)."""
+        return time.time()
+
+    @abc.abstractmethod
+    async def get(self, keys: list[str]) -> dict[str, Stored]:
+        """The values of those keys that exist, with their versions."""
+
+    @abc.abstractmethod
+    async def put(self, key: str, value: bytes, version: Any | None, ttl: int = 0) -> bool:
+        """Write if the key is still at ``version`` (None: only if it does not exist).
+
+        ``ttl`` > 0 lets the store drop the key after that many seconds.
+        False if another write came first.
+        """
+
+    @abc.abstractmethod
+    async def set(self, key: str, value: bytes, ttl: int = 0) -> None:
+        """Write unconditionally: only for keys a single server owns (its heartbeat)."""
+
+    async def watch(self, key: str) -> None:
+        """Return when the key may have changed; stores that cannot notify never return."""
+        await asyncio.Event().wait()
+
+
+# -- the stored record ---------------------------------------------------------------------
+
+
+def encode_pool(name: str, state: PoolState | None, fence: int, epoch: str) -> bytes:
+    """A pool's record: JSON, times as absolute seconds on the store's clock."""
+
+    def when(t: float) -> float | None:
+        return None if t == NEVER else t
+
+    holds = []
+    queue = []
+    blocked = None
+    if state is not None:
+        for hold in state.holds:
+            leases = []
+            for lease in hold.leases.values():
+                w = lease.waiter
+                waiter = None if w is None else [w.id, w.server, w.since]
+                leases.append(
+                    [lease.token, lease.ttl, lease.granted_at, when(lease.expires_at), waiter]
+                )
+            holds.append([hold.owner, hold.fence, hold.granted_at, leases])
+        queue = [[w.id, w.server, w.owner, w.ttl, w.since] for w in state.queue]
+        if state.blocked_until != -math.inf:
+            blocked = state.blocked_until
+    record = {
+        "v": RECORD_VERSION,
+        "pool": name,
+        "epoch": epoch,
+        "fence": fence,
+        "blocked": blocked,
+        "holds": holds,
+        "queue": queue,
+    }
+    return json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def decode_pool(raw: bytes) -> tuple[PoolState, str]:
+    """The state in a record, and the epoch it was written in."""
+    try:
+        record = json.loads(raw)
+        if not isinstance(record, dict) or "v" not in record:
+            raise ValueError("not a distributex pool record")
+        if record["v"] != RECORD_VERSION:
+            raise StaleRecord(f"pool record of format {record['v']} (this version reads 1)")
+        name = record["pool"]
+        state = PoolState(fence=int(record["fence"]))
+        if record["blocked"] is not None:
+            state.blocked_until = float(record["blocked"])
+        for owner, fence, granted_at, leases in record["holds"]:
+            hold = Hold(pool=name, owner=owner, fence=int(fence), granted_at=granted_at)
+            for token, ttl, l_granted, expires_at, waiter in leases:
+                lease = Lease(
+                    hold=hold,
+                    token=token,
+                    ttl=ttl,
+                    granted_at=l_granted,
+                    expires_at=NEVER if expires_at is None else expires_at,
+                    delivered=waiter is None,
+                )
+                if waiter is not None:
+                    w_id, server, since = waiter
+                    lease.waiter = Waiter(name, owner, ttl, since, lease, id=w_id, server=server)
+                hold.leases[token] = lease
+            state.holds.append(hold)
+        for w_id, server, owner, ttl, since in record["queue"]:
+            state.queue.append(Waiter(name, owner, ttl, since, id=w_id, server=server))
+        return state, str(record["epoch"])
+    except StaleRecord:
+        raise
+    except (ValueError, KeyError, TypeError) as exc:
+        raise StaleRecord(f"unreadable pool record ({exc})") from None
+
+
+@dataclass
+class Epoch:
+    """The store's life: made once; a new one means the store lost its state at ``lost_at``."""
+
+    id: str
+    created: float
+    lost_at: float | None = None
+
+    def encode(self) -> bytes:
+        return json.dumps(
+            {"id": self.id, "created": self.created, "lost_at": self.lost_at}
+        ).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Epoch:
+        try:
+            record = json.loads(raw)
+            return cls(str(record["id"]), float(record["created"]), record.get("lost_at"))
+        except (ValueError, KeyError, TypeError):
+            raise StaleRecord("unreadable epoch record") from None
+
+
+# -- the backend ---------------------------------------------------------------------------
+
+_NOTHING: Any = object()
+
+
+@dataclass(eq=False)
+class _LocalWaiter:
+    """A /wait/ parked on this server; its entry (``id``) is in the pool's stored queue."""
+
+    spec: PoolSpec
+    id: str
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    queued: bool = False  # its entry was written
+    granted: bool = False
+    missing: bool = False  # not in the stored state any more (dropped, or the store lost it)
+
+
+class SharedStateBackend(LockBackend):
+    """Lock state in a :class:`Store` shared by any number of servers."""
+
+    def __init__(self, store: Store, key_prefix: str = "distributex/") -> None:
+        self.store = store
+        self.prefix = key_prefix
+        self.server_id = secrets.token_hex(8)
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._local: dict[str, dict[str, _LocalWaiter]] = {}  # pool -> waiter id -> waiter
+        self._pollers: dict[str, asyncio.Task[None]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._epoch: Epoch | None = None
+        self._fence_floor: dict[str, int] = {}
+        self._in_use: set[str] = set()
+        self._alive: dict[str, tuple[bool, float]] = {}
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._closed = False
+        self._last_error: str | None = None
+
+    # -- keys ----------------------------------------------------------------------------
+
+    @property
+    def epoch_key(self) -> str:
+        return f"{self.prefix}epoch"
+
+    def pool_key(self, pool: str) -> str:
+        # Pool names may hold any printable text: the key is a digest of it.
+        digest = hashlib.sha256(pool.encode()).hexdigest()[:40]
+        return f"{self.prefix}pool/{digest}"
+
+    def server_key(self, server_id: str) -> str:
+        return f"{self.prefix}server/{server_id}"
+
+    # -- life ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.store.start()
+        try:
+            await self._call(self._beat())
+            await self._call(self._current_epoch())
+        except BackendUnavailable:
+            await self.store.close()
+            raise
+        self._heartbeat = asyncio.create_task(self._heartbeat_loop())
+
+    async def close(self) -> None:
+        self._closed = True
+        tasks = [*self._pollers.values(), *self._tasks]
+        if self._heartbeat is not None:
+            tasks.append(self._heartbeat)
+        for task in tasks:
+            task.cancel()
+        for waiters in self._local.values():
+            for waiter in waiters.values():
+                waiter.wake.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.store.close()
+
+    def pools_in_use(self) -> set[str]:
+        # The store is shared: this is what this server has seen holding state.
+        return self._in_use
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BackendUnavailable("server is shutting down")
+
+    async def _call(self, coro: Any, timeout: float = CALL_TIMEOUT) -> Any:
+        """One store call, bounded in time; a failure becomes BackendUnavailable."""
+        try:
+            async with asyncio.timeout(timeout):
+                return await coro
+        except BackendUnavailable as exc:
+            self.store.reset()
+            self._note_error(str(exc))
+            raise
+        except (TimeoutError, OSError, EOFError, ConnectionError) as exc:
+            self.store.reset()
+            reason = (
+                "timed out" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
+            )
+            message = f"{self.store.description} unreachable: {reason}"
+            self._note_error(message)
+            raise BackendUnavailable(message) from None
+
+    def _note_error(self, message: str) -> None:
+        if message != self._last_error:
+            log.warning("%s", message)
+        self._last_error = message
+
+    def _background(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _beat(self) -> None:
+        await self.store.set(self.server_key(self.server_id), b"1", HEARTBEAT_TTL)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
+            with contextlib.suppress(BackendUnavailable):
+                await self._call(self._beat())
+                if self._last_error is not None:
+                    log.info("%s answers again", self.store.description)
+                    self._last_error = None
+
+    # -- the epoch -----------------------------------------------------------------------
+
+    async def _current_epoch(self, stored: Stored | None = None, read: bool = True) -> Epoch:
+        """The store's epoch; makes a new one (recording a loss if we knew an old one)."""
+        for _ in range(MAX_ATTEMPTS):
+            if stored is None and read:
+                stored = (await self.store.get([self.epoch_key])).get(self.epoch_key)
+            read = True
+            if stored is None:
+                lost_at = self.store.now() if self._epoch is not None else None
+                epoch = Epoch(secrets.token_hex(8), self.store.now(), lost_at)
+                if await self.store.put(self.epoch_key, epoch.encode(), None):
+                    if lost_at is not None:
+                        log.warning(
+                            "%s lost its state (restarted, flushed or evicted): pools without "
+                            "a record grant nothing until leases granted before could have ended",
+                            self.store.description,
+                        )
+                    self._epoch = epoch
+                    return epoch
+                continue
+            epoch = Epoch.decode(stored.value)
+            if self._epoch is not None and epoch.id != self._epoch.id and epoch.lost_at is None:
+                # A server that never knew the old epoch made this one: record the loss.
+                epoch.lost_at = self.store.now()
+                if not await self.store.put(self.epoch_key, epoch.encode(), stored.version):
+                    stored = None
+                    continue
+            self._epoch = epoch
+            return epoch
+        raise BackendUnavailable(f"{self.store.description}: cannot settle the epoch record")
+
+    # -- one step ------------------------------------------------------------------------
+
+    def _lock(self, pool: str) -> asyncio.Lock:
+        lock = self._locks.get(pool)
+        if lock is None:
+            lock = self._locks[pool] = asyncio.Lock()
+        return lock
+
+    async def _step(
+        self,
+        spec: PoolSpec,
+        op: Callable[[LockEngine, float], T],
+        undo: Callable[[T], Any] | None = None,
+    ) -> T:
+        """Run ``op`` on the pool's current state and write the result back atomically.
+
+        If the step fails (or is cancelled) after a write whose outcome is not
+        known, ``undo(result)`` runs in the background: a grant nobody will
+        answer must not stay held.
+        """
+        self._check_open()
+        in_doubt: list[Any] = [_NOTHING]
+        try:
+            async with self._lock(spec.name):
+                try:
+                    async with asyncio.timeout(STEP_TIMEOUT):
+                        return await self._step_locked(spec, op, in_doubt)
+                except TimeoutError:
+                    self.store.reset()
+                    message = f"{self.store.description} did not answer in time"
+                    self._note_error(message)
+                    raise BackendUnavailable(message) from None
+        except BaseException:
+            if undo is not None and in_doubt[0] is not _NOTHING:
+                self._background(undo(in_doubt[0]))
+            raise
+
+    async def _step_locked(
+        self, spec: PoolSpec, op: Callable[[LockEngine, float], T], in_doubt: list[Any]
+    ) -> T:
+        key = self.pool_key(spec.name)
+        for attempt in range(MAX_ATTEMPTS):
+            got = await self._call(self.store.get([key, self.epoch_key]))
+            epoch = await self._call(self._current_epoch(got.get(self.epoch_key), read=False))
+            stored = got.get(key)
+            now = self.store.now()
+            floor = self._fence_floor.get(spec.name, 0)
+            if stored is not None:
+                try:
+                    state, _written_in = decode_pool(stored.value)
+                except StaleRecord as exc:
+                    raise BackendUnavailable(f"pool '{spec.name}': {exc}") from None
+                engine = LockEngine(first_fence=max(state.fence, floor) + 1)
+                if state.holds or state.queue or state.blocked_until != -math.inf:
+                    engine.restore(spec, state)
+            else:
+                # A new record: above the wall clock in µs (as the inmemory backend
+                # starts) and above anything seen here, so fences never go back.
+                engine = LockEngine(first_fence=max(int(now * 1_000_000), floor) + 1)
+                if epoch.lost_at is not None:
+                    until = epoch.lost_at + (spec.expire or LOSS_HOLD_NEVER_EXPIRE)
+                    if now < until:
+                        engine.block(spec, until)
+            await self._drop_stale(engine, spec, now)
+            engine.expire(now)
+            engine.fill(spec.name, now)
+            result = op(engine, now)
+            state = engine.state(spec.name)
+            self._fence_floor[spec.name] = max(floor, engine.last_fence)
+            if state is None:
+                self._in_use.discard(spec.name)
+            else:
+                self._in_use.add(spec.name)
+            record = encode_pool(spec.name, state, engine.last_fence, epoch.id)
+            if (stored is None and state is None) or (
+                stored is not None and record == stored.value
+            ):
+                self._after(spec, engine)
+                return result  # nothing to write
+            ttl = IDLE_TTL if state is None else 0
+            in_doubt[0] = result
+            written = await self._call(
+                self.store.put(key, record, stored.version if stored else None, ttl)
+            )
+            in_doubt[0] = _NOTHING
+            if written:
+                self._after(spec, engine)
+                return result
+            # Another server wrote first: redo the step on what it wrote.
+            await asyncio.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))
+        raise BackendUnavailable(f"pool '{spec.name}': too many conflicting writes, try again")
+
+    async def _drop_stale(self, engine: LockEngine, spec: PoolSpec, now: float) -> None:
+        """Cancel waiters (and undelivered grants) that nobody will answer.
+
+        Those of servers that stopped beating, and this server's own that no
+        parked request knows (left by a step whose write was in doubt).
+        """
+        waiters = engine.waiters_of(spec.name)
+        if not waiters:
+            return
+        local = self._local.get(spec.name, {})
+        others = {w.server for w in waiters if w.server and w.server != self.server_id}
+        dead = await self._dead_servers(others) if others else set()
+        for waiter in waiters:
+            if waiter.server in dead:
+                log.info("dropping a waiter of stopped server %s on '%s'", waiter.server, spec.name)
+                engine.cancel(waiter, now)
+            elif waiter.server == self.server_id and waiter.id not in local:
+                engine.cancel(waiter, now)
+
+    async def _dead_servers(self, servers: Iterable[str]) -> set[str]:
+        clock = asyncio.get_running_loop().time()
+        dead: set[str] = set()
+        unknown: list[str] = []
+        for server in servers:
+            alive, checked = self._alive.get(server, (True, -math.inf))
+            if not alive:
+                dead.add(server)
+            elif clock - checked > ALIVE_CACHE:
+                unknown.append(server)
+        if unknown:
+            keys = {self.server_key(s): s for s in unknown}
+            found = await self._call(self.store.get(list(keys)))
+            for key, server in keys.items():
+                alive = key in found
+                self._alive[server] = (alive, clock)  # a server id never comes back
+                if not alive:
+                    dead.add(server)
+        return dead
+
+    def _after(self, spec: PoolSpec, engine: LockEngine) -> None:
+        """Wake local waiters that the state now says were granted (or dropped)."""
+        local = self._local.get(spec.name)
+        if not local:
+            return
+        present = {w.id: w for w in engine.waiters_of(spec.name)}
+        for waiter in local.values():
+            if not waiter.queued:
+                continue
+            found = present.get(waiter.id)
+            if found is None:
+                waiter.missing = True
+                waiter.wake.set()
+            elif found.lease is not None:
+                waiter.granted = True
+                waiter.wake.set()
+
+    # -- polling -------------------------------------------------------------------------
+
+    def _watch_pool(self, spec: PoolSpec) -> None:
+        task = self._pollers.get(spec.name)
+        if task is None or task.done():
+            self._pollers[spec.name] = asyncio.create_task(self._poll(spec))
+
+    async def _poll(self, spec: PoolSpec) -> None:
+        """Step a pool with local waiters now and then: expiry, dead servers, grants."""
+        pause = POLL_INTERVAL
+        key = self.pool_key(spec.name)
+        last: bytes | None = None
+        while self._local.get(spec.name):
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(pause):
+                    await self.store.watch(key)
+            if not self._local.get(spec.name):
+                break
+            try:
+                got = await self._call(self.store.get([key]))
+                stored = got.get(key)
+                value = stored.value if stored is not None else None
+                if value is None or value != last or self._due(value):
+                    await self._step(spec, _no_change)
+                    last = value
+                pause = POLL_INTERVAL
+            except BackendUnavailable:
+                pause = min(POLL_BACKOFF_MAX, pause * 2)
+        self._pollers.pop(spec.name, None)
+
+    def _due(self, value: bytes) -> bool:
+        """Might a step change this record now (expiry, a block ended, a dead server)?"""
+        try:
+            state, _ = decode_pool(value)
+        except StaleRecord:
+            return False
+        now = self.store.now()
+        if state.blocked_until != -math.inf and now >= state.blocked_until:
+            return True
+        waiters = list(state.queue)
+        for hold in state.holds:
+            for lease in hold.leases.values():
+                if lease.expires_at <= now:
+                    return True
+                if lease.waiter is not None:
+                    waiters.append(lease.waiter)
+        clock = asyncio.get_running_loop().time()
+        for waiter in waiters:
+            server = waiter.server
+            if server and server != self.server_id:
+                alive, checked = self._alive.get(server, (True, -math.inf))
+                if not alive or clock - checked > ALIVE_CACHE:
+                    return True
+        return False
+
+    # -- the verbs -----------------------------------------------------------------------
+
+    async def acquire(self, spec: PoolSpec, owner: str, ttl: float | None) -> Lease | None:
+        return await self._step(
+            spec,
+            lambda engine, now: engine.acquire(spec, owner, now, ttl),
+            undo=lambda lease: self._release_token(spec, owner, lease),
+        )
+
+    async def wait(
+        self,
+        spec: PoolSpec,
+        owner: str,
+        ttl: float | None,
+        timeout: float | None,
+        still_wanted: Callable[[], bool],
+    ) -> Lease | None:
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            # Known to this server before its entry is written, so no step of
+            # ours takes it for a stray entry.
+            local = _LocalWaiter(spec, secrets.token_urlsafe(9))
+            self._local.setdefault(spec.name, {})[local.id] = local
+
+            def enqueue(engine: LockEngine, now: float, local: _LocalWaiter = local) -> Any:
+                waiter = engine.enqueue(
+                    spec, owner, now, ttl, server=self.server_id, waiter_id=local.id
+                )
+                if waiter.lease is None:
+                    return None
+                if still_wanted() and engine.deliver(waiter):
+                    return waiter.lease  # granted at once: delivered in the same write
+                engine.cancel(waiter, now)
+                return _NOTHING
+
+            try:
+                lease = await self._step(
+                    spec, enqueue, undo=lambda lease: self._release_token(spec, owner, lease)
+                )
+                if lease is not None:
+                    self._forget_local(spec.name, local.id)
+                    return None if lease is _NOTHING else lease
+                local.queued = True
+                outcome = await self._wait_for_grant(spec, owner, local, deadline, still_wanted)
+            finally:
+                self._forget_local(spec.name, local.id)
+            if outcome != "requeue":
+                return outcome
+            log.info(
+                "a waiter on '%s' was dropped from the shared queue: queueing again", spec.name
+            )
+
+    async def _wait_for_grant(
+        self,
+        spec: PoolSpec,
+        owner: str,
+        local: _LocalWaiter,
+        deadline: float | None,
+        still_wanted: Callable[[], bool],
+    ) -> Any:
+        """Wait until granted; returns the lease, None (timed out, hung up) or "requeue"."""
+        loop = asyncio.get_running_loop()
+        self._watch_pool(spec)
+        try:
+            while True:
+                left = None if deadline is None else deadline - loop.time()
+                if left is not None and left <= 0:
+                    raise TimeoutError
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(left):
+                        await local.wake.wait()
+                self._check_open()
+                local.wake.clear()
+                if local.missing:
+                    return "requeue"
+                if local.granted:
+                    return await self._deliver(spec, owner, local, still_wanted)
+        except TimeoutError:
+            await self._cancel_waiter(spec, local.id)
+            return None
+        except asyncio.CancelledError:
+            # The client hung up: leave the queue in the background (we are cancelled).
+            self._background(self._cancel_waiter(spec, local.id))
+            raise
+
+    async def _deliver(
+        self,
+        spec: PoolSpec,
+        owner: str,
+        local: _LocalWaiter,
+        still_wanted: Callable[[], bool],
+    ) -> Lease | None:
+        def deliver(engine: LockEngine, now: float) -> Lease | None:
+            waiter = engine.find_waiter(spec.name, local.id)
+            if waiter is None or waiter.lease is None:
+                return None
+            if not still_wanted():
+                engine.cancel(waiter, now)
+                return None
+            return waiter.lease if engine.deliver(waiter) else None
+
+        return await self._step(
+            spec, deliver, undo=lambda lease: self._release_token(spec, owner, lease)
+        )
+
+    async def _cancel_waiter(self, spec: PoolSpec, waiter_id: str) -> None:
+        def cancel(engine: LockEngine, now: float) -> None:
+            waiter = engine.find_waiter(spec.name, waiter_id)
+            if waiter is not None:
+                engine.cancel(waiter, now)
+
+        try:
+            await self._step(spec, cancel)
+        except BackendUnavailable:
+            # A later step of this server drops it (an entry no parked request knows).
+            log.info("could not take a waiter off '%s' now", spec.name)
+
+    async def _release_token(self, spec: PoolSpec, owner: str, lease: Any) -> None:
+        """Undo a grant whose answer may not have gone out."""
+        if not isinstance(lease, Lease):
+            return
+        delay = 0.1
+        while not self._closed:
+            try:
+                await self.release(spec, owner, lease.token)
+                return
+            except BackendUnavailable:
+                await asyncio.sleep(delay)  # until the store answers, or the lease expires
+                delay = min(5.0, delay * 2)
+                if lease.ttl and self.store.now() > lease.expires_at:
+                    return
+
+    def _forget_local(self, pool: str, waiter_id: str) -> None:
+        local = self._local.get(pool)
+        if local is not None:
+            local.pop(waiter_id, None)
+            if not local:
+                del self._local[pool]
+
+    async def release(self, spec: PoolSpec, owner: str, token: str | None) -> bool:
+        def release(engine: LockEngine, now: float) -> bool:
+            if token is None:
+                hold, _granted = engine.release(spec.name, owner, now)
+                return hold is not None
+            lease, _granted = engine.release_lease(spec.name, token, now, owner)
+            return lease is not None
+
+        return await self._step(spec, release)
+
+    async def renew(
+        self, spec: PoolSpec, owner: str, token: str, ttl: float | None
+    ) -> Lease | None:
+        return await self._step(
+            spec, lambda engine, now: engine.renew(spec.name, token, now, ttl, owner)
+        )
+
+
+def _no_change(engine: LockEngine, now: float) -> None:
+    """A step that only does what is due (expiry, dropping dead servers' waiters)."""
