@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import textwrap
@@ -119,9 +120,12 @@ def test_missing_config_file(tmp_path: Path) -> None:
     assert result.stderr.strip().endswith("nope.yaml: cannot read: No such file or directory")
 
 
-def test_memcache_backend_is_refused_clearly(tmp_path: Path) -> None:
+def test_unreachable_memcached_stops_the_server_with_one_line(tmp_path: Path) -> None:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     path = tmp_path / "mc.yaml"
-    path.write_text("backend: memcache\npools:\n  - name: pool1\n")
+    path.write_text(f"backend: memcache\nmemcacheport: {port}\npools:\n  - name: pool1\n")
     result = subprocess.run(
         [sys.executable, "-m", "distributex", "-c", str(path), "-p", "0"],
         capture_output=True,
@@ -129,5 +133,6 @@ def test_memcache_backend_is_refused_clearly(tmp_path: Path) -> None:
         timeout=30,
     )
     assert result.returncode == 1
-    assert "memcache" in result.stderr and "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    assert f"memcached localhost:{port} unreachable" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr

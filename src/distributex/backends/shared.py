@@ -285,8 +285,8 @@ class SharedStateBackend(LockBackend):
     async def start(self) -> None:
         await self.store.start()
         try:
-            await self._call(self._beat())
-            await self._call(self._current_epoch())
+            await self._call(self._beat(), quiet=True)
+            await self._call(self._current_epoch(), quiet=True)
         except BackendUnavailable:
             await self.store.close()
             raise
@@ -313,22 +313,25 @@ class SharedStateBackend(LockBackend):
         if self._closed:
             raise BackendUnavailable("server is shutting down")
 
-    async def _call(self, coro: Any, timeout: float = CALL_TIMEOUT) -> Any:
-        """One store call, bounded in time; a failure becomes BackendUnavailable."""
+    async def _call(self, coro: Any, timeout: float = CALL_TIMEOUT, quiet: bool = False) -> Any:
+        """One store call, bounded in time; a failure becomes BackendUnavailable.
+
+        The first failure of a kind is logged once (``quiet``: not at all).
+        """
         try:
             async with asyncio.timeout(timeout):
                 return await coro
         except BackendUnavailable as exc:
             self.store.reset()
-            self._note_error(str(exc))
+            if not quiet:
+                self._note_error(str(exc))
             raise
         except (TimeoutError, OSError, EOFError, ConnectionError) as exc:
             self.store.reset()
-            reason = (
-                "timed out" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
-            )
+            reason = "timed out" if isinstance(exc, TimeoutError) else _reason(exc)
             message = f"{self.store.description} unreachable: {reason}"
-            self._note_error(message)
+            if not quiet:
+                self._note_error(message)
             raise BackendUnavailable(message) from None
 
     def _note_error(self, message: str) -> None:
@@ -744,6 +747,13 @@ class SharedStateBackend(LockBackend):
         return await self._step(
             spec, lambda engine, now: engine.renew(spec.name, token, now, ttl, owner)
         )
+
+
+def _reason(exc: BaseException) -> str:
+    """A network error in a few words ("connection refused")."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc) or type(exc).__name__
 
 
 def _no_change(engine: LockEngine, now: float) -> None:
