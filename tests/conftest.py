@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -118,3 +119,94 @@ def server_factory(tmp_path: Path) -> Iterator:
 def server(server_factory) -> Server:
     """A server on the built-in default configuration."""
     return server_factory()
+
+
+# -- shared backends: real memcached, several servers on one store ---------------------------
+
+
+@dataclass
+class Memcached:
+    """A memcached process started by the tests (Debian's package)."""
+
+    proc: subprocess.Popen | None
+    port: int
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def start(self) -> None:
+        """(Re)start it on the same port, empty."""
+        self.stop()
+        cmd = ["memcached", "-l", "127.0.0.1", "-p", str(self.port), "-U", "0", "-M", "-m", "64"]
+        if os.geteuid() == 0:
+            cmd += ["-u", "nobody"]  # memcached refuses to run as root
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(self.port, self.proc)
+
+
+def start_memcached() -> Memcached:
+    if shutil.which("memcached") is None:
+        pytest.skip("memcached is not installed (scripts/test.sh installs it)")
+    server = Memcached(None, free_port())
+    server.start()
+    return server
+
+
+@pytest.fixture(scope="session")
+def memcached() -> Iterator[Memcached]:
+    """One memcached for the session; tests keep apart by key prefix."""
+    server = start_memcached()
+    yield server
+    server.stop()
+
+
+@dataclass
+class Cluster:
+    """The servers of one backend; requests are spread over them in turn."""
+
+    servers: list[Server]
+    backend: str
+    _turn: int = 0
+
+    def next(self) -> Server:
+        server = self.servers[self._turn % len(self.servers)]
+        self._turn += 1
+        return server
+
+    def call(self, path: str, timeout: float = 10) -> Answer:
+        return self.next().call(path, timeout)
+
+
+BACKEND_KEYS = {
+    "inmemory": "backend: inmemory\n",
+    "memcache": "backend: memcache\nmemcachehost: 127.0.0.1\nmemcacheport: {port}\n"
+    "key_prefix: t{prefix}/\n",
+}
+
+
+@pytest.fixture(params=["inmemory", "memcache"])
+def backend_name(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def cluster_factory(backend_name: str, server_factory, request: pytest.FixtureRequest):
+    """Call with the pools part of a config: one inmemory server, or two sharing memcached."""
+
+    def factory(pools: str, servers: int = 2) -> Cluster:
+        if backend_name == "inmemory":
+            head, count = BACKEND_KEYS["inmemory"], 1
+        else:
+            mc = request.getfixturevalue("memcached")
+            head = BACKEND_KEYS["memcache"].format(port=mc.port, prefix=free_port())
+            count = servers
+        config = head + textwrap.dedent(pools)
+        return Cluster([server_factory(config) for _ in range(count)], backend_name)
+
+    return factory
