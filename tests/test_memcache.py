@@ -1,0 +1,121 @@
+"""The memcache backend when things go wrong: the store stops, loses its memory, a server dies.
+
+Each test has a memcached of its own (Debian's package), started and stopped by
+the test, and real distributexd processes sharing it.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.conftest import Memcached, Server, start_memcached
+from tests.test_http import ParkedWait, q
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def mc() -> Iterator[Memcached]:
+    server = start_memcached()
+    yield server
+    server.stop()
+
+
+def config(mc: Memcached, pools: str = "") -> str:
+    head = f"backend: memcache\nmemcachehost: 127.0.0.1\nmemcacheport: {mc.port}\n"
+    return head + "autocreate: true\npools:\n  - name: p\n    expire: 3\n" + pools
+
+
+def wait_until(condition, timeout: float, what: str) -> float:
+    began = time.monotonic()
+    while time.monotonic() - began < timeout:
+        if condition():
+            return time.monotonic() - began
+        time.sleep(0.05)
+    raise AssertionError(f"{what}: not within {timeout}s")
+
+
+def test_stopped_memcached_is_a_bounded_503_and_service_resumes(
+    mc: Memcached, server_factory
+) -> None:
+    server: Server = server_factory(config(mc))
+    assert server.call(q("get", "a", "other")).body == "YES"
+    mc.stop()
+    began = time.monotonic()
+    answer = server.call(q("get", "b", "other"), timeout=30)
+    assert time.monotonic() - began < 5
+    assert (answer.status, answer.body) == (503, "UNAVAILABLE")
+    assert "memcached" in answer.headers["X-Distributex-Reason"]
+    mc.start()
+    # Restarted empty: a lease from before could still be live for the pool's expire.
+    took = wait_until(lambda: server.call(q("get", "b", "p")).body == "YES", 20, "service back")
+    assert took < 10
+
+
+def test_restarted_empty_grants_nothing_while_an_old_lease_could_live(
+    mc: Memcached, server_factory
+) -> None:
+    server: Server = server_factory(config(mc))
+    held = server.call(q("get", "a", "p"))
+    assert held.body == "YES"
+    fence_before = int(held.headers["X-Distributex-Fence"])
+    mc.start()  # restarted: every key is gone
+    restarted = time.monotonic()
+    answers = []
+    while time.monotonic() - restarted < 2.0:  # expire is 3 s
+        answers.append(server.call(q("get", "b", "p")).body)
+        time.sleep(0.1)
+    assert set(answers) == {"NO"}, "granted while the old lease could still be live"
+    took = wait_until(lambda: server.call(q("get", "b", "p")).body == "YES", 10, "granted later")
+    assert took < 5
+    after = server.call(q("get", "b", "p"))
+    assert int(after.headers["X-Distributex-Fence"]) > fence_before
+    # The old holder's lease is gone with the store: its renewal says so.
+    token = held.headers["X-Distributex-Lease"]
+    assert server.call(q("renew", "a", "p", f"&lease={token}")).status == 410
+
+
+def test_parked_waiter_survives_an_outage(mc: Memcached, server_factory) -> None:
+    server: Server = server_factory(config(mc, "  - name: long\n    expire: 300\n"))
+    assert server.call(q("get", "a", "long")).body == "YES"
+    waiter = ParkedWait(server, "b", "long", "&timeout=60")
+    time.sleep(0.3)
+    mc.stop()
+    time.sleep(1.0)
+    mc.start()  # empty: the waiter queues again; the pool is held back for its expire
+    time.sleep(0.5)
+    assert not waiter.answered()
+    waiter.hang_up()
+
+
+def test_a_killed_servers_waiters_are_dropped_and_its_grant_passed_on(
+    mc: Memcached, server_factory
+) -> None:
+    first: Server = server_factory(config(mc, "  - name: long\n    expire: 300\n"))
+    doomed: Server = server_factory(config(mc, "  - name: long\n    expire: 300\n"))
+    assert first.call(q("get", "holder", "long")).body == "YES"
+    ParkedWait(doomed, "on-doomed", "long")  # its server dies: it will never answer
+    time.sleep(0.3)
+    survivor = ParkedWait(first, "survivor", "long")
+    time.sleep(0.3)
+    doomed.stop(signal.SIGKILL)
+    # The grant goes to the dead server's waiter first, is undone, and passed on.
+    released = time.monotonic()
+    assert first.call(q("release", "holder", "long")).body == "OK"
+    status, _headers, body = survivor.answer(timeout=30)
+    assert (status, body) == (200, "YES")
+    assert time.monotonic() - released < 12  # heartbeat (8 s) + check interval
+
+
+def test_fences_never_go_back_after_a_flush(mc: Memcached, server_factory) -> None:
+    server: Server = server_factory(config(mc, "  - name: free\n    expire: 0.2\n"))
+    before = int(server.call(q("get", "a", "free")).headers["X-Distributex-Fence"])
+    server.call(q("release", "a", "free"))
+    mc.start()
+    wait_until(lambda: server.call(q("get", "b", "free")).body == "YES", 10, "granted after loss")
+    after = int(server.call(q("get", "b", "free")).headers["X-Distributex-Fence"])
+    assert after > before
