@@ -151,7 +151,7 @@ def encode_pool(name: str, state: PoolState | None, fence: int, epoch: str) -> b
             leases = []
             for lease in hold.leases.values():
                 w = lease.waiter
-                waiter = None if w is None else [w.id, w.server, w.since]
+                waiter = None if w is None else [w.id, w.server, w.since, w.ttl]
                 leases.append(
                     [lease.token, lease.ttl, lease.granted_at, when(lease.expires_at), waiter]
                 )
@@ -195,8 +195,8 @@ def decode_pool(raw: bytes) -> tuple[PoolState, str]:
                     delivered=waiter is None,
                 )
                 if waiter is not None:
-                    w_id, server, since = waiter
-                    lease.waiter = Waiter(name, owner, ttl, since, lease, id=w_id, server=server)
+                    w_id, server, since, w_ttl = waiter
+                    lease.waiter = Waiter(name, owner, w_ttl, since, lease, id=w_id, server=server)
                 hold.leases[token] = lease
             state.holds.append(hold)
         for w_id, server, owner, ttl, since in record["queue"]:
