@@ -7,7 +7,7 @@ The HTTP layer talks to a :class:`~distributex.backends.base.LockBackend` only;
 from __future__ import annotations
 
 from distributex.backends.base import BackendUnavailable, LockBackend
-from distributex.config import Config
+from distributex.config import DEFAULT_BIND, Config
 
 __all__ = ["BackendUnavailable", "LockBackend", "make_backend"]
 
@@ -27,7 +27,9 @@ def make_backend(config: Config) -> LockBackend:
                 "backend 'memcache' needs aiomcache: pip install 'distributex[memcache]'"
             )
         store = memcache.MemcacheStore(config.memcachehost, config.memcacheport)
-        return SharedStateBackend(store, key_prefix=config.key_prefix)
+        # Nudges go to the address the server listens on (the same machine).
+        advertise = config.bind or DEFAULT_BIND
+        return SharedStateBackend(store, key_prefix=config.key_prefix, advertise=advertise)
     raise BackendUnavailable(
         f"backend '{config.backend}' is not available in this version of distributex"
     )

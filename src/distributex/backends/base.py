@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Set
 
 from distributex.engine import Lease, PoolSpec
 
@@ -58,3 +58,12 @@ class LockBackend(abc.ABC):
         self, spec: PoolSpec, owner: str, token: str, ttl: float | None
     ) -> Lease | None:
         """Restart a lease's time-to-live; None if the lease is gone."""
+
+    @abc.abstractmethod
+    def pools_in_use(self) -> Set[str]:
+        """Names of the pools that hold state now (holders or waiters).
+
+        The HTTP layer bounds how many pools made on first use hold state at
+        once (``max_pools``) with it, so it must be cheap: a live view, or a
+        local estimate for a backend whose state lives elsewhere.
+        """

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Set
 
 from distributex.backends.base import BackendUnavailable, LockBackend
 from distributex.engine import Lease, LockEngine, PoolSpec, Waiter
@@ -136,6 +136,9 @@ class InMemoryBackend(LockBackend):
         lease = self.engine.renew(spec.name, token, self.now(), ttl, owner)
         self._reschedule()
         return lease
+
+    def pools_in_use(self) -> Set[str]:
+        return self.engine.pools_in_use()
 
     def _wake(self, granted: Iterable[Waiter]) -> None:
         for waiter in granted:

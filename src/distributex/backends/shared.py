@@ -38,13 +38,14 @@ import abc
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import math
 import random
 import secrets
+import socket
 import time
-import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -64,8 +65,9 @@ RECORD_VERSION = 1
 HEARTBEAT_INTERVAL = 2.0
 HEARTBEAT_TTL = 8
 ALIVE_CACHE = 1.0
-# How often a server with local waiters reads their pools (stores that cannot notify).
-POLL_INTERVAL = 0.01
+# How often a server with local waiters reads their pools: the safety net under
+# nudges (another server that grants one of our waiters tells us at once).
+POLL_INTERVAL = 0.05
 POLL_BACKOFF_MAX = 1.0
 # One store call, and one whole step, end within these (then 503).
 CALL_TIMEOUT = 2.0
@@ -128,10 +130,6 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def set(self, key: str, value: bytes, ttl: int = 0) -> None:
         """Write unconditionally: only for keys a single server owns (its heartbeat)."""
-
-    async def watch(self, key: str) -> None:
-        """Return when the key may have changed; stores that cannot notify never return."""
-        await asyncio.Event().wait()
 
 
 # -- the stored record ---------------------------------------------------------------------
@@ -236,25 +234,45 @@ _NOTHING: Any = object()
 
 
 @dataclass(eq=False)
+class _Request:
+    """A request waiting for the next step of its pool."""
+
+    op: Callable[[LockEngine, float], Any]
+    undo: Callable[[Any], Any] | None
+    future: asyncio.Future[Any]
+
+
+@dataclass(eq=False)
 class _LocalWaiter:
     """A /wait/ parked on this server; its entry (``id``) is in the pool's stored queue."""
 
     spec: PoolSpec
     id: str
+    still_wanted: Callable[[], bool]
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     queued: bool = False  # its entry was written
-    granted: bool = False
+    granted: bool = False  # granted, and not yet delivered by a step of ours
+    lease: Lease | None = None  # granted and delivered by a step of ours
     missing: bool = False  # not in the stored state any more (dropped, or the store lost it)
 
 
 class SharedStateBackend(LockBackend):
     """Lock state in a :class:`Store` shared by any number of servers."""
 
-    def __init__(self, store: Store, key_prefix: str = "distributex/") -> None:
+    def __init__(
+        self, store: Store, key_prefix: str = "distributex/", advertise: str | None = None
+    ) -> None:
         self.store = store
         self.prefix = key_prefix
         self.server_id = secrets.token_hex(8)
-        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        # Where other servers send nudges (None: take none, they poll us only).
+        self.advertise = advertise
+        self._nudge_transport: asyncio.DatagramTransport | None = None
+        self._nudge_to: dict[str, tuple[str, int]] = {}  # server id -> its nudge address
+        self._nudged: dict[str, asyncio.Event] = {}  # pool -> set when a nudge comes
+        self._beat_value = b"{}"
+        self._pending: dict[str, list[_Request]] = {}  # pool -> requests for its next step
+        self._runners: dict[str, asyncio.Task[None]] = {}
         self._local: dict[str, dict[str, _LocalWaiter]] = {}  # pool -> waiter id -> waiter
         self._pollers: dict[str, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -283,6 +301,7 @@ class SharedStateBackend(LockBackend):
     # -- life ----------------------------------------------------------------------------
 
     async def start(self) -> None:
+        await self._open_nudges()
         await self.store.start()
         try:
             await self._call(self._beat(), quiet=True)
@@ -294,7 +313,7 @@ class SharedStateBackend(LockBackend):
 
     async def close(self) -> None:
         self._closed = True
-        tasks = [*self._pollers.values(), *self._tasks]
+        tasks = [*self._pollers.values(), *self._runners.values(), *self._tasks]
         if self._heartbeat is not None:
             tasks.append(self._heartbeat)
         for task in tasks:
@@ -303,6 +322,8 @@ class SharedStateBackend(LockBackend):
             for waiter in waiters.values():
                 waiter.wake.set()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self._nudge_transport is not None:
+            self._nudge_transport.close()
         await self.store.close()
 
     def pools_in_use(self) -> set[str]:
@@ -345,7 +366,52 @@ class SharedStateBackend(LockBackend):
         task.add_done_callback(self._tasks.discard)
 
     async def _beat(self) -> None:
-        await self.store.set(self.server_key(self.server_id), b"1", HEARTBEAT_TTL)
+        await self.store.set(self.server_key(self.server_id), self._beat_value, HEARTBEAT_TTL)
+
+    # -- nudges: a hint to another server that one of its waiters was granted ----------
+
+    async def _open_nudges(self) -> None:
+        """A UDP socket for nudges, on the advertised address; its address goes in our beat."""
+        self._beat_value = b"{}"
+        if not self.advertise:
+            return
+        loop = asyncio.get_running_loop()
+        host = self.advertise
+        if host in ("0.0.0.0", "::", ""):
+            # Listening everywhere: tell the others this machine's own address.
+            host = socket.gethostname()
+        try:
+            infos = await loop.getaddrinfo(host, 0, type=socket.SOCK_DGRAM)
+            address = infos[0][4][0]
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: _NudgeReceiver(self), local_addr=(address, 0)
+            )
+        except OSError as exc:
+            log.warning("no nudges (other servers poll this one): %s", exc)
+            return
+        self._nudge_transport = transport  # type: ignore[assignment]
+        host, port = transport.get_extra_info("sockname")[:2]
+        self._beat_value = json.dumps({"nudge": [host, port]}).encode()
+
+    def _nudge_others(self, spec: PoolSpec, engine: LockEngine) -> None:
+        """Tell servers whose waiters this step granted to look now (polling is the net)."""
+        if self._nudge_transport is None:
+            return
+        servers = {
+            w.server
+            for w in engine.waiters_of(spec.name)
+            if w.lease is not None and w.server and w.server != self.server_id
+        }
+        for server in servers:
+            address = self._nudge_to.get(server)
+            if address is not None:
+                with contextlib.suppress(OSError):
+                    self._nudge_transport.sendto(spec.name.encode(), address)
+
+    def nudged(self, pool: str) -> None:
+        event = self._nudged.get(pool)
+        if event is not None:
+            event.set()
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -390,12 +456,6 @@ class SharedStateBackend(LockBackend):
 
     # -- one step ------------------------------------------------------------------------
 
-    def _lock(self, pool: str) -> asyncio.Lock:
-        lock = self._locks.get(pool)
-        if lock is None:
-            lock = self._locks[pool] = asyncio.Lock()
-        return lock
-
     async def _step(
         self,
         spec: PoolSpec,
@@ -404,30 +464,61 @@ class SharedStateBackend(LockBackend):
     ) -> T:
         """Run ``op`` on the pool's current state and write the result back atomically.
 
-        If the step fails (or is cancelled) after a write whose outcome is not
-        known, ``undo(result)`` runs in the background: a grant nobody will
-        answer must not stay held.
+        Requests that arrive while a step of the pool is under way wait for
+        the next one, and that one applies them all, in arrival order, in one
+        read and one write: under load a server makes one step per round trip,
+        not one per request. If the caller goes away (cancelled) after its
+        request was taken into a step, or the step's write is in doubt (the
+        store did not answer), ``undo(result)`` runs in the background: a grant
+        nobody will answer must not stay held.
         """
         self._check_open()
-        in_doubt: list[Any] = [_NOTHING]
+        request = _Request(op, undo, asyncio.get_running_loop().create_future())
+        self._pending.setdefault(spec.name, []).append(request)
+        if spec.name not in self._runners:
+            self._runners[spec.name] = asyncio.create_task(self._run_steps(spec))
+        return await request.future
+
+    async def _run_steps(self, spec: PoolSpec) -> None:
+        """Serve the pool's pending requests, a batch per step, until none is left."""
         try:
-            async with self._lock(spec.name):
+            while pending := self._pending.get(spec.name):
+                batch = [r for r in pending if not r.future.done()]
+                pending.clear()
+                if not batch:
+                    continue
+                doubt: list[Any] = []  # results of a write whose outcome is unknown
                 try:
                     async with asyncio.timeout(STEP_TIMEOUT):
-                        return await self._step_locked(spec, op, in_doubt)
-                except TimeoutError:
-                    self.store.reset()
-                    message = f"{self.store.description} did not answer in time"
-                    self._note_error(message)
-                    raise BackendUnavailable(message) from None
-        except BaseException:
-            if undo is not None and in_doubt[0] is not _NOTHING:
-                self._background(undo(in_doubt[0]))
-            raise
+                        results = await self._step_once(spec, [r.op for r in batch], doubt)
+                except Exception as exc:
+                    if not isinstance(exc, BackendUnavailable | TimeoutError):
+                        log.exception("step on pool '%s' failed", spec.name)
+                        exc = BackendUnavailable(f"internal error: {exc!r}")
+                    if isinstance(exc, TimeoutError):
+                        self.store.reset()
+                        exc = BackendUnavailable(f"{self.store.description} did not answer in time")
+                        self._note_error(str(exc))
+                    for request, result in itertools.zip_longest(batch, doubt, fillvalue=_NOTHING):
+                        if result is not _NOTHING and request.undo is not None:
+                            self._background(request.undo(result))
+                        if not request.future.done():
+                            request.future.set_exception(exc)
+                    continue
+                for request, result in zip(batch, results, strict=True):
+                    if not request.future.done():
+                        request.future.set_result(result)
+                    elif request.undo is not None:  # nobody will see this answer
+                        self._background(request.undo(result))
+        finally:
+            self._runners.pop(spec.name, None)
+            for request in self._pending.pop(spec.name, []):
+                if not request.future.done():
+                    request.future.set_exception(BackendUnavailable("server is shutting down"))
 
-    async def _step_locked(
-        self, spec: PoolSpec, op: Callable[[LockEngine, float], T], in_doubt: list[Any]
-    ) -> T:
+    async def _step_once(
+        self, spec: PoolSpec, ops: list[Callable[[LockEngine, float], Any]], doubt: list[Any]
+    ) -> list[Any]:
         key = self.pool_key(spec.name)
         for attempt in range(MAX_ATTEMPTS):
             got = await self._call(self.store.get([key, self.epoch_key]))
@@ -454,7 +545,8 @@ class SharedStateBackend(LockBackend):
             await self._drop_stale(engine, spec, now)
             engine.expire(now)
             engine.fill(spec.name, now)
-            result = op(engine, now)
+            results = [op(engine, now) for op in ops]
+            delivered = self._deliver_local(spec, engine, now)
             state = engine.state(spec.name)
             self._fence_floor[spec.name] = max(floor, engine.last_fence)
             if state is None:
@@ -465,17 +557,18 @@ class SharedStateBackend(LockBackend):
             if (stored is None and state is None) or (
                 stored is not None and record == stored.value
             ):
-                self._after(spec, engine)
-                return result  # nothing to write
+                self._after(spec, engine, delivered)
+                return results  # nothing to write
             ttl = IDLE_TTL if state is None else 0
-            in_doubt[0] = result
+            doubt[:] = results
             written = await self._call(
                 self.store.put(key, record, stored.version if stored else None, ttl)
             )
-            in_doubt[0] = _NOTHING
+            doubt.clear()
             if written:
-                self._after(spec, engine)
-                return result
+                self._after(spec, engine, delivered)
+                self._nudge_others(spec, engine)
+                return results
             # Another server wrote first: redo the step on what it wrote.
             await asyncio.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))
         raise BackendUnavailable(f"pool '{spec.name}': too many conflicting writes, try again")
@@ -514,19 +607,59 @@ class SharedStateBackend(LockBackend):
             found = await self._call(self.store.get(list(keys)))
             for key, server in keys.items():
                 alive = key in found
+                if alive:
+                    self._learn_nudge_address(server, found[key].value)
                 self._alive[server] = (alive, clock)  # a server id never comes back
                 if not alive:
                     dead.add(server)
         return dead
 
-    def _after(self, spec: PoolSpec, engine: LockEngine) -> None:
+    def _deliver_local(
+        self, spec: PoolSpec, engine: LockEngine, now: float
+    ) -> dict[_LocalWaiter, Lease]:
+        """Deliver grants to this server's parked waiters in the step that sees them.
+
+        A waiter whose client has gone is cancelled instead (which may grant
+        the next one). Saves a step per hand-off; the leases count once the
+        step's write succeeds.
+        """
+        local = self._local.get(spec.name)
+        delivered: dict[_LocalWaiter, Lease] = {}
+        while local:
+            changed = False
+            for waiter in engine.waiters_of(spec.name):
+                mine = local.get(waiter.id)
+                if waiter.lease is None or mine is None or not mine.queued or mine in delivered:
+                    continue
+                if mine.still_wanted() and engine.deliver(waiter):
+                    delivered[mine] = waiter.lease
+                else:
+                    engine.cancel(waiter, now)
+                    changed = True
+            if not changed:
+                break
+        return delivered
+
+    def _learn_nudge_address(self, server: str, beat: bytes) -> None:
+        try:
+            host, port = json.loads(beat)["nudge"]
+            self._nudge_to[server] = (str(host), int(port))
+        except (ValueError, KeyError, TypeError):
+            self._nudge_to.pop(server, None)
+
+    def _after(
+        self, spec: PoolSpec, engine: LockEngine, delivered: dict[_LocalWaiter, Lease]
+    ) -> None:
         """Wake local waiters that the state now says were granted (or dropped)."""
+        for waiter, lease in delivered.items():
+            waiter.lease = lease
+            waiter.wake.set()
         local = self._local.get(spec.name)
         if not local:
             return
         present = {w.id: w for w in engine.waiters_of(spec.name)}
         for waiter in local.values():
-            if not waiter.queued:
+            if not waiter.queued or waiter in delivered:
                 continue
             found = present.get(waiter.id)
             if found is None:
@@ -548,23 +681,30 @@ class SharedStateBackend(LockBackend):
         pause = POLL_INTERVAL
         key = self.pool_key(spec.name)
         last: bytes | None = None
+        nudge = self._nudged.setdefault(spec.name, asyncio.Event())
         while self._local.get(spec.name):
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(pause):
-                    await self.store.watch(key)
+                    await nudge.wait()
+            nudged = nudge.is_set()
+            nudge.clear()
             if not self._local.get(spec.name):
                 break
             try:
-                got = await self._call(self.store.get([key]))
-                stored = got.get(key)
-                value = stored.value if stored is not None else None
-                if value is None or value != last or self._due(value):
+                if nudged:  # one of ours was granted: a step delivers it
                     await self._step(spec, _no_change)
-                    last = value
+                else:  # the safety net: a read, and a step only if something changed
+                    got = await self._call(self.store.get([key]))
+                    stored = got.get(key)
+                    value = stored.value if stored is not None else None
+                    if value is None or value != last or self._due(value):
+                        await self._step(spec, _no_change)
+                        last = value
                 pause = POLL_INTERVAL
             except BackendUnavailable:
                 pause = min(POLL_BACKOFF_MAX, pause * 2)
         self._pollers.pop(spec.name, None)
+        self._nudged.pop(spec.name, None)
 
     def _due(self, value: bytes) -> bool:
         """Might a step change this record now (expiry, a block ended, a dead server)?"""
@@ -613,7 +753,7 @@ class SharedStateBackend(LockBackend):
         while True:
             # Known to this server before its entry is written, so no step of
             # ours takes it for a stray entry.
-            local = _LocalWaiter(spec, secrets.token_urlsafe(9))
+            local = _LocalWaiter(spec, secrets.token_urlsafe(9), still_wanted)
             self._local.setdefault(spec.name, {})[local.id] = local
 
             def enqueue(engine: LockEngine, now: float, local: _LocalWaiter = local) -> Any:
@@ -621,23 +761,31 @@ class SharedStateBackend(LockBackend):
                     spec, owner, now, ttl, server=self.server_id, waiter_id=local.id
                 )
                 if waiter.lease is None:
+                    local.queued = True  # later steps of this batch may grant and deliver it
                     return None
                 if still_wanted() and engine.deliver(waiter):
                     return waiter.lease  # granted at once: delivered in the same write
                 engine.cancel(waiter, now)
                 return _NOTHING
 
+            clean = False  # True once the entry is known to be gone from the store
             try:
                 lease = await self._step(
                     spec, enqueue, undo=lambda lease: self._release_token(spec, owner, lease)
                 )
                 if lease is not None:
-                    self._forget_local(spec.name, local.id)
+                    clean = True
                     return None if lease is _NOTHING else lease
-                local.queued = True
                 outcome = await self._wait_for_grant(spec, owner, local, deadline, still_wanted)
+                clean = True
             finally:
                 self._forget_local(spec.name, local.id)
+                if not clean:
+                    # Hung up, or the store failed: the entry (or a grant to it) may
+                    # still be stored; take it off in the background, until it is.
+                    self._background(self._cancel_waiter(spec, local.id, persist=True))
+                    if local.lease is not None:
+                        self._background(self._release_token(spec, owner, local.lease))
             if outcome != "requeue":
                 return outcome
             log.info(
@@ -665,17 +813,16 @@ class SharedStateBackend(LockBackend):
                         await local.wake.wait()
                 self._check_open()
                 local.wake.clear()
+                if local.lease is not None:
+                    return local.lease
                 if local.missing:
                     return "requeue"
                 if local.granted:
                     return await self._deliver(spec, owner, local, still_wanted)
         except TimeoutError:
             await self._cancel_waiter(spec, local.id)
-            return None
-        except asyncio.CancelledError:
-            # The client hung up: leave the queue in the background (we are cancelled).
-            self._background(self._cancel_waiter(spec, local.id))
-            raise
+            # A step may have delivered it just before the time ran out: then it is ours.
+            return local.lease
 
     async def _deliver(
         self,
@@ -697,17 +844,29 @@ class SharedStateBackend(LockBackend):
             spec, deliver, undo=lambda lease: self._release_token(spec, owner, lease)
         )
 
-    async def _cancel_waiter(self, spec: PoolSpec, waiter_id: str) -> None:
+    async def _cancel_waiter(self, spec: PoolSpec, waiter_id: str, persist: bool = False) -> None:
+        """Take a waiter off the queue (or undo its undelivered grant).
+
+        ``persist``: keep trying while the store does not answer, so that no
+        entry of ours is left to be granted and never answered.
+        """
+
         def cancel(engine: LockEngine, now: float) -> None:
             waiter = engine.find_waiter(spec.name, waiter_id)
             if waiter is not None:
                 engine.cancel(waiter, now)
 
-        try:
-            await self._step(spec, cancel)
-        except BackendUnavailable:
-            # A later step of this server drops it (an entry no parked request knows).
-            log.info("could not take a waiter off '%s' now", spec.name)
+        delay = 0.1
+        while not self._closed:
+            try:
+                await self._step(spec, cancel)
+                return
+            except BackendUnavailable:
+                if not persist:
+                    # A later step of this server drops it (an entry nobody waits for).
+                    return
+                await asyncio.sleep(delay)
+                delay = min(5.0, delay * 2)
 
     async def _release_token(self, spec: PoolSpec, owner: str, lease: Any) -> None:
         """Undo a grant whose answer may not have gone out."""
@@ -758,3 +917,14 @@ def _reason(exc: BaseException) -> str:
 
 def _no_change(engine: LockEngine, now: float) -> None:
     """A step that only does what is due (expiry, dropping dead servers' waiters)."""
+
+
+class _NudgeReceiver(asyncio.DatagramProtocol):
+    """Nudges from other servers: a pool name; its poller looks at once."""
+
+    def __init__(self, backend: SharedStateBackend) -> None:
+        self.backend = backend
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        # Anyone may send one: it only makes us read a pool we wait on anyway.
+        self.backend.nudged(data[:1024].decode("utf-8", "replace"))
