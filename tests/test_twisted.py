@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, wait_for_port
+from tests.conftest import Memcached, free_port, wait_for_port
 
 # Not "twisted": with distributex installed, twisted/plugins/ makes a bare
 # namespace package importable even when Twisted itself is not installed.
@@ -199,14 +200,59 @@ def test_sigterm_stops_with_exit_0(twistd) -> None:
     assert "stopping" in server.output()
 
 
-def test_memcache_backend_refused_with_one_line(tmp_path: Path) -> None:
-    config = SEED_CONFIG.replace("backend: inmemory", "backend: memcache")
-    result = run_twistd(tmp_path, ["-p", str(free_port())], config)
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert "backend 'memcache'" in lines[0]
-    assert "Traceback" not in result.stdout + result.stderr
+# The seed README's example, verbatim: memcache on localhost:11211.
+SEED_MEMCACHE_CONFIG = SEED_CONFIG.replace("backend: inmemory", "backend: memcache")
+
+
+@pytest.fixture
+def memcached_11211() -> Iterator[None]:
+    """A memcached on the seed's default port (or the one already there)."""
+    with socket.socket() as sock:
+        taken = sock.connect_ex(("127.0.0.1", 11211)) == 0
+    if taken:
+        with socket.create_connection(("127.0.0.1", 11211), timeout=5) as sock:
+            sock.sendall(b"version\r\n")
+            if not sock.recv(100).startswith(b"VERSION"):
+                pytest.skip("port 11211 is taken by something that is not memcached")
+        yield
+        return
+    server = Memcached(None, 11211)
+    server.start()
+    yield
+    server.stop()
+
+
+def test_seed_memcache_config_starts_unchanged(
+    twistd, memcached_11211: None, tmp_path: Path
+) -> None:
+    # Two servers on the very example of the 0.7 README share one lock state.
+    first = twistd(config=SEED_MEMCACHE_CONFIG, twistd_args=("--pidfile", str(tmp_path / "a")))
+    second = twistd(config=SEED_MEMCACHE_CONFIG, twistd_args=("--pidfile", str(tmp_path / "b")))
+    assert call(first.port, "/get/?host=me&pool=pool1") == (200, "YES")
+    assert call(second.port, "/get/?host=them&pool=pool1") == (200, "NO")
+    assert call(second.port, "/release/?host=me&pool=pool1") == (200, "OK")
+    assert call(first.port, "/get/?host=them&pool=pool1") == (200, "YES")
+    assert call(first.port, "/release/?host=them&pool=pool1") == (200, "OK")
+
+
+def test_unreachable_memcached_is_one_line_and_no_pidfile(tmp_path: Path) -> None:
+    config = SEED_MEMCACHE_CONFIG.replace("backend: memcache", "backend: memcache\nmemcacheport: 1")
+    pidfile = tmp_path / "dx.pid"
+    cmd = [*twistd_command(), "-n", "--pidfile", str(pidfile), "distributex"]
+    cfg = tmp_path / "distributex.yaml"
+    cfg.write_text(config)
+    result = subprocess.run(
+        [*cmd, "-b", "127.0.0.1", "-p", str(free_port()), "-c", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "memcached localhost:1 unreachable" in output
+    assert "Traceback" not in output
+    assert not pidfile.exists()
 
 
 def test_bad_config_exits_with_one_line(tmp_path: Path) -> None:

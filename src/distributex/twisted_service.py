@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import Any, ClassVar, NoReturn
 
 from twisted.application import service
@@ -52,6 +54,8 @@ TWISTD_DEFAULT_BIND = "0.0.0.0"
 
 # Exit status for a bad configuration, as distributexd uses.
 EXIT_CONFIG = 2
+# Could not listen, or the backend could not start (as distributexd).
+EXIT_STARTUP = 1
 
 _TWISTED_LEVELS = {
     logging.DEBUG: LogLevel.debug,
@@ -156,11 +160,13 @@ class DistributexService(service.Service):
         *,
         access_log: bool = False,
         log_level: str = "info",
+        pidfile: str | None = None,
     ) -> None:
         self.config = config
         self.backend = backend
         self.access_log = access_log
         self.log_level = log_level
+        self.pidfile = pidfile
         self._runner: Any = None
         self._start_task: asyncio.Future[None] | None = None
         self._handler: logging.Handler | None = None
@@ -216,7 +222,20 @@ class DistributexService(service.Service):
         super().privilegedStartService()
         self._start_logging()
         loop = asyncio.get_event_loop()  # the loop the asyncio reactor will run
-        loop.run_until_complete(self._start())
+        try:
+            loop.run_until_complete(self._start())
+        except StartupError:
+            # Logged in one line already; no traceback, and no pidfile of a
+            # server that never served (twistd wrote it just before).
+            self._remove_pidfile()
+            raise SystemExit(EXIT_STARTUP) from None
+
+    def _remove_pidfile(self) -> None:
+        if not self.pidfile:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            if int(Path(self.pidfile).read_text().strip()) == os.getpid():
+                os.unlink(self.pidfile)
 
     def startService(self) -> None:
         super().startService()
@@ -271,9 +290,12 @@ def _exit_zero_after_stop_signal() -> None:
 
 def makeService(options: Options) -> DistributexService:  # twistd looks up this name
     """The service twistd runs for ``twistd distributex``."""
+    parent = getattr(options, "parent", None)
+    pidfile = parent.get("pidfile") if parent is not None else None
     return DistributexService(
         options.config_obj,
         options.backend,
         access_log=bool(options["access-log"]),
         log_level=options["log-level"],
+        pidfile=os.path.abspath(pidfile) if pidfile else None,
     )

@@ -42,6 +42,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import random
 import secrets
 import socket
@@ -910,6 +911,8 @@ class SharedStateBackend(LockBackend):
 
 def _reason(exc: BaseException) -> str:
     """A network error in a few words ("connection refused")."""
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno).lower()
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror.lower()
     return str(exc) or type(exc).__name__
