@@ -599,10 +599,15 @@ class SharedStateBackend(LockBackend):
         unknown: list[str] = []
         for server in servers:
             alive, checked = self._alive.get(server, (True, -math.inf))
-            if not alive:
-                dead.add(server)
-            elif clock - checked > ALIVE_CACHE:
+            if clock - checked > ALIVE_CACHE:
                 unknown.append(server)
+            elif not alive:
+                dead.add(server)
+        if len(self._alive) > 256:  # servers come and go (a new id per start)
+            for server, (_alive, checked) in list(self._alive.items()):
+                if clock - checked > 60:
+                    del self._alive[server]
+                    self._nudge_to.pop(server, None)
         if unknown:
             keys = {self.server_key(s): s for s in unknown}
             found = await self._call(self.store.get(list(keys)))
@@ -610,7 +615,8 @@ class SharedStateBackend(LockBackend):
                 alive = key in found
                 if alive:
                     self._learn_nudge_address(server, found[key].value)
-                self._alive[server] = (alive, clock)  # a server id never comes back
+                # Not final: a store that lost its memory lost live servers' beats too.
+                self._alive[server] = (alive, clock)
                 if not alive:
                     dead.add(server)
         return dead
