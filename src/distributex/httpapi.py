@@ -27,14 +27,28 @@ Optional query parameters, never sent by 0.7 clients:
 * ``lease=TOKEN`` on ``/release/``: release exactly that lease.
 
 ``/renew/?host=H&pool=P&lease=TOKEN`` restarts the lease's time-to-live.
+
+The query string is parsed strictly (400 INVALID otherwise): every ``%`` is
+followed by two hex digits, the decoded bytes are UTF-8, ``+`` is a space, no
+parameter is given twice, a name is printable, and a number is plain ASCII
+decimal (``1``, ``1.5``, ``.5``, ``1e3``) from 0 to 10**9 seconds. A
+parameter given empty (``lease=``, ``timeout=``) is refused, never taken as
+left out.
+
+Pools made on first use (not listed in the configuration) that hold state
+at once are limited to ``max_pools``: a request that would make one more
+answers 429 INVALID.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import re
+import unicodedata
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from aiohttp import web
 
@@ -48,7 +62,14 @@ BACKEND_KEY: web.AppKey[LockBackend] = web.AppKey("backend", LockBackend)
 CONFIG_KEY: web.AppKey[Config] = web.AppKey("config", Config)
 
 MAX_NAME = 255
+# Longer than any lease or wait anyone means (about 31 years); bigger numbers
+# are refused rather than passed to timers as nonsense deadlines.
+MAX_SECONDS = 1e9
 _TEXT = "text/plain"
+_QUERY_KEY = "distributex.query"
+_BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+# ASCII only: float() also takes "1_0" and other scripts' digits.
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.ASCII)
 
 
 class Invalid(Exception):
@@ -71,16 +92,53 @@ def _invalid(status: int, reason: str) -> web.Response:
     return _answer("INVALID", status, {"X-Distributex-Reason": reason})
 
 
+def _seconds_text(seconds: float) -> str:
+    """Seconds exactly as held: never rounded up, so a client's deadline is not late."""
+    if seconds.is_integer():
+        return str(int(seconds))
+    return repr(seconds)
+
+
 def _lease_headers(lease: Lease) -> dict[str, str]:
     return {
         "X-Distributex-Fence": str(lease.fence),
         "X-Distributex-Lease": lease.token,
-        "X-Distributex-TTL": f"{lease.ttl:g}",
+        "X-Distributex-TTL": _seconds_text(lease.ttl),
     }
 
 
+def _unquote(raw: str, what: str) -> str:
+    # yarl turns bad escapes and bad UTF-8 into U+FFFD, which would make
+    # different names one; refuse them instead.
+    if _BAD_PERCENT.search(raw):
+        raise Invalid(400, f"{what} has a '%' not followed by two hex digits")
+    try:
+        return unquote_to_bytes(raw.replace("+", " ")).decode("utf-8")
+    except UnicodeDecodeError:
+        raise Invalid(400, f"{what} is not UTF-8 once percent-decoded") from None
+
+
+def parse_query(raw: str) -> dict[str, list[str]]:
+    """Strictly decode a raw query string (``a=1&b=%41``) as urllib would, ``+`` a space.
+
+    Raises :class:`Invalid` for a bad percent escape or bytes that are not UTF-8.
+    """
+    params: dict[str, list[str]] = {}
+    for field in raw.split("&"):
+        if not field:
+            continue
+        raw_key, _, raw_value = field.partition("=")
+        # Reasons name the key as sent: decoded, it could put CR LF in a header.
+        key = _unquote(raw_key, f"parameter name '{raw_key}'")
+        params.setdefault(key, []).append(_unquote(raw_value, f"parameter '{raw_key}'"))
+    return params
+
+
 def _param(request: web.Request, key: str) -> str | None:
-    values = request.query.getall(key, [])
+    query = request.get(_QUERY_KEY)
+    if query is None:
+        query = request[_QUERY_KEY] = parse_query(request.rel_url.raw_query_string)
+    values = query.get(key, [])
     if len(values) > 1:
         raise Invalid(400, f"parameter '{key}' given more than once")
     return values[0] if values else None
@@ -93,20 +151,28 @@ def _name(request: web.Request, key: str) -> str:
     if len(value) > MAX_NAME:
         raise Invalid(400, f"parameter '{key}' is longer than {MAX_NAME} characters")
     if not value.isprintable():
-        raise Invalid(400, f"parameter '{key}' has control characters")
+        if any(unicodedata.category(char) == "Cc" for char in value):
+            raise Invalid(400, f"parameter '{key}' has control characters")
+        bad = next(char for char in value if not char.isprintable())
+        raise Invalid(
+            400, f"parameter '{key}' has a character that is not printable (U+{ord(bad):04X})"
+        )
     return value
 
 
 def _seconds(request: web.Request, key: str) -> float | None:
     raw = _param(request, key)
-    if raw is None or raw == "":
+    if raw is None:
         return None
-    try:
-        value = float(raw)
-    except ValueError:
-        raise Invalid(400, f"parameter '{key}' must be a number of seconds") from None
+    if raw == "":
+        raise Invalid(400, f"parameter '{key}' is empty: give a number of seconds or leave it out")
+    if not _NUMBER.fullmatch(raw):
+        raise Invalid(400, f"parameter '{key}' must be a number of seconds")
+    value = float(raw)
     if not math.isfinite(value) or value < 0:
         raise Invalid(400, f"parameter '{key}' must be a finite number >= 0")
+    if value > MAX_SECONDS:
+        raise Invalid(400, f"parameter '{key}' must be at most {MAX_SECONDS:.0f} seconds")
     return value
 
 
@@ -118,10 +184,15 @@ def _ttl(request: web.Request) -> float | None:
 
 
 def _token(request: web.Request, required: bool) -> str | None:
-    token = _param(request, "lease") or None
-    if token is None and required:
-        raise Invalid(400, "missing parameter 'lease'")
-    if token is not None and len(token) > MAX_NAME:
+    token = _param(request, "lease")
+    if token is None:
+        if required:
+            raise Invalid(400, "missing parameter 'lease'")
+        return None
+    # An empty token once released every lease of the host: refuse it.
+    if not token:
+        raise Invalid(400, "parameter 'lease' is empty: give a lease token or leave it out")
+    if len(token) > MAX_NAME:
         raise Invalid(400, "parameter 'lease' is too long")
     return token
 
@@ -152,8 +223,27 @@ def _verb(handler: Handler) -> Callable[[web.Request], Awaitable[web.Response]]:
     return endpoint
 
 
+def _check_room(request: web.Request, spec: PoolSpec, backend: LockBackend) -> None:
+    """Refuse (429) to give state to one more pool made on first use past ``max_pools``."""
+    config = request.app[CONFIG_KEY]
+    if spec.name in config.pools:
+        return  # listed pools are the operator's own: never limited
+    in_use = backend.pools_in_use()
+    if spec.name in in_use:
+        return
+    listed_in_use = len(config.pools.keys() & in_use) if config.pools else 0
+    if len(in_use) - listed_in_use >= config.max_pools:
+        raise Invalid(
+            429,
+            f"too many pools in use: {config.max_pools} pools made on first use "
+            "already have holders or waiters (max_pools)",
+        )
+
+
 async def _get(request: web.Request, spec: PoolSpec, host: str, backend: LockBackend) -> Any:
-    lease = await backend.acquire(spec, host, _ttl(request))
+    ttl = _ttl(request)
+    _check_room(request, spec, backend)
+    lease = await backend.acquire(spec, host, ttl)
     if lease is None:
         return _answer("NO")
     log.debug("grant %s to %s (fence %d)", spec.name, host, lease.fence)
@@ -163,6 +253,7 @@ async def _get(request: web.Request, spec: PoolSpec, host: str, backend: LockBac
 async def _wait(request: web.Request, spec: PoolSpec, host: str, backend: LockBackend) -> Any:
     ttl = _ttl(request)
     timeout = _seconds(request, "timeout")
+    _check_room(request, spec, backend)
 
     def connected() -> bool:
         transport = request.transport

@@ -8,20 +8,42 @@ parked waiters ``UNAVAILABLE`` (503), and exits 0.
 
 Exit status: 0 after a graceful stop; 2 for a bad command line or a bad
 configuration file; 1 if it cannot listen or its backend cannot start.
+
+Connections are guarded so that holders' renewals get through however many
+idle connections a client (or an attack) leaves open:
+
+* a connection must send a complete request head within ``header_timeout``
+  seconds of opening (or of starting a later request), and a kept-alive one
+  is closed after ``idle_timeout`` seconds without a request;
+* at most ``max_connections`` are open (0: the file descriptor limit less a
+  reserve for the backend, logs and accepting). One more closes the oldest
+  idle connection, never one with a request in progress such as a parked
+  ``/wait/``; with none idle the new one is closed at once;
+* the server accepts by itself: running out of file descriptors closes an
+  idle connection or pauses accepting briefly, and is logged once per
+  ``REPORT_EVERY`` seconds with a count, never once per attempt;
+* at start the soft ``RLIMIT_NOFILE`` is raised to the hard limit.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import errno
 import logging
+import os
 import signal
+import socket
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestHandler
 
 from distributex import __version__
 from distributex.backends import BackendUnavailable, LockBackend, make_backend
@@ -34,16 +56,33 @@ log = logging.getLogger("distributex")
 # how long the server waits for answers already being written.
 SHUTDOWN_GRACE = 3.0
 LISTEN_BACKLOG = 4096
+# Connections taken from the listen queue per loop turn: bounds how far the
+# count can run ahead of the cap before the protocols exist.
+ACCEPT_BATCH = 64
+# Pause in accepting when out of file descriptors with nothing idle to close.
+ACCEPT_RETRY = 0.5
+# Recurring trouble (no descriptors, connection cap) is logged this often.
+REPORT_EVERY = 10.0
+_OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 class _QuietBadRequests(logging.Filter):
-    """Malformed HTTP (a 400 aiohttp answers itself) logs one line, not a traceback."""
+    """Malformed HTTP (a 400 aiohttp answers itself) logs one line, not a traceback.
+
+    A client that hangs up mid-request (e.g. half-closes after ``Expect:
+    100-continue``) is not the server's problem: a debug line at most.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, HttpProcessingError):
             record.msg, record.args, record.exc_info = "bad HTTP request: %s", (exc.message,), None
             record.levelno, record.levelname = logging.INFO, "INFO"
+        elif isinstance(exc, ConnectionResetError) and "closing transport" in str(exc):
+            # aiohttp writing to a client that has gone (not a backend's reset).
+            record.msg, record.args, record.exc_info = "client went away: %s", (exc,), None
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return log.isEnabledFor(logging.DEBUG)
         return True
 
 
@@ -52,6 +91,308 @@ def quiet_bad_requests() -> None:
     logger = logging.getLogger("aiohttp.server")
     if not any(isinstance(f, _QuietBadRequests) for f in logger.filters):
         logger.addFilter(_QuietBadRequests())
+
+
+def server_url(bind: str, port: int) -> str:
+    """``http://HOST:PORT/`` with an IPv6 address in brackets, as URLs write it."""
+    host = f"[{bind}]" if ":" in bind else bind
+    return f"http://{host}:{port}/"
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft ``RLIMIT_NOFILE`` to the hard limit; the soft limit now (0: unknown)."""
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return 0
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        # Fails e.g. for an unlimited hard limit above what the kernel allows.
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return 0 if soft == resource.RLIM_INFINITY else soft
+
+
+def connection_limit(max_connections: int, fd_limit: int) -> int:
+    """The connection cap: ``max_connections``, or (0) the fd limit less a reserve."""
+    if max_connections > 0:
+        return max_connections
+    if fd_limit <= 0:
+        return 10000
+    # Room for the listening sockets, the backend's connections, log files
+    # and the accepts in flight.
+    return max(16, fd_limit - max(64, fd_limit // 8))
+
+
+class _Throttle:
+    """Logs a recurring event at most once per ``REPORT_EVERY`` seconds, with a count."""
+
+    def __init__(self, level: int, what: str) -> None:
+        self.level = level
+        self.what = what
+        self.count = 0
+        self.next_report = 0.0
+
+    def note(self, *args: object) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now >= self.next_report:
+            log.log(self.level, f"{self.what} (count %d since the last report)", *args, self.count)
+            self.count = 0
+            self.next_report = now + REPORT_EVERY
+
+
+class _Connections:
+    """The open connections, oldest first, and the cap on how many there are."""
+
+    def __init__(self, limit: int, header_timeout: float) -> None:
+        self.limit = limit
+        self.header_timeout = header_timeout
+        self.open: dict[_Connection, None] = {}
+        self.pending = 0  # accepted, protocol not made yet
+        self._evicted = _Throttle(logging.INFO, f"connection limit {limit} reached: idle closed")
+        self._refused = _Throttle(
+            logging.WARNING, f"connection limit {limit} reached, none idle: new ones refused"
+        )
+
+    def full(self) -> bool:
+        return len(self.open) + self.pending >= self.limit
+
+    def oldest_idle(self) -> _Connection | None:
+        """The oldest connection with no request in progress (never a parked /wait/)."""
+        return next((conn for conn in self.open if conn.idle()), None)
+
+    def close(self, conn: _Connection) -> None:
+        del self.open[conn]
+        conn.force_close()
+
+    def close_oldest_idle(self) -> bool:
+        """Close the oldest idle connection; False if there is none."""
+        conn = self.oldest_idle()
+        if conn is None:
+            return False
+        self.close(conn)
+        return True
+
+    def admit(self, conn: socket.socket, victim: _Connection | None) -> bool:
+        """Make room for ``conn`` when full: close ``victim``, else refuse ``conn``."""
+        if not self.full():
+            return True
+        if victim is not None and victim in self.open:
+            self.close(victim)
+            self._evicted.note()
+            return True
+        conn.close()
+        self._refused.note()
+        return False
+
+
+class _Connection(RequestHandler):
+    """aiohttp's connection with a deadline for each request head, known to the cap.
+
+    aiohttp counts request heads as they are parsed (``_request_count``);
+    ``finish_response`` runs once per head when its answer is written. A
+    connection is idle when every head has been answered: a parked /wait/ is
+    a head not answered yet.
+    """
+
+    def __init__(self, manager: web.Server, connections: _Connections, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._connections = connections
+        self._answered = 0
+        self._head_timer: asyncio.TimerHandle | None = None
+        self.pending = True  # counted in connections.pending until made
+
+    def idle(self) -> bool:
+        return self._request_count == self._answered
+
+    def made(self) -> None:
+        """No longer a connection in the making (made, or failed to be)."""
+        if self.pending:
+            self.pending = False
+            self._connections.pending -= 1
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.made()
+        self._connections.open[self] = None
+        self._start_head_timer()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._stop_head_timer()
+        self._connections.open.pop(self, None)
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if not self.idle():
+            self._stop_head_timer()
+        elif data and self._head_timer is None:
+            self._start_head_timer()  # a kept-alive connection began its next head
+
+    async def finish_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().finish_response(*args, **kwargs)
+        finally:
+            self._answered += 1
+
+    def _start_head_timer(self) -> None:
+        self._head_timer = self._loop.call_later(
+            self._connections.header_timeout, self._head_timed_out
+        )
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.idle() and self.transport is not None:
+            self._connections.open.pop(self, None)
+            self.force_close()
+
+
+async def _listen(host: str | None, port: int, backlog: int) -> list[socket.socket]:
+    """Listening sockets for every address ``host`` names (as loop.create_server binds)."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(
+        host or None,
+        port,
+        family=socket.AF_UNSPEC,
+        type=socket.SOCK_STREAM,
+        flags=socket.AI_PASSIVE,
+    )
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _name, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            if os.name == "posix":
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                raise OSError(
+                    exc.errno,
+                    f"error while attempting to bind on address {address!r}: "
+                    f"{(exc.strerror or str(exc)).lower()}",
+                ) from None
+            sock.listen(backlog)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+class _Site(web.BaseSite):
+    """A TCP site that accepts connections itself, to enforce the cap and survive EMFILE.
+
+    asyncio's own accept loop logs a traceback for every failed accept (up
+    to the listen backlog per loop turn, each also scheduling a retry), which
+    floods the log and burns CPU once file descriptors run out.
+    """
+
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        host: str | None,
+        port: int,
+        connections: _Connections,
+        backlog: int = LISTEN_BACKLOG,
+    ) -> None:
+        super().__init__(runner, backlog=backlog)
+        self._host = host
+        self._port = port
+        self._connections = connections
+        self._sockets: list[socket.socket] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._retry: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._trouble = _Throttle(logging.WARNING, "cannot accept connections: %s")
+
+    @property
+    def name(self) -> str:
+        return server_url(self._host or "0.0.0.0", self._port)
+
+    async def start(self) -> None:
+        await super().start()
+        self._loop = asyncio.get_running_loop()
+        self._sockets = await _listen(self._host, self._port, self._backlog)
+        self._port = self._sockets[0].getsockname()[1]
+        self._resume()
+
+    async def stop(self) -> None:
+        self._pause()
+        for sock in self._sockets:
+            sock.close()
+        self._sockets = []
+        for task in self._tasks:
+            task.cancel()  # connections half made: closed, never served
+        await super().stop()
+
+    def _resume(self) -> None:
+        assert self._loop is not None
+        self._retry = None
+        for sock in self._sockets:
+            self._loop.add_reader(sock.fileno(), self._accept, sock)
+
+    def _pause(self, seconds: float | None = None) -> None:
+        """Stop accepting; again after ``seconds`` unless None."""
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        if self._loop is None:
+            return
+        for sock in self._sockets:
+            self._loop.remove_reader(sock.fileno())
+        if seconds is not None and self._sockets:
+            self._retry = self._loop.call_later(seconds, self._resume)
+
+    def _accept(self, sock: socket.socket) -> None:
+        loop = self._loop
+        assert loop is not None
+        server = self._runner.server
+        assert server is not None
+        connections = self._connections
+        for _ in range(ACCEPT_BATCH):
+            victim = connections.oldest_idle() if connections.full() else None
+            if victim is None and connections.full() and connections.pending:
+                # Connections still being made may turn out idle (closable):
+                # leave this one in the listen queue for the next loop turn.
+                return
+            try:
+                conn, _address = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:
+                self._trouble.note(os.strerror(exc.errno) if exc.errno else exc)
+                # Out of descriptors: an idle connection's descriptor frees on
+                # the next loop turn, which accepts again. Else wait a little.
+                if exc.errno not in _OUT_OF_RESOURCES or not connections.close_oldest_idle():
+                    self._pause(ACCEPT_RETRY)
+                return
+            if not connections.admit(conn, victim):
+                continue
+            conn.setblocking(False)
+            connections.pending += 1
+            protocol = _Connection(server, connections, loop=loop, **server._kwargs)
+            task = loop.create_task(loop.connect_accepted_socket(lambda p=protocol: p, conn))
+            self._tasks.add(task)
+            task.add_done_callback(lambda task, p=protocol: self._connected(task, p))
+
+    def _connected(self, task: asyncio.Task[Any], protocol: _Connection) -> None:
+        self._tasks.discard(task)
+        protocol.made()
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("connection failed at once: %s", task.exception())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,6 +459,10 @@ async def start_server(
         config = replace(config, bind=DEFAULT_BIND)
     backend = backend or make_backend(config)
     quiet_bad_requests()
+    fd_limit = raise_fd_limit()
+    connections = _Connections(
+        connection_limit(config.max_connections, fd_limit), config.header_timeout
+    )
     await backend.start()
     app = create_app(config, backend)
     runner = web.AppRunner(
@@ -125,15 +470,21 @@ async def start_server(
         handler_cancellation=True,  # a hung-up /wait/ must leave the queue
         access_log=log.getChild("access") if access_log else None,
         shutdown_timeout=SHUTDOWN_GRACE,
+        keepalive_timeout=config.idle_timeout,
     )
     await runner.setup()
-    site = web.TCPSite(runner, config.bind, config.port, backlog=LISTEN_BACKLOG)
+    site = _Site(runner, config.bind, config.port, connections)
     try:
         await site.start()
     except BaseException:
         await runner.cleanup()
         await backend.close()
         raise
+    log.debug(
+        "up to %d connections (file descriptor limit %s)",
+        connections.limit,
+        fd_limit or "unknown",
+    )
     return runner, backend
 
 
@@ -152,11 +503,10 @@ async def serve(config: Config, *, access_log: bool = False) -> None:
         loop.add_signal_handler(signum, stop.set)
     source = config.source or "built-in configuration"
     log.info(
-        "distributex %s serving %s on http://%s:%d/ (%s backend, %s)",
+        "distributex %s serving %s on %s (%s backend, %s)",
         __version__,
         ", ".join(config.pools) or "pools made on first use",
-        config.bind,
-        config.port,
+        server_url(config.bind or DEFAULT_BIND, config.port),
         config.backend,
         source,
     )

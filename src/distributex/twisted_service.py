@@ -43,7 +43,7 @@ from twisted.python import usage
 from distributex import __version__
 from distributex.backends import BackendUnavailable, LockBackend, make_backend
 from distributex.config import Config, ConfigError
-from distributex.server import resolve_config, start_server, stop_server
+from distributex.server import resolve_config, server_url, start_server, stop_server
 
 log = logging.getLogger("distributex")
 
@@ -202,11 +202,10 @@ class DistributexService(service.Service):
             log.error("%s", message)
             raise StartupError(message) from None
         log.info(
-            "distributex %s serving %s on http://%s:%d/ (%s backend, %s, under Twisted)",
+            "distributex %s serving %s on %s (%s backend, %s, under Twisted)",
             __version__,
             ", ".join(config.pools) or "pools made on first use",
-            config.bind,
-            config.port,
+            server_url(config.bind or "0.0.0.0", config.port),
             config.backend,
             config.source or "built-in configuration",
         )
