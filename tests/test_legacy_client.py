@@ -106,6 +106,23 @@ def test_unresolvable_host_name_falls_back_to_the_plain_name(tmp_path: Path) -> 
 
 # -- answers through urllib2 ---------------------------------------------------------------
 
+
+def request_read_by_server(port: int) -> bool:
+    """An accepted connection on ``port`` whose request the server has read (receive queue 0)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local, state, queues = fields[1], fields[3], fields[4]
+            rx_queue = int(queues.split(":")[1], 16)
+            if state == "01" and int(local.rsplit(":", 1)[1], 16) == port and rx_queue == 0:
+                return True
+    return False
+
+
 # What 0.7's client did with an answer, in Python 2.7: urlopen(url).read().
 URLLIB2_CALL = textwrap.dedent(
     """\
@@ -136,3 +153,75 @@ def test_urllib2_lock_cycle(server: Server, tmp_path: Path) -> None:
     assert urllib2_get(f"{base}/release/?host=a&pool=p", tmp_path) == "body OK"
     assert urllib2_get(f"{base}/wait/?host=b&pool=p", tmp_path) == "body YES"
     assert urllib2_get(f"{base}/release/?host=b&pool=p", tmp_path) == "body OK"
+
+
+LEGACY_POOLS = """\
+pools:
+  - name: pool1
+  - name: guarded
+    servers: acme1, acme2
+"""
+
+
+@needs_py27
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [
+        ("/get/?host=me&pool=nosuchpool", "404"),  # unknown pool
+        ("/get/?host=stranger&pool=guarded", "403"),  # not in servers
+        ("/get/?pool=pool1", "400"),  # no host
+        ("/frobnicate/?host=me&pool=pool1", "404"),  # unknown verb
+    ],
+)
+def test_urllib2_sees_invalid_as_0_7_answered_it(
+    server_factory, tmp_path: Path, path: str, status: str
+) -> None:
+    server = server_factory(LEGACY_POOLS)
+    assert urllib2_get(server.url + path, tmp_path) == "body INVALID"
+    # Everyone else keeps the real status.
+    answer = server.call(path)
+    assert (str(answer.status), answer.body) == (status, "INVALID")
+
+
+@needs_py27
+def test_urllib2_gets_the_real_status_in_a_header(server_factory, tmp_path: Path) -> None:
+    server = server_factory(LEGACY_POOLS)
+    script = tmp_path / "headers27.py"
+    script.write_text(
+        "import sys, urllib2\n"
+        "r = urllib2.urlopen(sys.argv[1])\n"
+        "print('%s %s %s' % (r.getcode(), r.info().getheader('X-Distributex-Status'), r.read()))\n"
+    )
+    assert PY27 is not None
+    out = subprocess.run(
+        [PY27, str(script), server.url + "/get/?host=me&pool=nosuchpool"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.stdout.strip() == "200 404 INVALID", out.stderr
+
+
+@needs_py27
+def test_urllib2_waiter_sees_unavailable_when_the_server_stops(
+    server_factory, tmp_path: Path
+) -> None:
+    server = server_factory(LEGACY_POOLS)
+    assert server.call("/get/?host=holder&pool=pool1").body == "YES"
+    script = tmp_path / "call27.py"
+    script.write_text(URLLIB2_CALL)
+    assert PY27 is not None
+    waiter = subprocess.Popen(
+        [PY27, str(script), server.url + "/wait/?host=me&pool=pool1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 20
+    while not request_read_by_server(server.port):
+        assert time.monotonic() < deadline, "the 0.7 waiter never reached the server"
+        time.sleep(0.05)
+    server.stop()
+    out, err = waiter.communicate(timeout=30)
+    assert waiter.returncode == 0, err
+    assert out.strip() == "body UNAVAILABLE"

@@ -198,6 +198,7 @@ def _token(request: web.Request, required: bool) -> str | None:
 
 
 Handler = Callable[[web.Request, PoolSpec, str, LockBackend], Awaitable[web.Response]]
+Handler0 = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _verb(handler: Handler) -> Callable[[web.Request], Awaitable[web.Response]]:
@@ -293,9 +294,31 @@ async def _unknown(request: web.Request) -> web.Response:
     return _invalid(404, f"unknown verb '{request.path}' (use /get/, /wait/, /release/, /renew/)")
 
 
+# The 0.7 client reads answers with Python 2's urllib2, which raises on any
+# status but 2xx before the body is read (a traceback in cron mail, exit 1).
+LEGACY_CLIENT_AGENT = "Python-urllib/2."
+
+
+@web.middleware
+async def legacy_client_status(request: web.Request, handler: Handler0) -> web.StreamResponse:
+    """Answer the 0.7 client as 0.7 did: status 200, the word in the body.
+
+    It is told apart by its ``User-Agent`` (``Python-urllib/2.x``): nothing
+    else sends that, and it sends nothing else. The real status stays in
+    ``X-Distributex-Status``; curl, the new client and monitoring keep
+    getting 4xx and 503.
+    """
+    response = await handler(request)
+    agent = request.headers.get("User-Agent", "")
+    if agent.startswith(LEGACY_CLIENT_AGENT) and response.status >= 400:
+        response.headers["X-Distributex-Status"] = str(response.status)
+        response.set_status(200)
+    return response
+
+
 def create_app(config: Config, backend: LockBackend) -> web.Application:
     """The aiohttp application serving ``config``'s pools from ``backend``."""
-    app = web.Application()
+    app = web.Application(middlewares=[legacy_client_status])
     app[CONFIG_KEY] = config
     app[BACKEND_KEY] = backend
     verbs = {"get": _get, "wait": _wait, "release": _release, "renew": _renew}

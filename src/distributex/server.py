@@ -494,9 +494,11 @@ async def stop_server(runner: web.AppRunner, backend: LockBackend) -> None:
     await runner.cleanup()
 
 
-async def serve(config: Config, *, access_log: bool = False) -> None:
+async def serve(
+    config: Config, backend: LockBackend | None = None, *, access_log: bool = False
+) -> None:
     """Serve until SIGTERM or SIGINT."""
-    runner, backend = await start_server(config, access_log=access_log)
+    runner, backend = await start_server(config, backend, access_log=access_log)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -529,7 +531,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"distributexd: error: {exc}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(serve(config, access_log=args.access_log))
+        backend = make_backend(config)
+    except BackendUnavailable as exc:
+        # A backend this installation cannot build is a configuration problem
+        # (exit 2, as twistd); one that cannot start (unreachable) is 1.
+        print(f"distributexd: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(serve(config, backend, access_log=args.access_log))
     except BackendUnavailable as exc:
         print(f"distributexd: error: {exc}", file=sys.stderr)
         return 1
