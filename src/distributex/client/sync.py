@@ -201,7 +201,11 @@ def one_line(text: str, limit: int = 300) -> str:
 
 
 def _fmt(seconds: float | None) -> str | None:
-    return None if seconds is None else f"{seconds:g}"
+    """Seconds for a query parameter, exactly (``:g`` would round 1234567.5 up)."""
+    if seconds is None:
+        return None
+    seconds = float(seconds)
+    return str(int(seconds)) if seconds.is_integer() else repr(seconds)
 
 
 def _lower(headers: Mapping[str, str] | Any) -> dict[str, str]:
