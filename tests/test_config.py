@@ -136,3 +136,22 @@ def test_unreachable_memcached_stops_the_server_with_one_line(tmp_path: Path) ->
     assert f"memcached localhost:{port} unreachable" in result.stderr
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "backend: memcache\nmemcachehost: a, b\n",
+        "backend: memcache\nmemcachehost: [a, b]\n",
+    ],
+)
+def test_memcachehost_names_one_server(text: str) -> None:
+    with pytest.raises(ConfigError, match="one memcached server"):
+        parse_config(text + "pools:\n  - name: p\n", "f.yaml")
+
+
+def test_key_prefix() -> None:
+    config = parse_config("key_prefix: team-a/\npools:\n  - name: p\n", "f.yaml")
+    assert config.key_prefix == "team-a/"
+    with pytest.raises(ConfigError, match="key_prefix"):
+        parse_config("key_prefix: has space\npools:\n  - name: p\n", "f.yaml")

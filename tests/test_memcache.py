@@ -7,6 +7,7 @@ the test, and real distributexd processes sharing it.
 from __future__ import annotations
 
 import signal
+import threading
 import time
 from collections.abc import Iterator
 
@@ -119,3 +120,31 @@ def test_fences_never_go_back_after_a_flush(mc: Memcached, server_factory) -> No
     wait_until(lambda: server.call(q("get", "b", "free")).body == "YES", 10, "granted after loss")
     after = int(server.call(q("get", "b", "free")).headers["X-Distributex-Fence"])
     assert after > before
+
+
+def test_frozen_memcached_is_a_bounded_503_for_every_request(mc: Memcached, server_factory) -> None:
+    # SIGSTOP: connections stay open and nothing answers (a black-holed store).
+    server: Server = server_factory(config(mc))
+    assert server.call(q("get", "a", "p")).body == "YES"
+    assert mc.proc is not None
+    mc.proc.send_signal(signal.SIGSTOP)
+    try:
+        results: list[tuple[float, int]] = []
+
+        def one(i: int) -> None:
+            began = time.monotonic()
+            answer = server.call(q("get", f"h{i}", f"pool{i % 3}"), timeout=30)
+            results.append((time.monotonic() - began, answer.status))
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert len(results) == 6
+        assert all(status == 503 for _took, status in results), results
+        assert max(took for took, _status in results) < 5, results
+    finally:
+        mc.proc.send_signal(signal.SIGCONT)
+    took = wait_until(lambda: server.call(q("get", "b", "other")).body == "YES", 15, "back")
+    assert took < 10

@@ -70,9 +70,10 @@ ALIVE_CACHE = 1.0
 # nudges (another server that grants one of our waiters tells us at once).
 POLL_INTERVAL = 0.05
 POLL_BACKOFF_MAX = 1.0
-# One store call, and one whole step, end within these (then 503).
-CALL_TIMEOUT = 2.0
-STEP_TIMEOUT = 4.0
+# One store call, and one whole step, end within these (then 503). A request
+# may wait for the step under way and then its own: two steps stay under 5 s.
+CALL_TIMEOUT = 1.2
+STEP_TIMEOUT = 2.4
 MAX_ATTEMPTS = 50
 # A pool with nothing held or queued keeps a small record (its fence) this long.
 IDLE_TTL = 24 * 3600
