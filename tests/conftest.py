@@ -185,23 +185,29 @@ class Cluster:
 
 BACKEND_KEYS = {
     "inmemory": "backend: inmemory\n",
+    "sqlite": "backend: sqlite\nsqlite_path: {path}\n",
     "memcache": "backend: memcache\nmemcachehost: 127.0.0.1\nmemcacheport: {port}\n"
     "key_prefix: t{prefix}/\n",
 }
 
 
-@pytest.fixture(params=["inmemory", "memcache"])
+@pytest.fixture(params=["inmemory", "sqlite", "memcache"])
 def backend_name(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
 @pytest.fixture
-def cluster_factory(backend_name: str, server_factory, request: pytest.FixtureRequest):
-    """Call with the pools part of a config: one inmemory server, or two sharing memcached."""
+def cluster_factory(
+    backend_name: str, server_factory, request: pytest.FixtureRequest, tmp_path: Path
+):
+    """Call with the pools part of a config: one inmemory server, or two sharing a store."""
 
     def factory(pools: str, servers: int = 2) -> Cluster:
         if backend_name == "inmemory":
             head, count = BACKEND_KEYS["inmemory"], 1
+        elif backend_name == "sqlite":
+            head = BACKEND_KEYS["sqlite"].format(path=tmp_path / f"state-{free_port()}.db")
+            count = servers  # several processes on one file
         else:
             mc = request.getfixturevalue("memcached")
             head = BACKEND_KEYS["memcache"].format(port=mc.port, prefix=free_port())

@@ -12,6 +12,10 @@ Top-level keys:
 ``memcacheport``  memcache backend: port (default 11211).
 ``key_prefix``    memcache backend: prefix of every key, so one memcached
                   serves several clusters (default ``distributex/``).
+``sqlite_path``   sqlite backend (required with it): the state file, made if
+                  missing (its folder must exist).
+``sqlite_sync``   sqlite backend: ``full`` (default; a YES survives a power
+                  loss) or ``normal`` (survives a crash of the server only).
 ``bind``          address to listen on (default: ``127.0.0.1`` for
                   ``distributexd``; every interface under ``twistd``, as 0.7).
 ``port``          port to listen on (default 9889).
@@ -68,7 +72,8 @@ from distributex.engine import PoolSpec
 DEFAULT_EXPIRE = 1800.0
 DEFAULT_PORT = 9889
 DEFAULT_BIND = "127.0.0.1"
-BACKENDS = ("inmemory", "memcache")
+BACKENDS = ("inmemory", "sqlite", "memcache")
+SQLITE_SYNC = ("full", "normal")
 
 # Bounds on what a file may hold (see the module doc). Seconds stop at 10**9
 # so every later sum stays a finite float; the rest are far beyond real use
@@ -88,6 +93,8 @@ _TOP_KEYS = (
     "memcachehost",
     "memcacheport",
     "key_prefix",
+    "sqlite_path",
+    "sqlite_sync",
     "bind",
     "port",
     "start_delay",
@@ -125,6 +132,8 @@ class Config:
     memcachehost: str = "localhost"
     memcacheport: int = 11211
     key_prefix: str = "distributex/"
+    sqlite_path: str | None = None
+    sqlite_sync: str = "full"
     bind: str | None = None  # None: the entry point's default
     port: int = DEFAULT_PORT
     start_delay: float = 0.0
@@ -396,6 +405,18 @@ class _Checker:
             kwargs["key_prefix"] = prefix
         if "memcacheport" in top:
             kwargs["memcacheport"] = self.port(top["memcacheport"][1], "memcacheport")
+        if "sqlite_path" in top:
+            kwargs["sqlite_path"] = self.name(top["sqlite_path"][1], "sqlite_path")
+        if "sqlite_sync" in top:
+            node = top["sqlite_sync"][1]
+            sync = self.value(node)
+            if sync not in SQLITE_SYNC:
+                raise self.fail(
+                    node, f"sqlite_sync must be one of {', '.join(SQLITE_SYNC)}, not {_show(sync)}"
+                )
+            kwargs["sqlite_sync"] = sync
+        if kwargs.get("backend") == "sqlite" and "sqlite_path" not in kwargs:
+            raise self.fail(top["backend"][1], "backend sqlite needs sqlite_path: FILE")
         if "bind" in top:
             kwargs["bind"] = self.name(top["bind"][1], "bind")
         if "port" in top:

@@ -18,6 +18,13 @@ def make_backend(config: Config) -> LockBackend:
         from distributex.backends.inmemory import InMemoryBackend
 
         return InMemoryBackend(start_delay=config.start_delay)
+    if config.backend == "sqlite":
+        from distributex.backends.shared import SharedStateBackend
+        from distributex.backends.sqlite import SqliteStore
+
+        assert config.sqlite_path is not None  # the loader requires it
+        store = SqliteStore(config.sqlite_path, config.sqlite_sync)
+        return SharedStateBackend(store, advertise=config.bind or DEFAULT_BIND)
     if config.backend == "memcache":
         from distributex.backends import memcache
         from distributex.backends.shared import SharedStateBackend

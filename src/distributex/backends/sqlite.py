@@ -1,0 +1,295 @@
+"""The ``sqlite`` backend: the shared-state layer over a local SQLite file.
+
+Lock state survives a crash of the server (``kill -9``, and with
+``sqlite_sync: full`` a power loss): a step's write is committed before its
+answer goes out, so every ``YES`` a client received, and every ``OK`` of a
+release, is on disk. Restarted, the server finds every lease with its token
+and absolute expiry (on the wall clock; one that ran out meanwhile is
+expired by the first step) and every fence.
+
+Off the event loop: one thread owns the connection; the event loop hands it
+batches. Whatever arrives while the thread is busy (reads and writes of any
+pools, from any request) goes in the next batch, and a batch with writes is
+one transaction (``BEGIN IMMEDIATE`` ... ``COMMIT``): one fsync per batch,
+not per request (group commit). Compare-and-set is a version check inside
+that transaction; versions come from one counter in the file, so a key
+deleted and made again never repeats a version.
+
+Several ``distributexd`` processes on one host may share one file: SQLite's
+locking serializes their transactions (``busy_timeout``), and the layer's
+rules (compare-and-set, heartbeats, nudges over loopback) hold as for
+memcached. A network filesystem is not supported (SQLite's locking is not
+reliable there).
+
+``sqlite_sync``: ``full`` (default) syncs the WAL on every commit: a YES
+survives a power loss. ``normal`` syncs only at checkpoints: a YES survives a
+crash of the server process but not of the machine (a power loss may lose
+the last commits, and a restarted server could then grant a lock whose
+earlier YES was lost; use ``start_delay`` with it if that matters).
+
+The file: ``application_id`` marks it as distributex's and ``user_version``
+is its schema; a file of another program, a newer schema or a corrupt file
+stop the server at start with one line. Ended leases and idle pools leave
+nothing behind: idle records expire (the layer gives them a TTL) and expired
+rows are deleted every minute, so the file stays bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sqlite3
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from distributex.backends.base import BackendUnavailable
+from distributex.backends.shared import Store, Stored
+
+# "DxX1" as a 32-bit integer: marks the file as distributex's.
+APPLICATION_ID = 0x44785831
+SCHEMA_VERSION = 1
+# Rows past their expiry are deleted this often.
+CLEANUP_EVERY = 60.0
+# How long a transaction waits for another process holding the file.
+BUSY_TIMEOUT_MS = 1000
+SYNC_MODES = ("full", "normal")
+
+_SCHEMA = (
+    """CREATE TABLE kv (
+        key     TEXT PRIMARY KEY,
+        value   BLOB NOT NULL,
+        version INTEGER NOT NULL,
+        expires REAL
+    ) WITHOUT ROWID""",
+    "CREATE TABLE meta (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL)",
+    "INSERT INTO meta (id, seq) VALUES (1, 0)",
+    f"PRAGMA application_id = {APPLICATION_ID}",
+    f"PRAGMA user_version = {SCHEMA_VERSION}",
+)
+
+
+class StateFileError(BackendUnavailable):
+    """The state file cannot be used (another program's, a newer schema, corrupt)."""
+
+
+class SqliteStore(Store):
+    """A SQLite file on this host (``sqlite_path``)."""
+
+    def __init__(self, path: str, sync: str = "full") -> None:
+        if sync not in SYNC_MODES:
+            raise ValueError(f"sqlite_sync must be one of {', '.join(SYNC_MODES)}")
+        self.path = path
+        self.sync = sync
+        self.description = f"SQLite file {path}"
+        self._executor: ThreadPoolExecutor | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._drainer: asyncio.Task[None] | None = None
+        self._next_cleanup = 0.0
+        self.commits = 0  # transactions committed (fsyncs with sync=full), for the bench
+
+    # -- life (the connection lives in the one worker thread) ----------------------------
+
+    async def start(self) -> None:
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="distributex-sqlite")
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._executor, self._open)
+        except BaseException:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+            raise
+
+    async def close(self) -> None:
+        if self._drainer is not None:
+            with contextlib.suppress(BaseException):
+                await self._drainer
+        if self._executor is not None:
+            loop = asyncio.get_running_loop()
+            with contextlib.suppress(Exception):
+                await loop.run_in_executor(self._executor, self._close)
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    def _open(self) -> None:
+        folder = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(folder):
+            raise StateFileError(f"{self.description}: folder {folder} does not exist")
+        try:
+            # Lease tokens are secrets (they release locks): the file is the owner's.
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            os.close(fd)
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
+        except OSError as exc:
+            raise StateFileError(f"{self.description}: {exc.strerror or exc}") from None
+        try:
+            self._check_file(conn)
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StateFileError(f"{self.description}: cannot use WAL mode (got {mode})")
+            conn.execute(f"PRAGMA synchronous = {self.sync.upper()}")
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise StateFileError(f"{self.description}: not a usable SQLite file ({exc})") from None
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+
+    def _check_file(self, conn: sqlite3.Connection) -> None:
+        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        schema = conn.execute("PRAGMA user_version").fetchone()[0]
+        tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        if app_id == 0 and schema == 0 and tables == 0:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                # Made by another process meanwhile? Then check it as found.
+                if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0:
+                    for statement in _SCHEMA:
+                        conn.execute(statement)
+                conn.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                raise
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            schema = conn.execute("PRAGMA user_version").fetchone()[0]
+        if app_id != APPLICATION_ID:
+            raise StateFileError(
+                f"{self.description}: not a distributex state file (another program's "
+                "database); give sqlite_path a file of its own"
+            )
+        if schema > SCHEMA_VERSION:
+            raise StateFileError(
+                f"{self.description}: written by a newer distributex (schema {schema}; "
+                f"this version reads {SCHEMA_VERSION})"
+            )
+        problem = conn.execute("PRAGMA quick_check").fetchone()[0]
+        if problem != "ok":
+            raise StateFileError(f"{self.description}: the file is damaged ({problem})")
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    # -- the Store calls: queued, and run in batches by the worker thread ----------------
+
+    async def get(self, keys: list[str]) -> dict[str, Stored]:
+        return await self._submit(("get", keys))
+
+    async def put(self, key: str, value: bytes, version: Any | None, ttl: int = 0) -> bool:
+        return await self._submit(("put", key, value, version, ttl))
+
+    async def set(self, key: str, value: bytes, ttl: int = 0) -> None:
+        await self._submit(("set", key, value, ttl))
+
+    async def _submit(self, op: tuple[Any, ...]) -> Any:
+        if self._executor is None:
+            raise BackendUnavailable(f"{self.description} is closed")
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append((op, future))
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._queue and self._executor is not None:
+            batch, self._queue = self._queue, []
+            ops = [op for op, _future in batch]
+            try:
+                results = await loop.run_in_executor(self._executor, self._run_batch, ops)
+            except Exception as exc:
+                error = exc if isinstance(exc, BackendUnavailable) else _unavailable(self, exc)
+                for _op, future in batch:
+                    if not future.done():
+                        future.set_exception(error)
+                continue
+            for (_op, future), result in zip(batch, results, strict=True):
+                if not future.done():
+                    future.set_result(result)
+
+    def _run_batch(self, ops: list[tuple[Any, ...]]) -> list[Any]:
+        """In the worker thread: every op of the batch, writes in one transaction."""
+        conn = self._conn
+        if conn is None:
+            raise BackendUnavailable(f"{self.description} is closed")
+        now = time.time()
+        writes = any(op[0] != "get" for op in ops) or now >= self._next_cleanup
+        if not writes:
+            return [self._get(conn, op[1], now) for op in ops]
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            results = []
+            for op in ops:
+                if op[0] == "get":
+                    results.append(self._get(conn, op[1], now))
+                elif op[0] == "put":
+                    results.append(self._put(conn, now, *op[1:]))
+                else:
+                    results.append(self._set(conn, now, *op[1:]))
+            if now >= self._next_cleanup:
+                conn.execute("DELETE FROM kv WHERE expires IS NOT NULL AND expires <= ?", (now,))
+                self._next_cleanup = now + CLEANUP_EVERY
+            conn.execute("COMMIT")  # durable (sync=full: fsync'd) before anyone is answered
+            self.commits += 1
+            return results
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise
+
+    @staticmethod
+    def _get(conn: sqlite3.Connection, keys: list[str], now: float) -> dict[str, Stored]:
+        marks = ",".join("?" * len(keys))
+        rows = conn.execute(
+            f"SELECT key, value, version FROM kv WHERE key IN ({marks}) "
+            "AND (expires IS NULL OR expires > ?)",
+            (*keys, now),
+        ).fetchall()
+        return {key: Stored(bytes(value), version) for key, value, version in rows}
+
+    @staticmethod
+    def _next_version(conn: sqlite3.Connection) -> int:
+        return conn.execute("UPDATE meta SET seq = seq + 1 WHERE id = 1 RETURNING seq").fetchone()[
+            0
+        ]
+
+    def _put(
+        self, conn: sqlite3.Connection, now: float, key: str, value: bytes, version: Any, ttl: int
+    ) -> bool:
+        expires = now + ttl if ttl else None
+        if version is None:
+            conn.execute(
+                "DELETE FROM kv WHERE key = ? AND expires IS NOT NULL AND expires <= ?", (key, now)
+            )
+            cursor = conn.execute(
+                "INSERT OR IGNORE INTO kv (key, value, version, expires) VALUES (?, ?, ?, ?)",
+                (key, value, self._next_version(conn), expires),
+            )
+        else:
+            cursor = conn.execute(
+                "UPDATE kv SET value = ?, version = ?, expires = ? WHERE key = ? AND version = ? "
+                "AND (expires IS NULL OR expires > ?)",
+                (value, self._next_version(conn), expires, key, version, now),
+            )
+        return cursor.rowcount == 1
+
+    def _set(self, conn: sqlite3.Connection, now: float, key: str, value: bytes, ttl: int) -> None:
+        conn.execute(
+            "INSERT OR REPLACE INTO kv (key, value, version, expires) VALUES (?, ?, ?, ?)",
+            (key, value, self._next_version(conn), now + ttl if ttl else None),
+        )
+
+
+def _unavailable(store: SqliteStore, exc: BaseException) -> BackendUnavailable:
+    if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+        return BackendUnavailable(f"{store.description} is busy (held by another process)")
+    return BackendUnavailable(f"{store.description}: {exc}")
+
+
+__all__ = ["SYNC_MODES", "SqliteStore", "StateFileError"]
