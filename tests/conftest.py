@@ -77,9 +77,12 @@ class Server:
 
 
 def start_server(
-    tmp_path: Path, config: str | None = None, args: list[str] | None = None
+    tmp_path: Path,
+    config: str | None = None,
+    args: list[str] | None = None,
+    port: int | None = None,
 ) -> Server:
-    port = free_port()
+    port = port or free_port()
     cmd = [sys.executable, "-m", "distributex", "-p", str(port)]
     if config is not None:
         cfg = tmp_path / f"distributex-{port}.yaml"
@@ -105,8 +108,10 @@ def server_factory(tmp_path: Path) -> Iterator:
     """Call with YAML text (or None for the built-in default) to start a server."""
     started: list[Server] = []
 
-    def factory(config: str | None = None, args: list[str] | None = None) -> Server:
-        server = start_server(tmp_path, config, args)
+    def factory(
+        config: str | None = None, args: list[str] | None = None, port: int | None = None
+    ) -> Server:
+        server = start_server(tmp_path, config, args, port)
         started.append(server)
         return server
 
@@ -216,3 +221,19 @@ def cluster_factory(
         return Cluster([server_factory(config) for _ in range(count)], backend_name)
 
     return factory
+
+
+def request_read_by_server(port: int) -> bool:
+    """An accepted connection on ``port`` whose request the server has read (receive queue 0)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local, state, queues = fields[1], fields[3], fields[4]
+            rx_queue = int(queues.split(":")[1], 16)
+            if state == "01" and int(local.rsplit(":", 1)[1], 16) == port and rx_queue == 0:
+                return True
+    return False

@@ -13,7 +13,10 @@ the server's own, whatever the server did. So, from the history alone:
 * **fencing**: intervals that follow each other in a mutex carry strictly
   increasing fences, and no fence is shared by two owners;
 * **liveness**: no wait with a long timeout was answered NO (nobody starved
-  in the FIFO queue) and each client was granted something.
+  in the FIFO queue) and each client was granted something;
+* **durability** (for backends that keep state through the faults): no
+  renewal was answered GONE before the lease could have run out, and no
+  lease released with an OK answer could be renewed again.
 
 Faults (a server killed and restarted, the store stopped and started) are the
 caller's: requests that fail are recorded as failed and prove nothing either
@@ -54,6 +57,8 @@ class LeaseRecord:
 class History:
     leases: list[LeaseRecord] = field(default_factory=list)
     long_waits_refused: list[tuple[str, str, float]] = field(default_factory=list)
+    gone_while_valid: list[tuple[str, str, int]] = field(default_factory=list)
+    released_came_back: list[tuple[str, str]] = field(default_factory=list)
     errors: int = 0
     calls: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -102,6 +107,7 @@ class Client(threading.Thread):
         self.stop_at = stop_at
         self.long_wait = long_wait
         self.failure: BaseException | None = None
+        self.released: list[tuple[str, str]] = []  # (pool, token) released with OK
 
     def server(self) -> tuple[str, int]:
         return self.rng.choice(self.servers())
@@ -123,6 +129,14 @@ class Client(threading.Thread):
 
     def once(self) -> None:
         rng = self.rng
+        if self.released and rng.random() < 0.1:
+            # A lease released with OK must stay released (also across restarts).
+            pool, token = self.released.pop(rng.randrange(len(self.released)))
+            answer = self.request("renew", {"host": self.name, "pool": pool, "lease": token})
+            if answer is not None and answer[1] == "OK":
+                with self.history.lock:
+                    self.history.released_came_back.append((pool, token))
+            return
         pool = rng.choice(self.pools)
         roll = rng.random()
         if roll < 0.1:
@@ -180,10 +194,17 @@ class Client(threading.Thread):
             if answer is not None and answer[1] == "OK":
                 record.confirmed = sent
             elif answer is not None and answer[0] == 410:
+                if time.monotonic() < record.valid_until() - 0.01:
+                    # The server said GONE before the lease could have run out.
+                    with self.history.lock:
+                        self.history.gone_while_valid.append((self.name, record.pool, record.fence))
                 record.end = min(sent, record.valid_until())  # gone: known at this moment
                 return
         record.end = min(time.monotonic(), record.valid_until())
-        self.request("release", {"host": self.name, "pool": record.pool, "lease": record.token})
+        params = {"host": self.name, "pool": record.pool, "lease": record.token}
+        answer = self.request("release", params)
+        if answer is not None and answer[1] == "OK" and len(self.released) < 20:
+            self.released.append((record.pool, record.token))
 
 
 def run(
@@ -210,8 +231,15 @@ def run(
     return history
 
 
-def check(history: History, maxlocks: dict[str, int], clients: int) -> None:
-    """Prove the rules from the history alone (see the module doc)."""
+def check(history: History, maxlocks: dict[str, int], clients: int, durable: bool = True) -> None:
+    """Prove the rules from the history alone (see the module doc).
+
+    ``durable``: the lock state was kept through whatever happened (not a
+    store that lost its memory), so no lease may vanish before its time.
+    """
+    assert not history.released_came_back, f"released, then renewed: {history.released_came_back}"
+    if durable:
+        assert not history.gone_while_valid, f"lost while valid: {history.gone_while_valid[:3]}"
     for pool, limit in maxlocks.items():
         leases = [r for r in history.leases if r.pool == pool]
         events = sorted(

@@ -84,7 +84,7 @@ def test_history_memcache_three_servers_with_faults(server_factory) -> None:
         # Waits refused while the store was down or had just lost its state are
         # not starvation: only the safety and fencing rules are checked here.
         result.long_waits_refused.clear()
-        history.check(result, MAXLOCKS, CLIENTS)
+        history.check(result, MAXLOCKS, CLIENTS, durable=False)  # memcached restarted empty
         assert len(result.leases) > 30
         print(f"{len(result.leases)} leases, {result.errors} failed calls of {result.calls}")
     finally:

@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import request_read_by_server
+
 Server = Any  # conftest.Server
 
 pytestmark = pytest.mark.timeout(90)
@@ -105,22 +107,6 @@ def test_unresolvable_host_name_falls_back_to_the_plain_name(tmp_path: Path) -> 
 
 
 # -- answers through urllib2 ---------------------------------------------------------------
-
-
-def request_read_by_server(port: int) -> bool:
-    """An accepted connection on ``port`` whose request the server has read (receive queue 0)."""
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            local, state, queues = fields[1], fields[3], fields[4]
-            rx_queue = int(queues.split(":")[1], 16)
-            if state == "01" and int(local.rsplit(":", 1)[1], 16) == port and rx_queue == 0:
-                return True
-    return False
 
 
 # What 0.7's client did with an answer, in Python 2.7: urlopen(url).read().

@@ -18,6 +18,7 @@ from typing import Any
 
 from distributex.client.errors import (
     Cancelled,
+    ConnectionLost,
     DistributexError,
     LockLost,
     LockRefused,
@@ -32,6 +33,7 @@ __all__ = [
     "CancelToken",
     "Cancelled",
     "Client",
+    "ConnectionLost",
     "DistributexError",
     "Lease",
     "LeaseKeeper",

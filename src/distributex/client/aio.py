@@ -31,7 +31,13 @@ from typing import Any
 
 import aiohttp
 
-from distributex.client.errors import LockLost, LockRefused, LockTimeout, ServerUnavailable
+from distributex.client.errors import (
+    ConnectionLost,
+    LockLost,
+    LockRefused,
+    LockTimeout,
+    ServerUnavailable,
+)
 from distributex.client.sync import (
     DEFAULT_TIMEOUT,
     KEEPER_TICK,
@@ -43,6 +49,7 @@ from distributex.client.sync import (
     REWAIT_PAUSE,
     REWAIT_PAUSE_MAX,
     Lease,
+    Requeue,
     _fmt,
     _lower,
     apply_renewal,
@@ -140,7 +147,10 @@ class AsyncClient:
                 body = await resp.content.read(MAX_BODY)
                 return resp.status, body.decode("utf-8", "replace"), _lower(resp.headers)
         except (aiohttp.ClientError, TimeoutError, OSError, UnicodeError) as exc:
-            raise ServerUnavailable(
+            # Reached the server, then lost it (it crashed or restarted mid-request)?
+            lost = isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError)
+            kind = ConnectionLost if lost else ServerUnavailable
+            raise kind(
                 one_line(f"cannot reach distributex server {self.address}: {describe(exc)}")
             ) from exc
 
@@ -156,6 +166,7 @@ class AsyncClient:
         params: dict[str, str | None] = {"host": self.host, "pool": pool, "ttl": _fmt(ttl)}
         deadline = None if timeout is None else clock() + timeout
         pause = REWAIT_PAUSE
+        requeue = Requeue(deadline)
         while True:
             sent = clock()
             if wait:
@@ -165,7 +176,19 @@ class AsyncClient:
                 read = None if left is None else left + self.timeout
             else:
                 verb, read = "get", self.timeout
-            status, body, headers = await self._call(verb, params, read)
+            try:
+                status, body, headers = await self._call(verb, params, read)
+            except ServerUnavailable as exc:
+                if not wait or not requeue.again(exc):
+                    if requeue.timed_out():
+                        raise LockTimeout(
+                            f"pool '{pool}' not obtained within {timeout:g}s"
+                        ) from exc
+                    raise
+                log.info("%s; queueing again in %.1fs", exc, requeue.pause)
+                await asyncio.sleep(requeue.pause)
+                continue
+            requeue.answered()
             word = check_answer(verb, status, body, headers)
             if word == "YES":
                 break

@@ -33,5 +33,10 @@ class ServerUnavailable(DistributexError):
     """The server could not answer: unreachable, HTTP timeout, 503, or not a distributex server."""
 
 
+class ConnectionLost(ServerUnavailable):
+    """The server was reached, then the connection broke before it answered (it crashed,
+    restarted, or a network path failed mid-request)."""
+
+
 class Cancelled(DistributexError):
     """A request was aborted from another thread through a :class:`CancelToken`."""

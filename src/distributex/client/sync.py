@@ -61,6 +61,7 @@ from urllib.parse import urlencode, urlsplit
 
 from distributex.client.errors import (
     Cancelled,
+    ConnectionLost,
     LockLost,
     LockRefused,
     LockTimeout,
@@ -87,6 +88,8 @@ KEEPER_TICK = 0.5
 CONNECT_SLICE = 0.1
 # A /wait/ answered NO with less than this left of its timeout has timed out.
 MIN_REWAIT = 0.05
+# A /wait/ whose server went away is asked again for at most this long (see Requeue).
+REQUEUE_FOR = 60.0
 # Pause between re-asked untimed /wait/s answered NO (doubling up to the maximum).
 REWAIT_PAUSE = 0.1
 REWAIT_PAUSE_MAX = 2.0
@@ -522,6 +525,45 @@ class _Connection(http.client.HTTPConnection):
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+class Requeue:
+    """When a ``/wait/`` whose server went away is asked again, and for how long.
+
+    A wait whose connection broke after it reached the server (the server
+    crashed or restarted: its queue is gone, a server with durable state
+    keeps only the leases) is sent again, and connection failures after
+    that are retried, with a pause doubling up to 2 s, for at most
+    :data:`REQUEUE_FOR` seconds of trying and never past the wait's deadline.
+    A server that cannot be reached at all on the first try is an error at
+    once, as before.
+    """
+
+    def __init__(self, deadline: float | None) -> None:
+        self.deadline = deadline
+        self.since: float | None = None
+        self.pause = REWAIT_PAUSE
+
+    def again(self, exc: ServerUnavailable) -> bool:
+        now = clock()
+        if self.since is None:
+            if not isinstance(exc, ConnectionLost):
+                return False
+            self.since, self.pause = now, REWAIT_PAUSE
+        else:
+            self.pause = min(REWAIT_PAUSE_MAX, self.pause * 2)
+        if now - self.since > REQUEUE_FOR:
+            return False
+        return self.deadline is None or now + self.pause < self.deadline
+
+    def answered(self) -> None:
+        self.since = None
+
+    def timed_out(self) -> bool:
+        """Retrying, and the wait's deadline comes before the next try could."""
+        if self.since is None or self.deadline is None:
+            return False
+        return clock() + self.pause >= self.deadline
+
+
 class Client:
     """A blocking client of one distributex server.
 
@@ -569,8 +611,10 @@ class Client:
         deadline = None if budget is None else clock() + budget
         conn = _Connection(self.server, self.port, connect, cancel)
         attached: socket.socket | None = None
+        connected = False
         try:
             conn.connect()
+            connected = True
             assert isinstance(conn.sock, DeadlineSocket)
             set_keepalive(conn.sock)
             if cancel is not None:
@@ -589,9 +633,10 @@ class Client:
         except (OSError, http.client.HTTPException, UnicodeError, Cancelled) as exc:
             if cancel is not None and cancel.cancelled:
                 raise Cancelled(f"/{verb}/ cancelled") from None
-            raise ServerUnavailable(
-                f"cannot reach distributex server {self.address}: {describe(exc)}"
-            ) from exc
+            # The server went away mid-request (crash, restart): not garbage or a timeout.
+            lost = connected and isinstance(exc, ConnectionError | http.client.IncompleteRead)
+            kind = ConnectionLost if lost else ServerUnavailable
+            raise kind(f"cannot reach distributex server {self.address}: {describe(exc)}") from exc
         finally:
             if cancel is not None and attached is not None:
                 cancel._detach(attached)
@@ -622,17 +667,34 @@ class Client:
         params: dict[str, str | None] = {"host": self.host, "pool": pool, "ttl": _fmt(ttl)}
         deadline = None if timeout is None else clock() + timeout
         pause = REWAIT_PAUSE
+        requeue = Requeue(deadline)
         while True:
             sent = clock()
-            if not wait:
-                verb = "get"
-                status, body, headers = self._call(verb, params, self.timeout, cancel)
-            else:
-                verb = "wait"
-                left = None if deadline is None else max(0.0, deadline - sent)
-                params["timeout"] = _fmt(left)
-                read = None if left is None else left + self.timeout
-                status, body, headers = self._call(verb, params, read, cancel)
+            try:
+                if not wait:
+                    verb = "get"
+                    status, body, headers = self._call(verb, params, self.timeout, cancel)
+                else:
+                    verb = "wait"
+                    left = None if deadline is None else max(0.0, deadline - sent)
+                    params["timeout"] = _fmt(left)
+                    read = None if left is None else left + self.timeout
+                    status, body, headers = self._call(verb, params, read, cancel)
+            except ServerUnavailable as exc:
+                if not wait or not requeue.again(exc):
+                    if requeue.timed_out():
+                        raise LockTimeout(
+                            f"pool '{pool}' not obtained within {timeout:g}s"
+                        ) from exc
+                    raise
+                log.info("%s; queueing again in %.1fs", exc, requeue.pause)
+                if cancel is not None:
+                    if cancel._event.wait(requeue.pause):
+                        raise Cancelled("/wait/ cancelled") from None
+                else:
+                    time.sleep(requeue.pause)
+                continue
+            requeue.answered()
             word = check_answer(verb, status, body, headers)
             if word == "YES":
                 break
