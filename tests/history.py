@@ -213,8 +213,16 @@ def run(
     clients: int,
     seconds: float,
     seed: int,
-    long_wait: float = 15.0,
+    long_wait: float | None = None,
 ) -> History:
+    """Run ``clients`` random clients for ``seconds``; their history.
+
+    ``long_wait`` (default: what FIFO guarantees) is the timeout of the
+    waits that must not be answered NO: every other client may be ahead in
+    the queue, each holding at most 1.5 TTLs (2 s) plus a renewal's time.
+    """
+    if long_wait is None:
+        long_wait = clients * 4.0 + 5.0
     history = History()
     stop_at = time.monotonic() + seconds
     threads = [

@@ -79,7 +79,7 @@ def test_history_memcache_three_servers_with_faults(server_factory) -> None:
 
         injector = threading.Thread(target=faults, daemon=True)
         injector.start()
-        result = history.run(current, list(MAXLOCKS), CLIENTS, SECONDS, seed(), long_wait=20)
+        result = history.run(current, list(MAXLOCKS), CLIENTS, SECONDS, seed())
         injector.join(30)
         # Waits refused while the store was down or had just lost its state are
         # not starvation: only the safety and fencing rules are checked here.

@@ -506,6 +506,12 @@ class SharedStateBackend(LockBackend):
                             self._background(request.undo(result))
                         if not request.future.done():
                             request.future.set_exception(exc)
+                    # Those that came meanwhile get the same answer now, not after
+                    # another step's timeout: every request is answered within 5 s.
+                    for request in pending:
+                        if not request.future.done():
+                            request.future.set_exception(exc)
+                    pending.clear()
                     continue
                 for request, result in zip(batch, results, strict=True):
                     if not request.future.done():
