@@ -98,6 +98,7 @@ class Server:
     extra_args: Sequence[str] = ()
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
+    final_log: str = ""
     _log: Any = None
 
     @property
@@ -160,6 +161,7 @@ class Server:
                 self.proc.kill()
                 self.proc.wait(5)
         if self._log is not None:
+            self.final_log = self.log()  # what it said on the way out, for the caller
             self._log.close()
             self._log = None
         return self.proc.returncode

@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import itertools
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -110,8 +111,9 @@ async def load(bases: list[str], clients: int, warmup: float, duration: float) -
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backend", choices=["memcache", "inmemory"], default="memcache")
-    parser.add_argument("--servers", type=int, default=2)
+    parser.add_argument("--backend", choices=["memcache", "sqlite", "inmemory"], default="memcache")
+    parser.add_argument("--servers", type=int, default=None, help="memcache 2, sqlite 1")
+    parser.add_argument("--sync", choices=["full", "normal"], default="full", help="sqlite")
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--warmup", type=float, default=1.0)
@@ -120,10 +122,16 @@ def main(argv: list[str] | None = None) -> int:
 
     memcached = None
     config = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)  # noqa: SIM115
+    state = tempfile.TemporaryDirectory()
     if args.backend == "memcache":
         memcached, mc_port = start_memcached()
         config.write(f"backend: memcache\nmemcachehost: {LOOPBACK}\nmemcacheport: {mc_port}\n")
-        servers_n = args.servers
+        servers_n = args.servers or 2
+    elif args.backend == "sqlite":
+        # On the disk the tests use (not a tmpfs): fsyncs cost what they cost there.
+        path = os.path.join(state.name, "state.db")
+        config.write(f"backend: sqlite\nsqlite_path: {path}\nsqlite_sync: {args.sync}\n")
+        servers_n = args.servers or 1
     else:
         config.write("backend: inmemory\n")
         servers_n = 1
@@ -143,12 +151,18 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for server in servers:
             server.stop()
+        state.cleanup()
         if memcached is not None:
             memcached.terminate()
             memcached.wait(10)
         os.unlink(config.name)
 
     grants = [g for g, _ in result["grants"]]
+    commits = sum(
+        int(m.group(1))
+        for s in servers
+        for m in re.finditer(r": (\d+) commits since start", s.final_log)
+    )
     violations = safety_violations(grants)
     ordered = sorted(result["grants"], key=lambda item: item[0].yes_ns)
     same, cross = [], []
@@ -178,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         "server_cpu_us_per_grant": cpu / max(1, len(grants)) * 1e6,
         "memcached_cpu_us_per_grant": mc_cpu / max(1, len(grants)) * 1e6,
         "server_cpu_pct": cpu / wall * 100,
+        "sqlite_commits_per_grant": commits / max(1, len(grants)),
         "violations": violations,
     }
     table = [
@@ -203,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
         ),
         ("safety violations", str(sum(violations.values()))),
     ]
+    if args.backend == "sqlite":
+        label = f"commits per grant (= fsyncs, sync {args.sync})"
+        table.insert(-1, (label, f"{rows['sqlite_commits_per_grant']:.2f}"))
     emit(rows, table, "shared mutex fight", args.json)
     return 1 if sum(violations.values()) else 0
 

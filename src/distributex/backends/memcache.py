@@ -90,6 +90,7 @@ class MemcacheStore(Store):
         return {k.decode(): Stored(v, versions.get(k)) for k, v in values.items()}
 
     async def put(self, key: str, value: bytes, version: Any | None, ttl: int = 0) -> bool:
+        # memcached does not say the new cas value: True, and the layer reads first.
         client = self._connect()
         try:
             if version is None:

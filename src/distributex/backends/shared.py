@@ -122,11 +122,13 @@ class Store(abc.ABC):
         """The values of those keys that exist, with their versions."""
 
     @abc.abstractmethod
-    async def put(self, key: str, value: bytes, version: Any | None, ttl: int = 0) -> bool:
+    async def put(self, key: str, value: bytes, version: Any | None, ttl: int = 0) -> Any:
         """Write if the key is still at ``version`` (None: only if it does not exist).
 
         ``ttl`` > 0 lets the store drop the key after that many seconds.
-        False if another write came first.
+        Returns something false (None, False) if another write came first;
+        else the new version if the store knows it (the layer then need not
+        read the record back before its next step), else True.
         """
 
     @abc.abstractmethod
@@ -280,6 +282,8 @@ class SharedStateBackend(LockBackend):
         self._tasks: set[asyncio.Task[Any]] = set()
         self._epoch: Epoch | None = None
         self._fence_floor: dict[str, int] = {}
+        # pool -> (the record this server wrote last, with its version; its epoch)
+        self._written: dict[str, tuple[Stored, Epoch]] = {}
         self._in_use: set[str] = set()
         self._alive: dict[str, tuple[bool, float]] = {}
         self._heartbeat: asyncio.Task[None] | None = None
@@ -529,9 +533,16 @@ class SharedStateBackend(LockBackend):
     ) -> list[Any]:
         key = self.pool_key(spec.name)
         for attempt in range(MAX_ATTEMPTS):
-            got = await self._call(self.store.get([key, self.epoch_key]))
-            epoch = await self._call(self._current_epoch(got.get(self.epoch_key), read=False))
-            stored = got.get(key)
+            # The record this server wrote last, if the store told its version: a
+            # read saved. If another server wrote since, the compare-and-set
+            # fails and the step is redone from a real read.
+            cached = self._written.pop(spec.name, None)
+            if cached is not None:
+                stored, epoch = cached
+            else:
+                got = await self._call(self.store.get([key, self.epoch_key]))
+                epoch = await self._call(self._current_epoch(got.get(self.epoch_key), read=False))
+                stored = got.get(key)
             now = self.store.now()
             floor = self._fence_floor.get(spec.name, 0)
             if stored is not None:
@@ -565,6 +576,8 @@ class SharedStateBackend(LockBackend):
             if (stored is None and state is None) or (
                 stored is not None and record == stored.value
             ):
+                if cached is not None:
+                    continue  # answers from a record that may be stale: read it and redo
                 self._after(spec, engine, delivered)
                 return results  # nothing to write
             ttl = IDLE_TTL if state is None else 0
@@ -574,6 +587,8 @@ class SharedStateBackend(LockBackend):
             )
             doubt.clear()
             if written:
+                if written is not True:
+                    self._written[spec.name] = (Stored(record, written), epoch)
                 self._after(spec, engine, delivered)
                 self._nudge_others(spec, engine)
                 return results

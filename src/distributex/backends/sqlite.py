@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import sqlite3
 import time
@@ -46,6 +47,8 @@ from typing import Any
 
 from distributex.backends.base import BackendUnavailable
 from distributex.backends.shared import Store, Stored
+
+log = logging.getLogger("distributex.sqlite")
 
 # "DxX1" as a 32-bit integer: marks the file as distributex's.
 APPLICATION_ID = 0x44785831
@@ -175,13 +178,14 @@ class SqliteStore(Store):
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+            log.info("%s: %d commits since start", self.description, self.commits)
 
     # -- the Store calls: queued, and run in batches by the worker thread ----------------
 
     async def get(self, keys: list[str]) -> dict[str, Stored]:
         return await self._submit(("get", keys))
 
-    async def put(self, key: str, value: bytes, version: Any | None, ttl: int = 0) -> bool:
+    async def put(self, key: str, value: bytes, version: Any | None, ttl: int = 0) -> Any:
         return await self._submit(("put", key, value, version, ttl))
 
     async def set(self, key: str, value: bytes, ttl: int = 0) -> None:
@@ -255,29 +259,30 @@ class SqliteStore(Store):
 
     @staticmethod
     def _next_version(conn: sqlite3.Connection) -> int:
-        return conn.execute("UPDATE meta SET seq = seq + 1 WHERE id = 1 RETURNING seq").fetchone()[
-            0
-        ]
+        row = conn.execute("UPDATE meta SET seq = seq + 1 WHERE id = 1 RETURNING seq").fetchone()
+        return int(row[0])
 
     def _put(
         self, conn: sqlite3.Connection, now: float, key: str, value: bytes, version: Any, ttl: int
-    ) -> bool:
+    ) -> int | None:
+        """The new version, or None if the key was not at ``version``."""
         expires = now + ttl if ttl else None
+        new = self._next_version(conn)
         if version is None:
             conn.execute(
                 "DELETE FROM kv WHERE key = ? AND expires IS NOT NULL AND expires <= ?", (key, now)
             )
             cursor = conn.execute(
                 "INSERT OR IGNORE INTO kv (key, value, version, expires) VALUES (?, ?, ?, ?)",
-                (key, value, self._next_version(conn), expires),
+                (key, value, new, expires),
             )
         else:
             cursor = conn.execute(
                 "UPDATE kv SET value = ?, version = ?, expires = ? WHERE key = ? AND version = ? "
                 "AND (expires IS NULL OR expires > ?)",
-                (value, self._next_version(conn), expires, key, version, now),
+                (value, new, expires, key, version, now),
             )
-        return cursor.rowcount == 1
+        return new if cursor.rowcount == 1 else None
 
     def _set(self, conn: sqlite3.Connection, now: float, key: str, value: bytes, ttl: int) -> None:
         conn.execute(
