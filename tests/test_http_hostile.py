@@ -61,14 +61,21 @@ def read_answer(sock: socket.socket) -> tuple[int, str]:
 
 
 def closed_by_server(sock: socket.socket, timeout: float = 20) -> bool:
-    """True once the server closes the connection (EOF or reset) within ``timeout``."""
-    sock.settimeout(timeout)
-    try:
-        return sock.recv(4096) == b""
-    except ConnectionResetError:
-        return True
-    except TimeoutError:
-        return False
+    """True once the server closes the connection (EOF or reset) within ``timeout``.
+
+    Whatever it sends first (a ``100 Continue``, an answer) is read and dropped.
+    """
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            if sock.recv(4096) == b"":
+                return True
+        except ConnectionResetError:
+            return True
+        except TimeoutError:
+            return False
+    return False
 
 
 @pytest.fixture
