@@ -124,3 +124,13 @@ def test_the_checker_catches_a_broken_history(records: list[history.LeaseRecord]
 def test_the_checker_passes_a_good_history() -> None:
     records = [lease("a", 0.0, 1.0, 1), lease("b", 1.0, 2.0, 2), lease("a", 2.5, 3.0, 3)]
     history.check(history.History(leases=records), {"mutex": 1}, 2)
+
+
+def test_history_sqlite_two_processes_one_file(server_factory, tmp_path) -> None:
+    config = f"backend: sqlite\nsqlite_path: {tmp_path / 'state.db'}\n" + POOLS
+    servers = [server_factory(config) for _ in range(2)]
+    addresses = [("127.0.0.1", s.port) for s in servers]
+    result = history.run(lambda: addresses, list(MAXLOCKS), CLIENTS, SECONDS, seed())
+    history.check(result, MAXLOCKS, CLIENTS)
+    assert result.errors == 0
+    assert len(result.leases) > 50
