@@ -110,9 +110,10 @@ def run(
     warmup: float = 1.0,
     profile: str | None = None,
     client: str = "aiohttp",
+    config: str | None = None,
 ) -> dict[str, Any]:
-    """Run the benchmark; returns its figures."""
-    with Server() as server:
+    """Run the benchmark; returns its figures (``config``: a server configuration file)."""
+    with Server(config=config) as server:
         args = (server.port, pools, uvloop, client)
         results, window = run_closed_loop(
             server, worker, args, clients, procs, duration, warmup, profile
@@ -175,6 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--pools", type=int, default=64)
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="server configuration (e.g. backend: sqlite; it must allow pools made on first use)",
+    )
     add_load_options(parser)
     args = parser.parse_args(argv)
     result = run(
@@ -186,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         args.warmup,
         args.profile,
         args.client,
+        args.config,
     )
     emit(result, rows(result), "get_release: get+release cycles over many pools", args.json)
     ok = sum(result["safety_violations"].values()) == 0 and not result["errors"]

@@ -198,7 +198,6 @@ def _token(request: web.Request, required: bool) -> str | None:
 
 
 Handler = Callable[[web.Request, PoolSpec, str, LockBackend], Awaitable[web.Response]]
-Handler0 = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _verb(handler: Handler) -> Callable[[web.Request], Awaitable[web.Response]]:
@@ -217,9 +216,10 @@ def _verb(handler: Handler) -> Callable[[web.Request], Awaitable[web.Response]]:
                 raise Invalid(403, f"host '{host}' is not in the servers list of '{pool_name}'")
             return await handler(request, spec, host, request.app[BACKEND_KEY])
         except Invalid as exc:
-            return _invalid(exc.status, exc.reason)
+            return _for_legacy_client(request, _invalid(exc.status, exc.reason))
         except BackendUnavailable as exc:
-            return _answer("UNAVAILABLE", 503, {"X-Distributex-Reason": str(exc)})
+            answer = _answer("UNAVAILABLE", 503, {"X-Distributex-Reason": str(exc)})
+            return _for_legacy_client(request, answer)
 
     return endpoint
 
@@ -291,7 +291,8 @@ async def _renew(request: web.Request, spec: PoolSpec, host: str, backend: LockB
 
 
 async def _unknown(request: web.Request) -> web.Response:
-    return _invalid(404, f"unknown verb '{request.path}' (use /get/, /wait/, /release/, /renew/)")
+    reason = f"unknown verb '{request.path}' (use /get/, /wait/, /release/, /renew/)"
+    return _for_legacy_client(request, _invalid(404, reason))
 
 
 # The 0.7 client reads answers with Python 2's urllib2, which raises on any
@@ -299,18 +300,16 @@ async def _unknown(request: web.Request) -> web.Response:
 LEGACY_CLIENT_AGENT = "Python-urllib/2."
 
 
-@web.middleware
-async def legacy_client_status(request: web.Request, handler: Handler0) -> web.StreamResponse:
-    """Answer the 0.7 client as 0.7 did: status 200, the word in the body.
+def _for_legacy_client(request: web.Request, response: web.Response) -> web.Response:
+    """A refusal as the 0.7 client must see it: status 200, the word in the body.
 
     It is told apart by its ``User-Agent`` (``Python-urllib/2.x``): nothing
     else sends that, and it sends nothing else. The real status stays in
     ``X-Distributex-Status``; curl, the new client and monitoring keep
-    getting 4xx and 503.
+    getting 4xx and 503. (Only refusals are rewritten, here rather than in a
+    middleware that every request would pay for.)
     """
-    response = await handler(request)
-    agent = request.headers.get("User-Agent", "")
-    if agent.startswith(LEGACY_CLIENT_AGENT) and response.status >= 400:
+    if request.headers.get("User-Agent", "").startswith(LEGACY_CLIENT_AGENT):
         response.headers["X-Distributex-Status"] = str(response.status)
         response.set_status(200)
     return response
@@ -318,7 +317,7 @@ async def legacy_client_status(request: web.Request, handler: Handler0) -> web.S
 
 def create_app(config: Config, backend: LockBackend) -> web.Application:
     """The aiohttp application serving ``config``'s pools from ``backend``."""
-    app = web.Application(middlewares=[legacy_client_status])
+    app = web.Application()
     app[CONFIG_KEY] = config
     app[BACKEND_KEY] = backend
     verbs = {"get": _get, "wait": _wait, "release": _release, "renew": _renew}

@@ -282,8 +282,9 @@ class SharedStateBackend(LockBackend):
         self._tasks: set[asyncio.Task[Any]] = set()
         self._epoch: Epoch | None = None
         self._fence_floor: dict[str, int] = {}
-        # pool -> (the record this server wrote last, with its version; its epoch)
-        self._written: dict[str, tuple[Stored, Epoch]] = {}
+        # pool -> the record this server wrote last (with its version), its epoch,
+        # and the engine that holds its state (no decoding it back)
+        self._written: dict[str, tuple[Stored, Epoch, LockEngine]] = {}
         self._in_use: set[str] = set()
         self._alive: dict[str, tuple[bool, float]] = {}
         self._heartbeat: asyncio.Task[None] | None = None
@@ -537,15 +538,18 @@ class SharedStateBackend(LockBackend):
             # read saved. If another server wrote since, the compare-and-set
             # fails and the step is redone from a real read.
             cached = self._written.pop(spec.name, None)
+            engine: LockEngine | None = None
             if cached is not None:
-                stored, epoch = cached
+                stored, epoch, engine = cached  # the engine holds that record's state
             else:
                 got = await self._call(self.store.get([key, self.epoch_key]))
                 epoch = await self._call(self._current_epoch(got.get(self.epoch_key), read=False))
                 stored = got.get(key)
             now = self.store.now()
             floor = self._fence_floor.get(spec.name, 0)
-            if stored is not None:
+            if engine is not None:
+                pass
+            elif stored is not None:
                 try:
                     state, _written_in = decode_pool(stored.value)
                 except StaleRecord as exc:
@@ -588,7 +592,7 @@ class SharedStateBackend(LockBackend):
             doubt.clear()
             if written:
                 if written is not True:
-                    self._written[spec.name] = (Stored(record, written), epoch)
+                    self._written[spec.name] = (Stored(record, written), epoch, engine)
                 self._after(spec, engine, delivered)
                 self._nudge_others(spec, engine)
                 return results
