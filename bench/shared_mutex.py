@@ -158,11 +158,13 @@ def main(argv: list[str] | None = None) -> int:
         os.unlink(config.name)
 
     grants = [g for g, _ in result["grants"]]
-    commits = sum(
-        int(m.group(1))
+    counts = [
+        (int(m.group(1)), int(m.group(2)))
         for s in servers
-        for m in re.finditer(r": (\d+) commits since start", s.final_log)
-    )
+        for m in re.finditer(r": (\d+) commits since start, (\d+) fsync'd", s.final_log)
+    ]
+    commits = sum(c for c, _ in counts)
+    fsyncs = sum(f for _, f in counts)
     violations = safety_violations(grants)
     ordered = sorted(result["grants"], key=lambda item: item[0].yes_ns)
     same, cross = [], []
@@ -193,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         "memcached_cpu_us_per_grant": mc_cpu / max(1, len(grants)) * 1e6,
         "server_cpu_pct": cpu / wall * 100,
         "sqlite_commits_per_grant": commits / max(1, len(grants)),
+        "sqlite_fsyncs_per_grant": fsyncs / max(1, len(grants)),
         "violations": violations,
     }
     table = [
@@ -219,8 +222,11 @@ def main(argv: list[str] | None = None) -> int:
         ("safety violations", str(sum(violations.values()))),
     ]
     if args.backend == "sqlite":
-        label = f"commits per grant (= fsyncs, sync {args.sync})"
-        table.insert(-1, (label, f"{rows['sqlite_commits_per_grant']:.2f}"))
+        label = f"commits / fsyncs per grant (sync {args.sync})"
+        per_grant = (
+            f"{rows['sqlite_commits_per_grant']:.2f} / {rows['sqlite_fsyncs_per_grant']:.2f}"
+        )
+        table.insert(-1, (label, per_grant))
     emit(rows, table, "shared mutex fight", args.json)
     return 1 if sum(violations.values()) else 0
 

@@ -89,7 +89,9 @@ class MemcacheStore(Store):
             raise BackendUnavailable(f"{self.description}: {exc}") from None
         return {k.decode(): Stored(v, versions.get(k)) for k, v in values.items()}
 
-    async def put(self, key: str, value: bytes, version: Any | None, ttl: int = 0) -> bool:
+    async def put(
+        self, key: str, value: bytes, version: Any | None, ttl: int = 0, durable: bool = True
+    ) -> bool:
         # memcached does not say the new cas value: True, and the layer reads first.
         client = self._connect()
         try:

@@ -122,10 +122,14 @@ class Store(abc.ABC):
         """The values of those keys that exist, with their versions."""
 
     @abc.abstractmethod
-    async def put(self, key: str, value: bytes, version: Any | None, ttl: int = 0) -> Any:
+    async def put(
+        self, key: str, value: bytes, version: Any | None, ttl: int = 0, durable: bool = True
+    ) -> Any:
         """Write if the key is still at ``version`` (None: only if it does not exist).
 
         ``ttl`` > 0 lets the store drop the key after that many seconds.
+        ``durable`` False: the write may be lost in a crash (a store that
+        syncs to disk may skip the sync for it).
         Returns something false (None, False) if another write came first;
         else the new version if the store knows it (the layer then need not
         read the record back before its next step), else True.
@@ -565,6 +569,7 @@ class SharedStateBackend(LockBackend):
                     until = epoch.lost_at + (spec.expire or LOSS_HOLD_NEVER_EXPIRE)
                     if now < until:
                         engine.block(spec, until)
+            promised = _promises(engine, spec.name)
             await self._drop_stale(engine, spec, now)
             engine.expire(now)
             engine.fill(spec.name, now)
@@ -585,9 +590,13 @@ class SharedStateBackend(LockBackend):
                 self._after(spec, engine, delivered)
                 return results  # nothing to write
             ttl = IDLE_TTL if state is None else 0
+            # Only a change to what clients were told (a lease delivered, renewed or
+            # ended; a fence) must be durable before the answer; queue entries
+            # need not be (waiters do not outlive a crash of their server).
+            durable = _promises(engine, spec.name) != promised
             doubt[:] = results
             written = await self._call(
-                self.store.put(key, record, stored.version if stored else None, ttl)
+                self.store.put(key, record, stored.version if stored else None, ttl, durable)
             )
             doubt.clear()
             if written:
@@ -939,6 +948,16 @@ class SharedStateBackend(LockBackend):
         return await self._step(
             spec, lambda engine, now: engine.renew(spec.name, token, now, ttl, owner)
         )
+
+
+def _promises(engine: LockEngine, pool: str) -> set[tuple[str, float, int]]:
+    """The delivered leases of a pool (token, expiry, fence): what clients rely on."""
+    return {
+        (lease.token, lease.expires_at, hold.fence)
+        for hold in engine.holders(pool)
+        for lease in hold.leases.values()
+        if lease.delivered
+    }
 
 
 def _reason(exc: BaseException) -> str:
