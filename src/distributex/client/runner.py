@@ -140,6 +140,24 @@ class WatchdogProcess:
         self._send(f"watch {pgid} {term_at!r} {kill_at!r} {grace!r}\n")
         self.fed = (term_at, kill_at)
 
+    def arm_in_child(
+        self, term_at: float, kill_at: float, grace: float
+    ) -> Callable[[], None] | None:
+        """A preexec step: the command's child process tells the watchdog its own group.
+
+        One ``write`` of a short line to the watchdog's pipe (atomic), made
+        between fork and exec; the pipe is closed at exec.
+        """
+        if self.proc is None or self.proc.stdin is None:
+            return None
+        fd = self.proc.stdin.fileno()
+        tail = f" {term_at!r} {kill_at!r} {grace!r}\n"
+
+        def arm() -> None:
+            os.write(fd, f"watch {os.getpid()}{tail}".encode("ascii"))
+
+        return arm
+
     def fired(self) -> bool:
         """Did it signal the command (because we did not act in time)?"""
         return self.proc is not None and self.proc.poll() == watchdog.FIRED
@@ -464,15 +482,23 @@ class Runner:
             return min(self.s.http_timeout, 2.0)
         return self.s.http_timeout
 
-    def _spawn(self, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    def _spawn(
+        self, env: dict[str, str], watch: Callable[[], None] | None = None
+    ) -> subprocess.Popen[bytes]:
         s = self.s
         argv = s.argv if s.argv is not None else ["/bin/sh", "-c", s.shell_command or ""]
+        death = _parent_death_signal()
+
+        def preexec() -> None:  # in the child, between fork and exec
+            if death is not None:
+                death()
+            if watch is not None:
+                watch()
+
         try:
             # A new session: the command's whole process group can be signalled,
             # and no terminal job control stops it for reading the terminal.
-            return subprocess.Popen(
-                argv, env=env, start_new_session=True, preexec_fn=_parent_death_signal()
-            )
+            return subprocess.Popen(argv, env=env, start_new_session=True, preexec_fn=preexec)
         except FileNotFoundError:
             raise Exit(EXIT_NOTFOUND, f"{argv[0]}: command not found") from None
         except PermissionError:
@@ -506,7 +532,10 @@ class Runner:
         dog = WatchdogProcess()
         dog.start()
         try:
-            proc = self._spawn(self._environment(client, lease))
+            # The child arms the watchdog itself before it runs the command: a
+            # client stopped right after the fork cannot leave it unwatched.
+            watch = dog.arm_in_child(*self._watchdog_deadlines(lease, grace), grace)
+            proc = self._spawn(self._environment(client, lease), watch)
         except BaseException:
             dog.finish()
             raise
