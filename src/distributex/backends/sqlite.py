@@ -40,9 +40,10 @@ import asyncio
 import contextlib
 import logging
 import os
+import queue
 import sqlite3
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from distributex.backends.base import BackendUnavailable
@@ -86,7 +87,7 @@ class SqliteStore(Store):
         self.path = path
         self.sync = sync
         self.description = f"SQLite file {path}"
-        self._executor: ThreadPoolExecutor | None = None
+        self._executor: _Worker | None = None
         self._conn: sqlite3.Connection | None = None
         self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self._drainer: asyncio.Task[None] | None = None
@@ -98,12 +99,11 @@ class SqliteStore(Store):
     # -- life (the connection lives in the one worker thread) ----------------------------
 
     async def start(self) -> None:
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="distributex-sqlite")
-        loop = asyncio.get_running_loop()
+        self._executor = _Worker()
         try:
-            await loop.run_in_executor(self._executor, self._open)
+            await self._executor.call(self._open)
         except BaseException:
-            self._executor.shutdown(wait=False)
+            self._executor.stop()
             self._executor = None
             raise
 
@@ -112,10 +112,9 @@ class SqliteStore(Store):
             with contextlib.suppress(BaseException):
                 await self._drainer
         if self._executor is not None:
-            loop = asyncio.get_running_loop()
             with contextlib.suppress(Exception):
-                await loop.run_in_executor(self._executor, self._close)
-            self._executor.shutdown(wait=True)
+                await self._executor.call(self._close)
+            self._executor.stop()
             self._executor = None
 
     def _open(self) -> None:
@@ -211,12 +210,11 @@ class SqliteStore(Store):
         return await future
 
     async def _drain(self) -> None:
-        loop = asyncio.get_running_loop()
         while self._queue and self._executor is not None:
             batch, self._queue = self._queue, []
             ops = [op for op, _future in batch]
             try:
-                results = await loop.run_in_executor(self._executor, self._run_batch, ops)
+                results = await self._executor.call(self._run_batch, ops)
             except Exception as exc:
                 error = exc if isinstance(exc, BackendUnavailable) else _unavailable(self, exc)
                 for _op, future in batch:
@@ -310,6 +308,48 @@ class SqliteStore(Store):
             "INSERT OR REPLACE INTO kv (key, value, version, expires) VALUES (?, ?, ?, ?)",
             (key, value, self._next_version(conn), now + ttl if ttl else None),
         )
+
+
+class _Worker:
+    """One thread that owns the SQLite connection and runs what the event loop hands it.
+
+    Lighter than a ThreadPoolExecutor for the one round trip per batch: a
+    queue in, ``call_soon_threadsafe`` out.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name="distributex-sqlite", daemon=True)
+        self._thread.start()
+
+    async def call(self, fn: Any, *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._jobs.put((fn, args, future, loop))
+        return await future
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+        self._thread.join()
+
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            fn, args, future, loop = job
+            try:
+                result, error = fn(*args), None
+            except BaseException as exc:
+                result, error = None, exc
+            with contextlib.suppress(RuntimeError):  # the loop is gone
+                loop.call_soon_threadsafe(_settle, future, result, error)
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 def _unavailable(store: SqliteStore, exc: BaseException) -> BackendUnavailable:
