@@ -11,7 +11,9 @@ Off the event loop: one thread owns the connection; the event loop hands it
 batches. Whatever arrives while the thread is busy (reads and writes of any
 pools, from any request) goes in the next batch, and a batch with writes is
 one transaction (``BEGIN IMMEDIATE`` ... ``COMMIT``): one fsync per batch,
-not per request (group commit). Compare-and-set is a version check inside
+not per request (group commit), and none for a batch that changes nothing a
+client was told (queue entries, heartbeats: the next synced commit covers
+them). Compare-and-set is a version check inside
 that transaction; versions come from one counter in the file, so a key
 deleted and made again never repeats a version.
 
