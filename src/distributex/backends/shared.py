@@ -286,6 +286,7 @@ class SharedStateBackend(LockBackend):
         self._tasks: set[asyncio.Task[Any]] = set()
         self._epoch: Epoch | None = None
         self._fence_floor: dict[str, int] = {}
+        self._specs: dict[str, PoolSpec] = {}  # the latest spec of each pool stepped here
         # pool -> the record this server wrote last (with its version), its epoch,
         # and the engine that holds its state (no decoding it back)
         self._written: dict[str, tuple[Stored, Epoch, LockEngine]] = {}
@@ -423,6 +424,14 @@ class SharedStateBackend(LockBackend):
         event = self._nudged.get(pool)
         if event is not None:
             event.set()
+        elif pool in self._specs and pool not in self._runners and not self._closed:
+            # Granted to an entry of ours that nobody here waits for any more (its
+            # cancel did not get through): a step undoes it and passes it on now.
+            self._background(self._quiet_step(self._specs[pool]))
+
+    async def _quiet_step(self, spec: PoolSpec) -> None:
+        with contextlib.suppress(BackendUnavailable):
+            await self._step(spec, _no_change)
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -484,6 +493,7 @@ class SharedStateBackend(LockBackend):
         nobody will answer must not stay held.
         """
         self._check_open()
+        self._specs[spec.name] = spec
         request = _Request(op, undo, asyncio.get_running_loop().create_future())
         self._pending.setdefault(spec.name, []).append(request)
         if spec.name not in self._runners:
@@ -905,7 +915,8 @@ class SharedStateBackend(LockBackend):
                 return
             except BackendUnavailable:
                 if not persist:
-                    # A later step of this server drops it (an entry nobody waits for).
+                    # Not now: go on trying in the background (its caller is answered).
+                    self._background(self._cancel_waiter(spec, waiter_id, persist=True))
                     return
                 await asyncio.sleep(delay)
                 delay = min(5.0, delay * 2)
