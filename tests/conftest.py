@@ -12,6 +12,7 @@ import textwrap
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -215,7 +216,9 @@ def cluster_factory(
             count = servers  # several processes on one file
         else:
             mc = request.getfixturevalue("memcached")
-            head = BACKEND_KEYS["memcache"].format(port=mc.port, prefix=free_port())
+            # A prefix of its own: tests share the session's memcached, and a
+            # reused number (a free port comes back) would share their pools.
+            head = BACKEND_KEYS["memcache"].format(port=mc.port, prefix=uuid.uuid4().hex)
             count = servers
         config = head + textwrap.dedent(pools)
         return Cluster([server_factory(config) for _ in range(count)], backend_name)

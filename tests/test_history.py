@@ -13,6 +13,7 @@ import random
 import signal
 import threading
 import time
+import uuid
 
 import pytest
 
@@ -94,7 +95,7 @@ def test_history_memcache_three_servers_with_faults(server_factory) -> None:
 def test_history_memcache_two_servers_no_faults(server_factory, memcached: Memcached) -> None:
     config = (
         f"backend: memcache\nmemcachehost: 127.0.0.1\nmemcacheport: {memcached.port}\n"
-        f"key_prefix: hist{random.randrange(1 << 30)}/\n" + POOLS
+        f"key_prefix: hist{uuid.uuid4().hex}/\n" + POOLS
     )
     servers = [server_factory(config) for _ in range(2)]
     addresses = [("127.0.0.1", s.port) for s in servers]
