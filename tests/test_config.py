@@ -66,6 +66,8 @@ def test_defaults_and_lists() -> None:
 BAD = [
     ("pools: [\n  - name: a\n", "2:3", "YAML syntax error"),
     ("backend: redisx\npools: []\n", "1:10", "unknown backend 'redisx'"),
+    ("sqlite_sync: always\npools: []\n", "1:14", "unknown sqlite_sync 'always'"),
+    ("backend: sqlite\npools: []\n", "1:10", "backend sqlite needs sqlite_path"),
     ("pools:\n  - expire: 3\n", "2:5", "pool without a name"),
     ("pools:\n  - name: a\n  - name: a\n", "3:5", "pool 'a' is defined twice"),
     ("pools:\n  - name: a\n    expire: -1\n", "3:13", "expire must be >= 0"),

@@ -52,6 +52,8 @@ def test_seed_transcript(cluster: Cluster) -> None:
     for verb, host, body in steps:
         answer = cluster.call(q(verb, host, "pool1"))
         assert (answer.status, answer.body) == (200, body), (verb, host)
+        assert answer.headers["Content-Type"] == "text/plain"
+        assert ("X-Distributex-Fence" in answer.headers) == (body == "YES")
 
 
 @pytest.mark.parametrize(

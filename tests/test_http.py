@@ -1,6 +1,6 @@
 """The HTTP text API against a real distributexd process over real sockets.
 
-The lock rules every backend must keep (allow-list, semaphore burst, FIFO,
+The seed transcript and the lock rules every backend must keep (allow-list, semaphore burst, FIFO,
 hang-ups, expiry, leases, timeouts) are in ``test_conformance.py``, run on
 every backend; this file keeps what is about the HTTP layer and the
 in-memory server itself.
@@ -73,21 +73,6 @@ class ParkedWait:
 @pytest.fixture
 def srv(server_factory) -> Server:
     return server_factory(CONFIG)
-
-
-def test_seed_transcript(server: Server) -> None:
-    steps = [
-        ("get", "me", "YES"),
-        ("get", "them", "NO"),
-        ("release", "me", "OK"),
-        ("get", "them", "YES"),
-        ("release", "them", "OK"),
-    ]
-    for verb, host, body in steps:
-        answer = server.call(q(verb, host, "pool1"))
-        assert (answer.status, answer.body) == (200, body)
-        assert answer.headers["Content-Type"] == "text/plain"
-        assert ("X-Distributex-Fence" in answer.headers) == (body == "YES")
 
 
 def test_paths_with_and_without_slash(srv: Server) -> None:

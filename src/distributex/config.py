@@ -339,6 +339,13 @@ class _Checker:
                 node, f"not a valid {_tag_text(node.tag)}: {_show(node.value)}"
             ) from None
 
+    def choice(self, node: yaml.Node, what: str, known: tuple[str, ...]) -> str:
+        """One of ``known`` words, or a line naming them."""
+        value = self.value(node)
+        if value not in known:
+            raise self.fail(node, f"unknown {what} {_show(value)} (known: {', '.join(known)})")
+        return str(value)
+
     def name(self, node: yaml.Node, what: str) -> str:
         """The text written for a name: ``010`` is "010", not 8 (see the module doc)."""
         if not isinstance(node, yaml.ScalarNode) or node.value == "":
@@ -379,13 +386,7 @@ class _Checker:
         top = self.mapping(root, "configuration", _TOP_KEYS)
         kwargs: dict[str, Any] = {"source": self.source, "autocreate": False}
         if "backend" in top:
-            node = top["backend"][1]
-            backend = self.value(node)
-            if backend not in BACKENDS:
-                raise self.fail(
-                    node, f"unknown backend {_show(backend)} (known: {', '.join(BACKENDS)})"
-                )
-            kwargs["backend"] = backend
+            kwargs["backend"] = self.choice(top["backend"][1], "backend", BACKENDS)
         if "memcachehost" in top:
             node = top["memcachehost"][1]
             if isinstance(node, yaml.SequenceNode) or "," in str(self.value(node) or ""):
@@ -408,13 +409,7 @@ class _Checker:
         if "sqlite_path" in top:
             kwargs["sqlite_path"] = self.name(top["sqlite_path"][1], "sqlite_path")
         if "sqlite_sync" in top:
-            node = top["sqlite_sync"][1]
-            sync = self.value(node)
-            if sync not in SQLITE_SYNC:
-                raise self.fail(
-                    node, f"sqlite_sync must be one of {', '.join(SQLITE_SYNC)}, not {_show(sync)}"
-                )
-            kwargs["sqlite_sync"] = sync
+            kwargs["sqlite_sync"] = self.choice(top["sqlite_sync"][1], "sqlite_sync", SQLITE_SYNC)
         if kwargs.get("backend") == "sqlite" and "sqlite_path" not in kwargs:
             raise self.fail(top["backend"][1], "backend sqlite needs sqlite_path: FILE")
         if "bind" in top:

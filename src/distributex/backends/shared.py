@@ -562,7 +562,7 @@ class SharedStateBackend(LockBackend):
             now = self.store.now()
             floor = self._fence_floor.get(spec.name, 0)
             if engine is not None:
-                pass
+                pass  # the cached engine is the state of ``stored`` already
             elif stored is not None:
                 try:
                     state, _written_in = decode_pool(stored.value)
