@@ -21,8 +21,11 @@ delivered) of a server whose heartbeat is gone are dropped by whoever steps
 the pool next. A server with local waiters polls their pools (a read, and a
 write only when something is due); a grant made by another server to one of
 its waiters is delivered by a step of its own, and undone if the client has
-hung up. A store that cannot notify is polled; one that can (Redis, etcd)
-wakes the poller early through :meth:`Store.watch`.
+hung up. The granting server nudges the waiter's server to look at once:
+over UDP, or through the store itself when it can carry messages
+(:attr:`Store.notifies`: Redis pub/sub, etcd watches). Polling is the safety
+net under nudges: every 50 ms, or (a store that notifies) every second and
+at the record's next deadline.
 
 Store loss: the epoch record is made once (``add``). If it vanishes (the
 store restarted empty or was flushed), the server that notices makes a new
@@ -47,7 +50,7 @@ import random
 import secrets
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -70,6 +73,9 @@ ALIVE_CACHE = 1.0
 # nudges (another server that grants one of our waiters tells us at once).
 POLL_INTERVAL = 0.05
 POLL_BACKOFF_MAX = 1.0
+# With a store that carries nudges, polling is only the net under them (a
+# lease expiring or a block ending wakes the poller at its time anyway).
+NOTIFIED_POLL_INTERVAL = 1.0
 # One store call, and one whole step, end within these (then 503). A request
 # may wait for the step under way and then its own: two steps stay under 5 s.
 CALL_TIMEOUT = 1.2
@@ -103,6 +109,9 @@ class Store(abc.ABC):
 
     #: Says where the store is, for messages ("memcached 127.0.0.1:11211").
     description: str = "store"
+    #: True if the store carries nudges between servers (:meth:`notify` and
+    #: :meth:`listen`); the layer then opens no UDP socket and polls slowly.
+    notifies: bool = False
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Connect (a first round trip may be made by the layer)."""
@@ -138,6 +147,22 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def set(self, key: str, value: bytes, ttl: int = 0) -> None:
         """Write unconditionally: only for keys a single server owns (its heartbeat)."""
+
+    async def notify(self, servers: Collection[str], pool: str) -> None:
+        """Tell each of ``servers`` (server ids) to step ``pool`` now (``notifies`` stores).
+
+        A hint only: one that is lost is made up for by the poll.
+        """
+        raise NotImplementedError
+
+    async def listen(self, server: str, nudged: Callable[[str | None], None]) -> None:
+        """Run until cancelled: ``nudged(pool)`` for each :meth:`notify` to ``server``.
+
+        Calls ``nudged(None)`` whenever nudges may have been missed (after
+        connecting, and after every reconnection): the layer then steps every
+        pool it waits on. Reconnects by itself; never returns.
+        """
+        raise NotImplementedError
 
 
 # -- the stored record ---------------------------------------------------------------------
@@ -293,6 +318,7 @@ class SharedStateBackend(LockBackend):
         self._in_use: set[str] = set()
         self._alive: dict[str, tuple[bool, float]] = {}
         self._heartbeat: asyncio.Task[None] | None = None
+        self._listener: asyncio.Task[None] | None = None
         self._closed = False
         self._last_error: str | None = None
 
@@ -313,7 +339,8 @@ class SharedStateBackend(LockBackend):
     # -- life ----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        await self._open_nudges()
+        if not self.store.notifies:
+            await self._open_nudges()
         await self.store.start()
         try:
             await self._call(self._beat(), quiet=True)
@@ -322,12 +349,16 @@ class SharedStateBackend(LockBackend):
             await self.store.close()
             raise
         self._heartbeat = asyncio.create_task(self._heartbeat_loop())
+        if self.store.notifies:
+            self._listener = asyncio.create_task(self.store.listen(self.server_id, self.nudged))
 
     async def close(self) -> None:
         self._closed = True
         tasks = [*self._pollers.values(), *self._runners.values(), *self._tasks]
         if self._heartbeat is not None:
             tasks.append(self._heartbeat)
+        if self._listener is not None:
+            tasks.append(self._listener)
         for task in tasks:
             task.cancel()
         for waiters in self._local.values():
@@ -407,20 +438,35 @@ class SharedStateBackend(LockBackend):
 
     def _nudge_others(self, spec: PoolSpec, engine: LockEngine) -> None:
         """Tell servers whose waiters this step granted to look now (polling is the net)."""
-        if self._nudge_transport is None:
+        if self._nudge_transport is None and not self.store.notifies:
             return
         servers = {
             w.server
             for w in engine.waiters_of(spec.name)
             if w.lease is not None and w.server and w.server != self.server_id
         }
+        if not servers:
+            return
+        if self.store.notifies:
+            self._background(self._notify(servers, spec.name))
+            return
+        assert self._nudge_transport is not None
         for server in servers:
             address = self._nudge_to.get(server)
             if address is not None:
                 with contextlib.suppress(OSError):
                     self._nudge_transport.sendto(spec.name.encode(), address)
 
-    def nudged(self, pool: str) -> None:
+    async def _notify(self, servers: Collection[str], pool: str) -> None:
+        with contextlib.suppress(BackendUnavailable):
+            await self._call(self.store.notify(servers, pool), quiet=True)
+
+    def nudged(self, pool: str | None) -> None:
+        """Another server granted one of our waiters on ``pool`` (None: maybe any pool)."""
+        if pool is None:
+            for event in self._nudged.values():
+                event.set()
+            return
         event = self._nudged.get(pool)
         if event is not None:
             event.set()
@@ -730,13 +776,16 @@ class SharedStateBackend(LockBackend):
 
     async def _poll(self, spec: PoolSpec) -> None:
         """Step a pool with local waiters now and then: expiry, dead servers, grants."""
-        pause = POLL_INTERVAL
+        interval = NOTIFIED_POLL_INTERVAL if self.store.notifies else POLL_INTERVAL
+        pause = interval
         key = self.pool_key(spec.name)
+        loop = asyncio.get_running_loop()
         last: bytes | None = None
+        due_at, others = -math.inf, frozenset[str]()  # of ``last``: see _next_due
         nudge = self._nudged.setdefault(spec.name, asyncio.Event())
         while self._local.get(spec.name):
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(pause):
+                async with asyncio.timeout(max(0.0, min(pause, due_at - loop.time()))):
                     await nudge.wait()
             nudged = nudge.is_set()
             nudge.clear()
@@ -749,38 +798,53 @@ class SharedStateBackend(LockBackend):
                     got = await self._call(self.store.get([key]))
                     stored = got.get(key)
                     value = stored.value if stored is not None else None
-                    if value is None or value != last or self._due(value):
+                    if value is not None and value != last:
+                        due_at, others = self._next_due(value)
+                    if (
+                        value is None
+                        or value != last
+                        or loop.time() >= due_at
+                        or self._maybe_dead(others)
+                    ):
                         await self._step(spec, _no_change)
                         last = value
-                pause = POLL_INTERVAL
+                        # A deadline the step did not see as due yet (clocks a hair
+                        # apart): look again soon, not in a loop of reads.
+                        due_at = max(due_at, loop.time() + POLL_INTERVAL)
+                pause = interval
             except BackendUnavailable:
                 pause = min(POLL_BACKOFF_MAX, pause * 2)
         self._pollers.pop(spec.name, None)
         self._nudged.pop(spec.name, None)
 
-    def _due(self, value: bytes) -> bool:
-        """Might a step change this record now (expiry, a block ended, a dead server)?"""
+    def _next_due(self, value: bytes) -> tuple[float, frozenset[str]]:
+        """When (loop clock) a step would change this record by itself: a lease
+        expires or a block ends; and the other servers its waiters are on (one
+        of them may stop). Decoded once per record value, not once per poll.
+        """
         try:
             state, _ = decode_pool(value)
         except StaleRecord:
-            return False
-        now = self.store.now()
-        if state.blocked_until != -math.inf and now >= state.blocked_until:
-            return True
+            return math.inf, frozenset()
+        at = state.blocked_until if state.blocked_until != -math.inf else math.inf
         waiters = list(state.queue)
         for hold in state.holds:
             for lease in hold.leases.values():
-                if lease.expires_at <= now:
-                    return True
+                at = min(at, lease.expires_at)
                 if lease.waiter is not None:
                     waiters.append(lease.waiter)
+        others = frozenset(w.server for w in waiters if w.server and w.server != self.server_id)
+        if at == math.inf:
+            return math.inf, others
+        return asyncio.get_running_loop().time() + (at - self.store.now()), others
+
+    def _maybe_dead(self, servers: Iterable[str]) -> bool:
+        """Has any of these servers stopped, or not been checked for ALIVE_CACHE?"""
         clock = asyncio.get_running_loop().time()
-        for waiter in waiters:
-            server = waiter.server
-            if server and server != self.server_id:
-                alive, checked = self._alive.get(server, (True, -math.inf))
-                if not alive or clock - checked > ALIVE_CACHE:
-                    return True
+        for server in servers:
+            alive, checked = self._alive.get(server, (True, -math.inf))
+            if not alive or clock - checked > ALIVE_CACHE:
+                return True
         return False
 
     # -- the verbs -----------------------------------------------------------------------
