@@ -168,14 +168,26 @@ class Store(abc.ABC):
 # -- the stored record ---------------------------------------------------------------------
 
 
-def encode_pool(name: str, state: PoolState | None, fence: int, epoch: str) -> bytes:
-    """A pool's record: JSON, times as absolute seconds on the store's clock."""
+def encode_pool(
+    name: str,
+    state: PoolState | None,
+    fence: int,
+    epoch: str,
+    fragments: dict[str, str] | None = None,
+) -> bytes:
+    """A pool's record: JSON, times as absolute seconds on the store's clock.
+
+    ``fragments`` (waiter id -> its queue entry's JSON), kept by the caller
+    from one record of a pool to the next, saves encoding the same queue
+    entries at every step (under load the queue is long and changes at its
+    ends only); it is refilled with the entries of this record.
+    """
 
     def when(t: float) -> float | None:
         return None if t == NEVER else t
 
     holds = []
-    queue = []
+    queue: list[str] = []
     blocked = None
     if state is not None:
         for hold in state.holds:
@@ -187,19 +199,32 @@ def encode_pool(name: str, state: PoolState | None, fence: int, epoch: str) -> b
                     [lease.token, lease.ttl, lease.granted_at, when(lease.expires_at), waiter]
                 )
             holds.append([hold.owner, hold.fence, hold.granted_at, leases])
-        queue = [[w.id, w.server, w.owner, w.ttl, w.since] for w in state.queue]
+        known = {} if fragments is None else fragments
+        seen: dict[str, str] = {}
+        for w in state.queue:
+            entry = known.get(w.id)
+            if entry is None:
+                entry = _json([w.id, w.server, w.owner, w.ttl, w.since])
+            seen[w.id] = entry
+            queue.append(entry)
+        if fragments is not None:
+            fragments.clear()
+            fragments.update(seen)
         if state.blocked_until != -math.inf:
             blocked = state.blocked_until
-    record = {
+    head = {
         "v": RECORD_VERSION,
         "pool": name,
         "epoch": epoch,
         "fence": fence,
         "blocked": blocked,
         "holds": holds,
-        "queue": queue,
     }
-    return json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode()
+    return f'{_json(head)[:-1]},"queue":[{",".join(queue)}]}}'.encode()
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
 def decode_pool(raw: bytes) -> tuple[PoolState, str]:
@@ -316,6 +341,7 @@ class SharedStateBackend(LockBackend):
         # and the engine that holds its state (no decoding it back)
         self._written: dict[str, tuple[Stored, Epoch, LockEngine]] = {}
         self._in_use: set[str] = set()
+        self._fragments: dict[str, dict[str, str]] = {}  # pool -> queue entries' JSON
         self._alive: dict[str, tuple[bool, float]] = {}
         self._heartbeat: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None
@@ -635,9 +661,16 @@ class SharedStateBackend(LockBackend):
             self._fence_floor[spec.name] = max(floor, engine.last_fence)
             if state is None:
                 self._in_use.discard(spec.name)
+                self._fragments.pop(spec.name, None)
             else:
                 self._in_use.add(spec.name)
-            record = encode_pool(spec.name, state, engine.last_fence, epoch.id)
+            record = encode_pool(
+                spec.name,
+                state,
+                engine.last_fence,
+                epoch.id,
+                None if state is None else self._fragments.setdefault(spec.name, {}),
+            )
             if (stored is None and state is None) or (
                 stored is not None and record == stored.value
             ):
