@@ -55,6 +55,7 @@ from distributex.config import Config
 from distributex.tls import peer_names
 
 audit_log = logging.getLogger("distributex.audit")
+log = logging.getLogger("distributex.auth")
 
 IDENTITY_KEY = "distributex.identity"
 HOST_KEY = "distributex.host"
@@ -206,6 +207,14 @@ class WaiterCount:
             )
         self.pools[pool] += 1
         self.hosts[host] += 1
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "waiting: pool=%s host=%s (%d waiters of the pool, %d of the host)",
+                _shown(pool),
+                _shown(host),
+                self.pools[pool],
+                self.hosts[host],
+            )
         try:
             yield
         finally:

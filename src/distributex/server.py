@@ -33,6 +33,7 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -42,7 +43,7 @@ from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
 from distributex import __version__
@@ -77,7 +78,8 @@ class _QuietBadRequests(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, HttpProcessingError):
-            record.msg, record.args, record.exc_info = "bad HTTP request: %s", (exc.message,), None
+            record.msg, record.args = "bad HTTP request: %s", (_without_content(exc),)
+            record.exc_info = None
             record.levelno, record.levelname = logging.INFO, "INFO"
         elif isinstance(exc, ConnectionResetError) and "closing transport" in str(exc):
             # aiohttp writing to a client that has gone (not a backend's reset).
@@ -85,6 +87,17 @@ class _QuietBadRequests(logging.Filter):
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
             return log.isEnabledFor(logging.DEBUG)
         return True
+
+
+# The bytes aiohttp quotes from a bad request line or header (an Authorization
+# header too long, say) may be a secret: never logged.
+_QUOTED_BYTES = re.compile(r"""b(['"]).*?(?<!\\)\1""")
+
+
+def _without_content(exc: HttpProcessingError) -> str:
+    if isinstance(exc, LineTooLong):
+        return f"a request line or header longer than {exc.args[1]} bytes"
+    return _QUOTED_BYTES.sub("(content not logged)", str(exc.message))
 
 
 def quiet_bad_requests() -> None:
