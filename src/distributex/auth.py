@@ -10,9 +10,10 @@ identity:
 * ``tokens``: ``Authorization: Bearer TOKEN`` whose SHA-256 (hex) is listed;
   the entry's ``identity`` is the host. A request without one, or with one
   not listed, answers ``401 INVALID`` (``WWW-Authenticate: Bearer``).
-* ``tls.client_ca``: the TLS handshake requires a client certificate signed
-  by that CA; its CN and DNS subject alternative names are the names it may
-  use as host (the CN when ``host`` is left out).
+* ``tls.client_ca``: a client certificate signed by that CA (one that does
+  not verify fails the TLS handshake; none at all answers ``401``); its CN
+  and DNS subject alternative names are the names it may use as host (the
+  CN when ``host`` is left out).
 * both: both are required, and the token's identity must be one of the
   certificate's names (else ``403``).
 
@@ -68,6 +69,7 @@ ALWAYS_OPEN = frozenset(("/healthz", "/healthz/"))
 # Read-only pages that ``status_public: true`` opens.
 STATUS_PATHS = frozenset(("/", "/status", "/status/", "/metrics", "/metrics/"))
 BEARER = "bearer "
+MAX_NAME = 255  # as httpapi.MAX_NAME
 
 
 class Refused(Exception):
@@ -113,10 +115,15 @@ class Guard:
         names: tuple[str, ...] = ()
         via = []
         if self.mtls:
-            names = peer_names(_peer_cert(request))
+            # Names a host could not be (control characters, too long) are left out.
+            cert = _peer_cert(request)
+            if not cert:
+                raise Refused(401, "a client certificate is required (mutual TLS)")
+            names = tuple(
+                name for name in peer_names(cert) if name.isprintable() and len(name) <= MAX_NAME
+            )
             if not names:
-                # The handshake demands a certificate; one without a CN or a
-                # DNS name cannot name a host.
+                # A certificate without a CN or a DNS name cannot name a host.
                 raise Refused(401, "the client certificate names no host (no CN, no DNS name)")
             via.append("certificate")
         pools = None
@@ -318,6 +325,11 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
             response.force_close()  # the body was not read
         return response
     response = await handler(request)
+    host = request.get(HOST_KEY)
+    if identity is not None and host is not None and response.status == 200 and host.isascii():
+        # The host the lease is held under, for a client that left ``host`` out
+        # (ASCII only: header bytes are read as Latin-1; without it, no host is sent).
+        response.headers["X-Distributex-Host"] = host
     if response.status >= 400 and response.status != 410 and response.status != 503:
         security.refusals[response.status] += 1
     elif request.get(FORCED_KEY) and response.status == 200:

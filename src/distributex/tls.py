@@ -54,7 +54,10 @@ def server_context(settings: TLSSettings) -> ssl.SSLContext:
             raise ConfigError(
                 f"tls: cannot use client_ca {settings.client_ca}: {_reason(exc)}"
             ) from None
-        context.verify_mode = ssl.CERT_REQUIRED
+        # Optional in the handshake, required by distributex.auth: a client
+        # with no certificate gets a clear 401 rather than a closed connection.
+        # A certificate that is sent must still verify against client_ca.
+        context.verify_mode = ssl.CERT_OPTIONAL
     return context
 
 

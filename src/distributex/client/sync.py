@@ -184,6 +184,12 @@ def client_ssl_context(
         raise ValueError(f"cannot use CA file {cacert}: {_file_problem(exc)}") from None
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     if cert is not None:
+        # A server that refuses a client certificate closes the connection in
+        # the handshake (asyncio servers send no alert). Under TLS 1.3 the
+        # client's handshake is over by then, and the close would look like
+        # a server gone away mid-request (which is retried); under TLS 1.2 it
+        # ends the handshake itself, so it is told apart and reported at once.
+        context.maximum_version = ssl.TLSVersion.TLSv1_2
         try:
             context.load_cert_chain(cert, key)
         except (OSError, ssl.SSLError) as exc:
@@ -213,6 +219,16 @@ def tls_failure(exc: BaseException, address: str) -> TLSFailed | None:
     cause: BaseException | None = exc
     while cause is not None and id(cause) not in seen:
         seen.add(id(cause))
+        inner = getattr(cause, "certificate_error", None)  # aiohttp's wrapper
+        if isinstance(inner, BaseException):
+            cause = inner
+            continue
+        if isinstance(cause, HandshakeClosed):
+            return TLSFailed(
+                f"server {address} closed the connection during the TLS handshake: it refused "
+                "our client certificate (check --cert, --key and the server's client_ca), "
+                "or it does not speak TLS"
+            )
         if isinstance(cause, ssl.SSLCertVerificationError):
             why = cause.verify_message or cause.reason or "not verified"
             if cause.verify_code in _NAME_MISMATCH:
@@ -234,8 +250,12 @@ def tls_failure(exc: BaseException, address: str) -> TLSFailed | None:
             if "wrong version" in reason or "record layer" in reason or "packet length" in reason:
                 return TLSFailed(f"server {address} does not speak TLS ({reason}); try http://")
             return TLSFailed(f"TLS with server {address} failed: {reason}")
-        cause = getattr(cause, "certificate_error", None) or cause.__cause__ or cause.__context__
+        cause = cause.__cause__ or cause.__context__
     return None
+
+
+class HandshakeClosed(ConnectionError):
+    """The server closed the connection in the middle of our TLS handshake."""
 
 
 def _client_setup(
@@ -678,6 +698,9 @@ class _Connection(http.client.HTTPConnection):
             try:
                 sock.settimeout(max(0.01, deadline - clock()))
                 sock = self._context.wrap_socket(sock, server_hostname=self.host)
+            except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionResetError) as exc:
+                sock.close()
+                raise HandshakeClosed(str(exc)) from exc
             except BaseException:
                 sock.close()
                 raise
