@@ -40,6 +40,23 @@ Limits (see the README's "Limits"):
 ``idle_timeout``     seconds a kept-alive connection may sit idle between
                      requests: > 0 (default 60).
 
+Authentication and TLS (see :mod:`distributex.auth` and the README's
+"Running it securely"; off unless given):
+
+``tls``           ``cert`` and ``key`` (PEM files): serve HTTPS; ``client_ca``:
+                  require client certificates signed by it (mutual TLS).
+``tokens``        a list of ``identity``, ``sha256`` (64 hex digits: the SHA-256
+                  of the token, never the token), ``pools`` (optional list of
+                  pools it may use; they must exist unless ``autocreate``) and
+                  ``admin`` (optional, false: may release others' locks).
+``status_public`` ``true``: ``/status``, ``/metrics`` and ``/`` need no
+                  credentials (default false).
+``audit``         the audit log; default on when authentication is on.
+``max_waiters_per_pool``, ``max_waiters_per_host``  parked waits at once
+                  (default 10000 and 100); ``max_body_size`` bytes of a request
+                  body (4096); ``max_header_size`` bytes of the request line and
+                  of each header line (8190); ``max_headers`` header lines (64).
+
 Rules beyond the keys:
 
 - Names (pool ``name``, ``servers`` entries, ``bind``, ``memcachehost``) are
