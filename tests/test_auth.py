@@ -473,3 +473,42 @@ def test_limits_have_documented_defaults() -> None:
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     for key in ("max_waiters_per_pool", "max_waiters_per_host", "max_body_size", "max_headers"):
         assert f"`{key}`" in readme
+
+
+def test_a_reload_swaps_the_certificate_for_new_connections(pki: Pki) -> None:
+    """The hook a configuration reload calls: ``app[TLS_KEY].swap(new_config.tls)``."""
+    import asyncio
+    from dataclasses import replace
+
+    from distributex.config import ConfigError, TLSSettings, parse_config
+    from distributex.server import start_server, stop_server
+    from distributex.tls import TLS_KEY
+
+    async def served_name(port: int) -> str:
+        context = ssl.create_default_context(cafile=str(pki.ca))
+        context.check_hostname = False
+        _reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context)
+        cert = writer.get_extra_info("peercert")
+        writer.close()
+        return dict(rdn[0] for rdn in cert["subject"])["commonName"]
+
+    async def main() -> None:
+        config = parse_config(tls_keys(pki, client_ca=False) + POOLS)
+        config = replace(config, bind="127.0.0.1", port=free_port())
+        runner, backend = await start_server(config)
+        try:
+            holder = runner.app[TLS_KEY]
+            assert await served_name(config.port) == "localhost"
+            other = TLSSettings(str(pki.cert("other-server")), str(pki.key("other-server")))
+            holder.swap(other)
+            assert await served_name(config.port) == "elsewhere.example"
+            # A certificate that cannot be used: refused, the current one stays.
+            with pytest.raises(ConfigError, match="no such file"):
+                holder.swap(TLSSettings("/nonexistent.crt", str(pki.key("server"))))
+            with pytest.raises(ConfigError, match="restart"):
+                holder.swap(None)
+            assert await served_name(config.port) == "elsewhere.example"
+        finally:
+            await stop_server(runner, backend)
+
+    asyncio.run(main())

@@ -268,12 +268,13 @@ SECURITY_KEY: web.AppKey[Security] = web.AppKey("security", Security)
 
 
 def _refusal(request: web.Request, status: int, reason: str) -> web.Response:
-    headers = {"Content-Type": "text/plain", "X-Distributex-Reason": reason}
+    # Lazy: httpapi imports this module.
+    from distributex.httpapi import _for_legacy_client, header_text
+
+    headers = {"Content-Type": "text/plain", "X-Distributex-Reason": header_text(reason)}
     if status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="distributex"'
     response = web.Response(body=b"INVALID", status=status, headers=headers)
-    # Lazy: httpapi imports this module.
-    from distributex.httpapi import _for_legacy_client
 
     return _for_legacy_client(request, response)
 

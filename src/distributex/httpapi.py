@@ -90,7 +90,17 @@ def _answer(word: str, status: int = 200, headers: dict[str, str] | None = None)
 
 
 def _invalid(status: int, reason: str) -> web.Response:
-    return _answer("INVALID", status, {"X-Distributex-Reason": reason})
+    return _answer("INVALID", status, {"X-Distributex-Reason": header_text(reason)})
+
+
+def header_text(text: str) -> str:
+    """``text`` fit for a header: control characters (e.g. of a decoded path) escaped.
+
+    aiohttp refuses to send a header with one, and the request would fail.
+    """
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
 
 
 def _seconds_text(seconds: float) -> str:

@@ -50,7 +50,7 @@ from distributex import __version__
 from distributex.backends import BackendUnavailable, LockBackend, make_backend
 from distributex.config import DEFAULT_BIND, Config, ConfigError, default_config, load_config
 from distributex.httpapi import create_app
-from distributex.tls import TLSHolder
+from distributex.tls import TLS_KEY, TLSHolder
 
 log = logging.getLogger("distributex")
 
@@ -500,6 +500,7 @@ async def start_server(
     )
     await backend.start()
     app = create_app(config, backend)
+    app[TLS_KEY] = tls  # a reload swaps its context: TLSHolder.swap
     runner = web.AppRunner(
         app,
         handler_cancellation=True,  # a hung-up /wait/ must leave the queue

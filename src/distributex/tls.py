@@ -6,9 +6,12 @@ by that CA (mutual TLS), and the certificate's names are its identity (see
 :mod:`distributex.auth`).
 
 The context is built by :func:`server_context`, a small function with no
-other state, so a configuration reload (SIGHUP) can build a new one and hand
-it to :meth:`TLSHolder.swap`: connections accepted afterwards use the new
-certificate, open ones keep theirs. A context that cannot be built (a file
+other state. The running server's :class:`TLSHolder` is ``app[TLS_KEY]``
+(``runner.app`` of :func:`distributex.server.start_server`); a configuration
+reload (SIGHUP) calls ``app[TLS_KEY].swap(new_config.tls)``: connections
+accepted afterwards use the new certificate and client CA, open ones keep
+theirs. (Tokens and the other settings of :mod:`distributex.auth` follow the
+configuration the application holds by themselves.) A context that cannot be built (a file
 missing, a key that does not match its certificate) raises
 :class:`~distributex.config.ConfigError` with one line, so a reload keeps
 the old context and start-up stops with exit status 2.
@@ -18,6 +21,8 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Iterable
+
+from aiohttp import web
 
 from distributex.config import ConfigError, TLSSettings
 
@@ -94,6 +99,9 @@ class TLSHolder:
             raise ConfigError("tls: turning TLS on or off needs a restart")
         if settings is not None:
             self.context = server_context(settings)
+
+
+TLS_KEY: web.AppKey[TLSHolder] = web.AppKey("tls", TLSHolder)
 
 
 def peer_names(cert: dict | None) -> tuple[str, ...]:
