@@ -512,3 +512,48 @@ def test_a_reload_swaps_the_certificate_for_new_connections(pki: Pki) -> None:
             await stop_server(runner, backend)
 
     asyncio.run(main())
+
+
+def server_side_open(port: int) -> int:
+    """Connections the server on ``port`` still has open (established, or closed by the peer
+    and not yet by the server), from /proc/net/tcp."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] in ("01", "08"):
+                count += 1
+    return count
+
+
+def test_over_tls_a_silent_connection_is_closed_and_a_hung_up_waiter_leaves(
+    server_factory, pki: Pki
+) -> None:
+    server = server_factory(
+        "header_timeout: 1\n" + tls_keys(pki, client_ca=False) + POOLS,
+        args=["--log-level", "debug"],
+    )
+    # A connection that never starts its TLS handshake is closed like one that
+    # never sends a request head.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=20) as silent:
+        started = time.monotonic()
+        assert silent.recv(1) == b""
+        assert time.monotonic() - started < 10
+    # A waiter over TLS that hangs up leaves the queue: the slot is not given to it.
+    assert call(server, "/get/?host=holder&pool=pool1", tls=pki).body == "YES"
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    raw = socket.create_connection(("127.0.0.1", server.port), timeout=20)
+    waiter = context.wrap_socket(raw, server_hostname="localhost")
+    waiter.sendall(b"GET /wait/?host=waiter&pool=pool1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    wait_for_log(server, "waiting: pool='pool1' host='waiter'")
+    waiter.close()
+    deadline = time.monotonic() + 20
+    while server_side_open(server.port):
+        assert time.monotonic() < deadline, "the server never closed the hung-up waiter"
+        time.sleep(0.05)
+    assert call(server, "/release/?host=holder&pool=pool1", tls=pki).body == "OK"
+    assert call(server, "/get/?host=next&pool=pool1", tls=pki).body == "YES"
