@@ -7,7 +7,13 @@ defaults. SIGTERM and SIGINT stop it gracefully: it stops accepting, answers
 parked waiters ``UNAVAILABLE`` (503), and exits 0.
 
 Exit status: 0 after a graceful stop; 2 for a bad command line or a bad
-configuration file; 1 if it cannot listen or its backend cannot start.
+configuration file (also TLS files that cannot be used); 1 if it cannot
+listen or its backend cannot start.
+
+With ``tls:`` every accepted connection is wrapped in TLS (the handshake must
+end within ``header_timeout``); the context lives in a
+:class:`~distributex.tls.TLSHolder` at ``app[TLS_KEY]`` that a reload swaps.
+Authentication, request limits and the audit log are :mod:`distributex.auth`.
 
 Connections are guarded so that holders' renewals get through however many
 idle connections a client (or an attack) leaves open:
