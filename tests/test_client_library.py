@@ -190,8 +190,10 @@ def test_parse_server() -> None:
     assert parse_server("dx:1234") == ("dx", 1234)
     assert parse_server("dx:1234", 99) == ("dx", 99)
     assert parse_server("http://[::1]:80/") == ("::1", 80)
+    # TLS: https:// names the same host and port (the scheme is split_server's).
+    assert parse_server("https://dx:443") == ("dx", 443)
     with pytest.raises(ValueError):
-        parse_server("https://dx")
+        parse_server("ftp://dx")
 
 
 # -- asyncio client ------------------------------------------------------------------------

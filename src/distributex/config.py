@@ -40,6 +40,23 @@ Limits (see the README's "Limits"):
 ``idle_timeout``     seconds a kept-alive connection may sit idle between
                      requests: > 0 (default 60).
 
+Authentication and TLS (see :mod:`distributex.auth` and the README's
+"Running it securely"; off unless given):
+
+``tls``           ``cert`` and ``key`` (PEM files): serve HTTPS; ``client_ca``:
+                  require client certificates signed by it (mutual TLS).
+``tokens``        a list of ``identity``, ``sha256`` (64 hex digits: the SHA-256
+                  of the token, never the token), ``pools`` (optional list of
+                  pools it may use; they must exist unless ``autocreate``) and
+                  ``admin`` (optional, false: may release others' locks).
+``status_public`` ``true``: ``/status``, ``/metrics`` and ``/`` need no
+                  credentials (default false).
+``audit``         the audit log; default on when authentication is on.
+``max_waiters_per_pool``, ``max_waiters_per_host``  parked waits at once
+                  (default 10000 and 100); ``max_body_size`` bytes of a request
+                  body (4096); ``max_header_size`` bytes of the request line and
+                  of each header line (8190); ``max_headers`` header lines (64).
+
 Rules beyond the keys:
 
 - Names (pool ``name``, ``servers`` entries, ``bind``, ``memcachehost``) are
@@ -104,8 +121,21 @@ _TOP_KEYS = (
     "header_timeout",
     "idle_timeout",
     "pools",
+    # Authentication, TLS and their limits (README "Running it securely").
+    "tls",
+    "tokens",
+    "status_public",
+    "audit",
+    "max_waiters_per_pool",
+    "max_waiters_per_host",
+    "max_body_size",
+    "max_header_size",
+    "max_headers",
 )
 _POOL_KEYS = ("name", "expire", "maxlocks", "servers")
+_TLS_KEYS = ("cert", "key", "client_ca")
+_TOKEN_KEYS = ("identity", "sha256", "pools", "admin")
+_SHA256_HEX = frozenset("0123456789abcdef")
 
 _YAML_TAG = "tag:yaml.org,2002:"
 _NULL_TAG = _YAML_TAG + "null"
@@ -122,6 +152,28 @@ _SCALAR_TAGS = (
 
 class ConfigError(Exception):
     """The configuration cannot be used; ``str()`` is one line for the operator."""
+
+
+@dataclass(frozen=True)
+class TLSSettings:
+    """``tls:``: the server's certificate and key files, and the client CA for mutual TLS."""
+
+    cert: str
+    key: str
+    client_ca: str | None = None
+
+
+@dataclass(frozen=True)
+class TokenSpec:
+    """One entry of ``tokens:``: the SHA-256 (hex) of a bearer token and what it may do.
+
+    ``pools`` None means every pool; ``admin`` may release other hosts' locks.
+    """
+
+    identity: str
+    sha256: str
+    pools: frozenset[str] | None = None
+    admin: bool = False
 
 
 @dataclass(frozen=True)
@@ -148,6 +200,22 @@ class Config:
     idle_timeout: float = 60.0
     pools: dict[str, PoolSpec] = field(default_factory=dict)
     source: str | None = None
+    # Authentication and TLS (off unless configured; see distributex.auth).
+    tls: TLSSettings | None = None
+    tokens: tuple[TokenSpec, ...] = ()
+    status_public: bool = False  # /status, /metrics and / without credentials
+    audit: bool | None = None  # None: on when authentication is on
+    # Limits against exhaustion (README "Limits").
+    max_waiters_per_pool: int = 10000
+    max_waiters_per_host: int = 100
+    max_body_size: int = 4096
+    max_header_size: int = 8190
+    max_headers: int = 64
+
+    @property
+    def auth_enabled(self) -> bool:
+        """Whether requests must prove an identity (bearer tokens or client certificates)."""
+        return bool(self.tokens) or (self.tls is not None and self.tls.client_ca is not None)
 
     def pool(self, name: str) -> PoolSpec | None:
         """The pool called ``name``, made on first use if ``autocreate``; else None."""
@@ -432,6 +500,7 @@ class _Checker:
         for key in ("header_timeout", "idle_timeout"):
             if key in top:
                 kwargs[key] = self.number(top[key][1], key, minimum=0, above=True)
+        self.security(top, kwargs)
         pools: dict[str, PoolSpec] = {}
         if "pools" in top:
             node = top["pools"][1]
@@ -446,7 +515,93 @@ class _Checker:
                         raise self.fail(item, f"pool '{spec.name}' is defined twice")
                     pools[spec.name] = spec
         kwargs["pools"] = pools
+        if "tokens" in top:
+            self.check_token_pools(top["tokens"][1], kwargs["tokens"], pools, kwargs["autocreate"])
         return Config(**kwargs)
+
+    # -- authentication, TLS and request limits -----------------------------------------
+
+    def security(self, top: dict[str, Any], kwargs: dict[str, Any]) -> None:
+        """The keys of ``tls``, ``tokens`` and the request limits."""
+        if "tls" in top:
+            kwargs["tls"] = self.tls(top["tls"][1])
+        if "tokens" in top:
+            kwargs["tokens"] = self.tokens(top["tokens"][1])
+        for key in ("status_public", "audit"):
+            if key in top:
+                node = top[key][1]
+                value = self.value(node)
+                if not isinstance(value, bool):
+                    raise self.fail(node, f"{key} must be true or false, not {_show(value)}")
+                kwargs[key] = value
+        for key, low in (
+            ("max_waiters_per_pool", 1),
+            ("max_waiters_per_host", 1),
+            ("max_body_size", 0),
+            ("max_header_size", 256),
+            ("max_headers", 8),
+        ):
+            if key in top:
+                kwargs[key] = self.whole(top[key][1], key, low, MAX_CONNECTIONS)
+
+    def tls(self, node: yaml.Node) -> TLSSettings:
+        keys = self.mapping(node, "tls", _TLS_KEYS)
+        for key in ("cert", "key"):
+            if key not in keys:
+                raise self.fail(node, f"tls needs {key}: FILE")
+        files = {key: self.name(value, f"tls {key}") for key, (_k, value) in keys.items()}
+        return TLSSettings(files["cert"], files["key"], files.get("client_ca"))
+
+    def tokens(self, node: yaml.Node) -> tuple[TokenSpec, ...]:
+        if not isinstance(node, yaml.SequenceNode) or not node.value:
+            raise self.fail(node, "tokens must be a list (each item starting with '- identity:')")
+        specs: dict[str, TokenSpec] = {}
+        for item in node.value:
+            keys = self.mapping(item, "token", _TOKEN_KEYS)
+            for key in ("identity", "sha256"):
+                if key not in keys:
+                    raise self.fail(item, f"token without {key}")
+            identity = self.name(keys["identity"][1], "token identity")
+            digest_node = keys["sha256"][1]
+            digest = str(self.value(digest_node)).lower()
+            if len(digest) != 64 or not _SHA256_HEX.issuperset(digest):
+                # Never echo the value: it may be the token itself pasted by mistake.
+                raise self.fail(
+                    digest_node,
+                    f"token of '{identity}': sha256 must be the 64 hex digits of the token's "
+                    "SHA-256 (printf %s TOKEN | sha256sum), never the token itself",
+                )
+            if digest in specs:
+                raise self.fail(digest_node, f"token of '{identity}': the same sha256 twice")
+            pools = None
+            if "pools" in keys:
+                pools_node = keys["pools"][1]
+                pools = self.servers(pools_node, f"token of '{identity}'", "pools")
+                if pools is None:
+                    raise self.fail(pools_node, f"token of '{identity}': pools is empty")
+            admin = False
+            if "admin" in keys:
+                admin_node = keys["admin"][1]
+                admin = self.value(admin_node)
+                if not isinstance(admin, bool):
+                    raise self.fail(admin_node, f"admin must be true or false, not {_show(admin)}")
+            specs[digest] = TokenSpec(identity, digest, pools, admin)
+        return tuple(specs.values())
+
+    def check_token_pools(
+        self,
+        node: yaml.Node,
+        tokens: tuple[TokenSpec, ...],
+        pools: dict[str, PoolSpec],
+        autocreate: bool,
+    ) -> None:
+        """A token's pools must exist (unless pools are made on first use)."""
+        if autocreate:
+            return
+        for item, spec in zip(node.value, tokens, strict=False):
+            for name in sorted(spec.pools or ()):
+                if name not in pools:
+                    raise self.fail(item, f"token of '{spec.identity}': unknown pool '{name}'")
 
     def pool(self, node: yaml.Node) -> PoolSpec:
         keys = self.mapping(node, "pool", _POOL_KEYS)
@@ -465,13 +620,14 @@ class _Checker:
             servers = self.servers(keys["servers"][1], where)
         return PoolSpec(name=name, maxlocks=maxlocks, expire=expire, servers=servers)
 
-    def servers(self, node: yaml.Node, where: str) -> frozenset[str] | None:
+    def servers(self, node: yaml.Node, where: str, what: str = "servers") -> frozenset[str] | None:
         if isinstance(node, yaml.SequenceNode):
             items = []
             for item in node.value:
                 if not isinstance(item, yaml.ScalarNode) or not item.value.strip():
                     value = _show(item.value if isinstance(item, yaml.ScalarNode) else item)
-                    raise self.fail(item, f"{where}: servers must be host names, not {value}")
+                    noun = "host names" if what == "servers" else "pool names"
+                    raise self.fail(item, f"{where}: {what} must be {noun}, not {value}")
                 items.append(self.host(item, item.value, where))
         elif isinstance(node, yaml.ScalarNode):
             if node.tag == _NULL_TAG and node.style is None:
@@ -480,9 +636,12 @@ class _Checker:
             parts = node.value.split(",")
             items = [self.host(node, part, where) for part in parts if part.strip()]
         else:
-            raise self.fail(node, f"{where}: servers must be a comma-separated string or a list")
+            raise self.fail(node, f"{where}: {what} must be a comma-separated string or a list")
         if not items:
-            raise self.fail(node, f"{where}: servers is empty (leave it out to allow any host)")
+            anything = "host" if what == "servers" else "pool"
+            raise self.fail(
+                node, f"{where}: {what} is empty (leave it out to allow any {anything})"
+            )
         return frozenset(items)
 
     def host(self, node: yaml.Node, text: str, where: str) -> str:

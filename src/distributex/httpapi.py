@@ -52,6 +52,7 @@ from urllib.parse import unquote_to_bytes
 
 from aiohttp import web
 
+from distributex import auth
 from distributex.backends.base import BackendUnavailable, LockBackend
 from distributex.config import Config
 from distributex.engine import Lease, PoolSpec
@@ -89,7 +90,17 @@ def _answer(word: str, status: int = 200, headers: dict[str, str] | None = None)
 
 
 def _invalid(status: int, reason: str) -> web.Response:
-    return _answer("INVALID", status, {"X-Distributex-Reason": reason})
+    return _answer("INVALID", status, {"X-Distributex-Reason": header_text(reason)})
+
+
+def header_text(text: str) -> str:
+    """``text`` fit for a header: control characters (e.g. of a decoded path) escaped.
+
+    aiohttp refuses to send a header with one, and the request would fail.
+    """
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
 
 
 def _seconds_text(seconds: float) -> str:
@@ -207,15 +218,22 @@ def _verb(handler: Handler) -> Callable[[web.Request], Awaitable[web.Response]]:
         try:
             if request.method not in ("GET", "POST"):
                 raise Invalid(405, f"method {request.method} not allowed (use GET)")
-            host = _name(request, "host")
+            identity = request.get(auth.IDENTITY_KEY)
+            if identity is None:
+                host = _name(request, "host")
             pool_name = _name(request, "pool")
+            if identity is not None:
+                # Authentication is on: the proven identity is the host.
+                claimed = _name(request, "host") if _param(request, "host") is not None else None
+                host = auth.host_for(request, identity, claimed, pool_name, handler is _release)
+            request[auth.HOST_KEY] = host
             spec = request.app[CONFIG_KEY].pool(pool_name)
             if spec is None:
                 raise Invalid(404, f"unknown pool '{pool_name}'")
             if spec.servers is not None and host not in spec.servers:
                 raise Invalid(403, f"host '{host}' is not in the servers list of '{pool_name}'")
             return await handler(request, spec, host, request.app[BACKEND_KEY])
-        except Invalid as exc:
+        except (Invalid, auth.Refused) as exc:
             return _for_legacy_client(request, _invalid(exc.status, exc.reason))
         except BackendUnavailable as exc:
             answer = _answer("UNAVAILABLE", 503, {"X-Distributex-Reason": str(exc)})
@@ -260,7 +278,9 @@ async def _wait(request: web.Request, spec: PoolSpec, host: str, backend: LockBa
         transport = request.transport
         return transport is not None and not transport.is_closing()
 
-    lease = await backend.wait(spec, host, ttl, timeout, connected)
+    config = request.app[CONFIG_KEY]
+    with request.app[auth.SECURITY_KEY].waiters.parked(config, spec.name, host):
+        lease = await backend.wait(spec, host, ttl, timeout, connected)
     if lease is None:
         return _answer("NO")
     log.debug("grant %s to waiting %s (fence %d)", spec.name, host, lease.fence)
@@ -320,6 +340,7 @@ def create_app(config: Config, backend: LockBackend) -> web.Application:
     app = web.Application()
     app[CONFIG_KEY] = config
     app[BACKEND_KEY] = backend
+    auth.install(app, lambda: app[CONFIG_KEY])  # limits, authentication, audit
     verbs = {"get": _get, "wait": _wait, "release": _release, "renew": _renew}
     for name, handler in verbs.items():
         endpoint = _verb(handler)

@@ -7,7 +7,13 @@ defaults. SIGTERM and SIGINT stop it gracefully: it stops accepting, answers
 parked waiters ``UNAVAILABLE`` (503), and exits 0.
 
 Exit status: 0 after a graceful stop; 2 for a bad command line or a bad
-configuration file; 1 if it cannot listen or its backend cannot start.
+configuration file (also TLS files that cannot be used); 1 if it cannot
+listen or its backend cannot start.
+
+With ``tls:`` every accepted connection is wrapped in TLS (the handshake must
+end within ``header_timeout``); the context lives in a
+:class:`~distributex.tls.TLSHolder` at ``app[TLS_KEY]`` that a reload swaps.
+Authentication, request limits and the audit log are :mod:`distributex.auth`.
 
 Connections are guarded so that holders' renewals get through however many
 idle connections a client (or an attack) leaves open:
@@ -33,6 +39,7 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -42,13 +49,14 @@ from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
 from distributex import __version__
 from distributex.backends import BackendUnavailable, LockBackend, make_backend
 from distributex.config import DEFAULT_BIND, Config, ConfigError, default_config, load_config
 from distributex.httpapi import create_app
+from distributex.tls import TLS_KEY, TLSHolder
 
 log = logging.getLogger("distributex")
 
@@ -76,7 +84,8 @@ class _QuietBadRequests(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, HttpProcessingError):
-            record.msg, record.args, record.exc_info = "bad HTTP request: %s", (exc.message,), None
+            record.msg, record.args = "bad HTTP request: %s", (_without_content(exc),)
+            record.exc_info = None
             record.levelno, record.levelname = logging.INFO, "INFO"
         elif isinstance(exc, ConnectionResetError) and "closing transport" in str(exc):
             # aiohttp writing to a client that has gone (not a backend's reset).
@@ -86,6 +95,17 @@ class _QuietBadRequests(logging.Filter):
         return True
 
 
+# The bytes aiohttp quotes from a bad request line or header (an Authorization
+# header too long, say) may be a secret: never logged.
+_QUOTED_BYTES = re.compile(r"""b(['"]).*?(?<!\\)\1""")
+
+
+def _without_content(exc: HttpProcessingError) -> str:
+    if isinstance(exc, LineTooLong):
+        return f"a request line or header longer than {exc.args[1]} bytes"
+    return _QUOTED_BYTES.sub("(content not logged)", str(exc.message))
+
+
 def quiet_bad_requests() -> None:
     """Install the filter on aiohttp's server logger (idempotent)."""
     logger = logging.getLogger("aiohttp.server")
@@ -93,10 +113,10 @@ def quiet_bad_requests() -> None:
         logger.addFilter(_QuietBadRequests())
 
 
-def server_url(bind: str, port: int) -> str:
-    """``http://HOST:PORT/`` with an IPv6 address in brackets, as URLs write it."""
+def server_url(bind: str, port: int, tls: bool = False) -> str:
+    """``http://HOST:PORT/`` (``https`` with TLS) with an IPv6 address in brackets."""
     host = f"[{bind}]" if ":" in bind else bind
-    return f"http://{host}:{port}/"
+    return f"{'https' if tls else 'http'}://{host}:{port}/"
 
 
 def raise_fd_limit() -> int:
@@ -305,11 +325,14 @@ class _Site(web.BaseSite):
         port: int,
         connections: _Connections,
         backlog: int = LISTEN_BACKLOG,
+        tls: TLSHolder | None = None,
     ) -> None:
         super().__init__(runner, backlog=backlog)
         self._host = host
         self._port = port
         self._connections = connections
+        # Read at each accept, so a reload's new certificate serves the next connection.
+        self.tls = tls or TLSHolder(None)
         self._sockets: list[socket.socket] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._retry: asyncio.TimerHandle | None = None
@@ -318,7 +341,7 @@ class _Site(web.BaseSite):
 
     @property
     def name(self) -> str:
-        return server_url(self._host or "0.0.0.0", self._port)
+        return server_url(self._host or "0.0.0.0", self._port, self.tls.context is not None)
 
     async def start(self) -> None:
         await super().start()
@@ -384,7 +407,15 @@ class _Site(web.BaseSite):
             conn.setblocking(False)
             connections.pending += 1
             protocol = _Connection(server, connections, loop=loop, **server._kwargs)
-            task = loop.create_task(loop.connect_accepted_socket(lambda p=protocol: p, conn))
+            context = self.tls.context
+            accepted = loop.connect_accepted_socket(
+                lambda p=protocol: p,
+                conn,
+                ssl=context,
+                # A handshake counts against the time a request head may take.
+                ssl_handshake_timeout=connections.header_timeout if context else None,
+            )
+            task = loop.create_task(accepted)
             self._tasks.add(task)
             task.add_done_callback(lambda task, p=protocol: self._connected(task, p))
 
@@ -452,11 +483,21 @@ def resolve_config(args: argparse.Namespace, default_bind: str = DEFAULT_BIND) -
 
 
 async def start_server(
-    config: Config, backend: LockBackend | None = None, *, access_log: bool = False
+    config: Config,
+    backend: LockBackend | None = None,
+    *,
+    access_log: bool = False,
+    tls: TLSHolder | None = None,
 ) -> tuple[web.AppRunner, LockBackend]:
-    """Start serving ``config``; returns the runner and backend to stop later."""
+    """Start serving ``config``; returns the runner and backend to stop later.
+
+    ``tls`` holds the SSL context (default: built from ``config.tls``; a
+    ConfigError if it cannot be). A reload swaps its context: see
+    :meth:`distributex.tls.TLSHolder.swap`; the runner's site is ``runner.sites``.
+    """
     if config.bind is None:
         config = replace(config, bind=DEFAULT_BIND)
+    tls = tls or TLSHolder.from_settings(config.tls)
     backend = backend or make_backend(config)
     quiet_bad_requests()
     fd_limit = raise_fd_limit()
@@ -465,15 +506,21 @@ async def start_server(
     )
     await backend.start()
     app = create_app(config, backend)
+    app[TLS_KEY] = tls  # a reload swaps its context: TLSHolder.swap
     runner = web.AppRunner(
         app,
         handler_cancellation=True,  # a hung-up /wait/ must leave the queue
         access_log=log.getChild("access") if access_log else None,
         shutdown_timeout=SHUTDOWN_GRACE,
         keepalive_timeout=config.idle_timeout,
+        # Request line and each header line at most max_header_size bytes;
+        # larger answer 400 (line) or 431 (header), from aiohttp's parser.
+        max_line_size=config.max_header_size,
+        max_field_size=config.max_header_size,
+        max_headers=config.max_headers,
     )
     await runner.setup()
-    site = _Site(runner, config.bind, config.port, connections)
+    site = _Site(runner, config.bind, config.port, connections, tls=tls)
     try:
         await site.start()
     except BaseException:
@@ -495,10 +542,14 @@ async def stop_server(runner: web.AppRunner, backend: LockBackend) -> None:
 
 
 async def serve(
-    config: Config, backend: LockBackend | None = None, *, access_log: bool = False
+    config: Config,
+    backend: LockBackend | None = None,
+    *,
+    access_log: bool = False,
+    tls: TLSHolder | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT."""
-    runner, backend = await start_server(config, backend, access_log=access_log)
+    runner, backend = await start_server(config, backend, access_log=access_log, tls=tls)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -508,7 +559,7 @@ async def serve(
         "distributex %s serving %s on %s (%s backend, %s)",
         __version__,
         ", ".join(config.pools) or "pools made on first use",
-        server_url(config.bind or DEFAULT_BIND, config.port),
+        server_url(config.bind or DEFAULT_BIND, config.port, config.tls is not None),
         config.backend,
         source,
     )
@@ -531,6 +582,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"distributexd: error: {exc}", file=sys.stderr)
         return 2
     try:
+        tls = TLSHolder.from_settings(config.tls)
+    except ConfigError as exc:
+        print(f"distributexd: error: {config.source}: {exc}", file=sys.stderr)
+        return 2
+    try:
         backend = make_backend(config)
     except BackendUnavailable as exc:
         # A backend this installation cannot build is a configuration problem
@@ -538,7 +594,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"distributexd: error: {exc}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(serve(config, backend, access_log=args.access_log))
+        asyncio.run(serve(config, backend, access_log=args.access_log, tls=tls))
     except BackendUnavailable as exc:
         print(f"distributexd: error: {exc}", file=sys.stderr)
         return 1

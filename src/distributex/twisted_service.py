@@ -44,6 +44,7 @@ from distributex import __version__
 from distributex.backends import BackendUnavailable, LockBackend, make_backend
 from distributex.config import Config, ConfigError
 from distributex.server import resolve_config, server_url, start_server, stop_server
+from distributex.tls import server_context
 
 log = logging.getLogger("distributex")
 
@@ -130,10 +131,20 @@ class Options(usage.Options):
             # 0.7 sites start the server with this very command line and their
             # clients are on other hosts: keep 0.7's listen address unless told.
             self.config_obj = resolve_config(args, default_bind=TWISTD_DEFAULT_BIND)
+            server_context_check(self.config_obj)
             self.backend = make_backend(self.config_obj)
         except (ConfigError, BackendUnavailable) as exc:
             _fail(str(exc))
         install_asyncio_reactor()
+
+
+def server_context_check(config: Config) -> None:
+    """Refuse certificate and key files that cannot be used now, while twistd has the terminal."""
+    if config.tls is not None:
+        try:
+            server_context(config.tls)
+        except ConfigError as exc:
+            raise ConfigError(f"{config.source}: {exc}") from None
 
 
 class _TwistedLogHandler(logging.Handler):

@@ -17,21 +17,26 @@ asyncio::
 from typing import Any
 
 from distributex.client.errors import (
+    AuthenticationFailed,
     Cancelled,
+    CertificateMismatch,
     ConnectionLost,
     DistributexError,
     LockLost,
     LockRefused,
     LockTimeout,
     ServerUnavailable,
+    TLSFailed,
 )
 from distributex.client.sync import CancelToken, Client, Lease, LeaseKeeper
 
 __all__ = [
     "AsyncClient",
     "AsyncLease",
+    "AuthenticationFailed",
     "CancelToken",
     "Cancelled",
+    "CertificateMismatch",
     "Client",
     "ConnectionLost",
     "DistributexError",
@@ -41,6 +46,7 @@ __all__ = [
     "LockRefused",
     "LockTimeout",
     "ServerUnavailable",
+    "TLSFailed",
 ]
 
 

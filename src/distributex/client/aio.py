@@ -50,18 +50,20 @@ from distributex.client.sync import (
     REWAIT_PAUSE_MAX,
     Lease,
     Requeue,
+    _client_setup,
     _fmt,
     _lower,
     apply_renewal,
     check_answer,
     check_durations,
+    client_ssl_context,
     clock,
-    default_host_id,
     describe,
     grant_fields,
+    held_as,
     one_line,
-    parse_server,
     set_keepalive,
+    tls_failure,
 )
 
 log = logging.getLogger("distributex.client")
@@ -101,9 +103,16 @@ class AsyncClient:
         port: int | None = None,
         host: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
+        *,
+        token: str | None = None,
+        cacert: str | None = None,
+        cert: str | None = None,
+        key: str | None = None,
     ) -> None:
-        self.server, self.port = parse_server(server, port)
-        self.host = host or default_host_id()
+        self.server, self.port, self.tls, self.host, self._token = _client_setup(
+            server, port, host, token, cacert, cert
+        )
+        self._ssl = client_ssl_context(cacert, cert, key) if self.tls else None
         if not 0 < timeout <= MAX_SECONDS:
             raise ValueError(f"timeout must be > 0 and at most {MAX_SECONDS:.0f} s")
         self.timeout = timeout
@@ -113,6 +122,14 @@ class AsyncClient:
     def address(self) -> str:
         host = f"[{self.server}]" if ":" in self.server else self.server
         return f"{host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        """``http(s)://host:port`` of the server."""
+        return f"{'https' if self.tls else 'http'}://{self.address}"
+
+    def __repr__(self) -> str:
+        return f"AsyncClient({self.url!r}, host={self.host!r})"  # never the token
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -137,16 +154,23 @@ class AsyncClient:
         query = {k: v for k, v in params.items() if v is not None}
         # ``budget`` bounds the whole call, not each read (None: an untimed /wait/).
         limits = aiohttp.ClientTimeout(total=budget, connect=connect_timeout or self.timeout)
+        headers = {"User-Agent": "distributex-client/1"}
+        if self._token is not None:
+            headers["Authorization"] = f"Bearer {self._token}"
         try:
             async with self._session.get(
-                f"http://{self.address}/{verb}/",
+                f"{self.url}/{verb}/",
                 params=query,
                 timeout=limits,
-                headers={"User-Agent": "distributex-client/1"},
+                headers=headers,
+                ssl=self._ssl if self._ssl is not None else True,
             ) as resp:
                 body = await resp.content.read(MAX_BODY)
                 return resp.status, body.decode("utf-8", "replace"), _lower(resp.headers)
         except (aiohttp.ClientError, TimeoutError, OSError, UnicodeError) as exc:
+            failed = tls_failure(exc, self.address)
+            if failed is not None:
+                raise failed from exc
             # Reached the server, then lost it (it crashed or restarted mid-request)?
             lost = isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError)
             kind = ConnectionLost if lost else ServerUnavailable
@@ -208,9 +232,10 @@ class AsyncClient:
             # A YES we cannot use (bad lease headers): give back exactly what was granted.
             raw = headers.get("x-distributex-lease")
             if raw:
-                await self.release_quietly(AsyncLease(pool, self.host, None, raw, None, sent))
+                held = held_as(headers, self.host)
+                await self.release_quietly(AsyncLease(pool, held, None, raw, None, sent))
             raise
-        lease = AsyncLease(pool, self.host, fence, token, granted_ttl, sent)
+        lease = AsyncLease(pool, held_as(headers, self.host), fence, token, granted_ttl, sent)
         if token and granted_ttl and clock() - sent > PIN_AFTER_WAIT * granted_ttl:
             try:
                 await self.renew(lease, ttl=ttl)
@@ -226,7 +251,12 @@ class AsyncClient:
         """Restart the lease's TTL. Raises :class:`LockLost` if the server says GONE."""
         if not lease.token:
             raise ValueError("this lease has no token (0.7 server): it cannot be renewed")
-        params = {"host": lease.host, "pool": lease.pool, "lease": lease.token, "ttl": _fmt(ttl)}
+        params = {
+            "host": lease.host or None,
+            "pool": lease.pool,
+            "lease": lease.token,
+            "ttl": _fmt(ttl),
+        }
         sent = clock()
         t = timeout or self.timeout
         status, body, headers = await self._call("renew", params, t, t)
@@ -234,7 +264,7 @@ class AsyncClient:
 
     async def release(self, lease: Lease, timeout: float | None = None) -> bool:
         """Release exactly this lease. False if it was already gone (GONE)."""
-        params: dict[str, str | None] = {"host": lease.host, "pool": lease.pool}
+        params: dict[str, str | None] = {"host": lease.host or None, "pool": lease.pool}
         if lease.token:
             params["lease"] = lease.token
         t = timeout or self.timeout

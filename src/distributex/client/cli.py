@@ -22,14 +22,27 @@ from distributex.client.sync import (
     DEFAULT_PORT,
     DEFAULT_TIMEOUT,
     MAX_SECONDS,
+    check_token,
     default_host_id,
-    parse_server,
+    split_server,
 )
 
 DEFAULT_TTL = 60.0
 DEFAULT_GRACE = 10.0
 SYSTEM_CONFIG = "/etc/distributex/client.conf"
-CONFIG_KEYS = ("server", "port", "host_id", "ttl", "grace", "lock_dir", "http_timeout")
+CONFIG_KEYS = (
+    "server",
+    "port",
+    "host_id",
+    "ttl",
+    "grace",
+    "lock_dir",
+    "http_timeout",
+    "cacert",
+    "cert",
+    "key",
+    "token_file",
+)
 
 DESCRIPTION = """\
 Run a command while holding a lock of a distributex server (and/or a local
@@ -63,8 +76,16 @@ exit status:
          ended while the command ran)
   75     lock not obtained: --timeout ran out, or busy with --no-wait (not run)
   77     request refused by the server (INVALID: unknown pool, host not
-         allowed, bad parameter) (command not run)
-  78     bad configuration file or environment variable (command not run)
+         allowed, a pool the token may not use, a --host-id that is not the
+         proven identity, bad parameter) (command not run)
+  67     not authenticated: the server wants a token and got none it accepts
+         (HTTP 401) (command not run)
+  76     TLS failed: the server's certificate is not trusted (--cacert), it
+         refused our client certificate (--cert/--key), or it does not speak
+         TLS (command not run)
+  78     bad configuration file or environment variable, or a --cacert,
+         --cert, --key or token file that cannot be used (command not run)
+  79     the server's certificate names another server than -H (command not run)
   126    command not executable, 127 command not found (-- form)
   Every non-zero status of our own comes with one line on stderr.
 
@@ -112,13 +133,25 @@ local lock (-l):
   -l without any server (no -H, DISTRIBUTEX_SERVER or config server) locks
   only locally.
 
+TLS and authentication:
+  -H https://dx.example.com:9889 (or --cacert/--cert with a plain host name)
+  talks TLS, checking the server's certificate against --cacert (default:
+  the system's CAs) and its name against -H. --cert/--key present a client
+  certificate (mutual TLS). The bearer token is read from the environment
+  variable DISTRIBUTEX_TOKEN or from --token-file FILE (first line), never
+  from the command line (which other users can read in the process list).
+  With a token or a client certificate and no --host-id, no host name is
+  sent: the server takes the identity they prove.
+
 defaults (highest first): options; environment DISTRIBUTEX_SERVER,
   DISTRIBUTEX_PORT, DISTRIBUTEX_HOST_ID, DISTRIBUTEX_TTL, DISTRIBUTEX_GRACE,
-  DISTRIBUTEX_LOCK_DIR, DISTRIBUTEX_HTTP_TIMEOUT; the config file(s); built-in.
+  DISTRIBUTEX_LOCK_DIR, DISTRIBUTEX_HTTP_TIMEOUT, DISTRIBUTEX_CACERT,
+  DISTRIBUTEX_CERT, DISTRIBUTEX_KEY, DISTRIBUTEX_TOKEN (the token itself),
+  DISTRIBUTEX_TOKEN_FILE; the config file(s); built-in.
   Config: $DISTRIBUTEX_CONFIG if set (empty: none), else /etc/distributex/
   client.conf then ~/.config/distributex/client.conf (later wins). Format:
   "key = value" lines, # comments; keys: server, port, host_id, ttl, grace,
-  lock_dir, http_timeout.
+  lock_dir, http_timeout, cacert, cert, key, token_file.
 """
 
 
@@ -274,6 +307,24 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"timeout of each HTTP call (env DISTRIBUTEX_HTTP_TIMEOUT; default "
         f"{DEFAULT_TIMEOUT:g})",
     )  # fmt: skip
+    p.add_argument(
+        "--cacert", metavar="FILE",
+        help="CA certificate(s) to check the server's certificate with (env DISTRIBUTEX_CACERT; "
+        "default: the system's); implies TLS",
+    )  # fmt: skip
+    p.add_argument(
+        "--cert", metavar="FILE",
+        help="client certificate for mutual TLS (env DISTRIBUTEX_CERT); implies TLS",
+    )  # fmt: skip
+    p.add_argument(
+        "--key", metavar="FILE",
+        help="the client certificate's private key, if not in --cert (env DISTRIBUTEX_KEY)",
+    )  # fmt: skip
+    p.add_argument(
+        "--token-file", metavar="FILE",
+        help="file whose first line is the bearer token (env DISTRIBUTEX_TOKEN holds the token "
+        "itself); never give a token on the command line",
+    )  # fmt: skip
     p.add_argument("-v", "--verbose", action="store_true", help="say what happens, on stderr")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
@@ -327,7 +378,14 @@ def resolve(
     grace = pick("grace", _seconds, DEFAULT_GRACE)
     if args.host_id is not None and not _encodable(args.host_id):
         parser.error(f"--host-id {args.host_id!r}: not valid UTF-8 text")
-    host_id = pick("host_id", _text, None) or default_host_id()
+    cacert = pick("cacert", _text, None) or None
+    cert = pick("cert", _text, None) or None
+    key = pick("key", _text, None) or None
+    token = read_token(args, env, config)
+    # With credentials the server knows who we are: send no host unless told.
+    host_id = pick("host_id", _text, None) or (
+        None if token is not None or cert is not None else default_host_id()
+    )
     lock_dir = pick("lock_dir", str, None) or None
     http_timeout = pick("http_timeout", _positive, DEFAULT_TIMEOUT)
     assert isinstance(ttl, float) and isinstance(grace, float)
@@ -353,18 +411,24 @@ def resolve(
         )
     if server is not None:
         try:
-            parse_server(str(server), port if isinstance(port, int) else None)
+            scheme, _host, _chosen = split_server(
+                str(server), port if isinstance(port, int) else None
+            )
         except ValueError as exc:
             parser.error(f"bad server: {exc}")
+        if scheme == "http" and (cacert or cert):
+            parser.error("--cacert and --cert need TLS: write the server as https://HOST[:PORT]")
         if ttl and ttl < min_ttl_for_grace(grace):
             parser.error(
                 f"--grace {grace:g} needs --ttl >= {min_ttl_for_grace(grace):g} "
                 f"(got {ttl:g}): the command must be stopped before the lease can run out, "
                 "and renewals need room to retry; raise --ttl or lower --grace"
             )
+    if key and not cert:
+        parser.error("--key needs --cert (the client certificate)")
     return Settings(
         pool=args.pool,
-        host_id=str(host_id),
+        host_id=str(host_id) if host_id else None,
         server=str(server) if server else None,
         port=port if isinstance(port, int) else None,
         local=args.local,
@@ -378,7 +442,42 @@ def resolve(
         argv=command_argv,
         shell_command=None if command_argv is not None else args.command[0],
         verbose=args.verbose,
+        token=token,
+        cacert=str(cacert) if cacert else None,
+        cert=str(cert) if cert else None,
+        key=str(key) if key else None,
     )
+
+
+def read_token(
+    args: argparse.Namespace, env: dict[str, str], config: dict[str, tuple[str, str]]
+) -> str | None:
+    """The bearer token: --token-file, else $DISTRIBUTEX_TOKEN, else $DISTRIBUTEX_TOKEN_FILE,
+    else the config's token_file. Errors never show the token."""
+    if args.token_file is None and env.get("DISTRIBUTEX_TOKEN"):
+        try:
+            return check_token(env["DISTRIBUTEX_TOKEN"])
+        except ValueError as exc:
+            raise ConfigProblem(f"environment DISTRIBUTEX_TOKEN: {exc}") from None
+    path = args.token_file or env.get("DISTRIBUTEX_TOKEN_FILE")
+    where = "--token-file" if args.token_file else "environment DISTRIBUTEX_TOKEN_FILE"
+    if not path and "token_file" in config and config["token_file"][0]:
+        path, where = config["token_file"][0], config["token_file"][1] + ": token_file"
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as file:
+            first = file.read(4096).split(b"\n", 1)[0]
+        return check_token(first.decode("ascii"))
+    except OSError as exc:
+        raise ConfigProblem(f"{where} {path}: cannot read: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        why = (
+            exc
+            if isinstance(exc, ValueError) and not isinstance(exc, UnicodeError)
+            else ("the token must be printable ASCII without spaces")
+        )
+        raise ConfigProblem(f"{where} {path}: {why}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

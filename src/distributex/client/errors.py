@@ -40,3 +40,17 @@ class ConnectionLost(ServerUnavailable):
 
 class Cancelled(DistributexError):
     """A request was aborted from another thread through a :class:`CancelToken`."""
+
+
+class AuthenticationFailed(LockRefused):
+    """The server wants a proven identity and got none it accepts (HTTP 401): no token
+    sent, or a token it does not know."""
+
+
+class TLSFailed(ServerUnavailable):
+    """The TLS connection could not be made: the server's certificate is not trusted, the
+    server refused our client certificate, or the server does not speak TLS."""
+
+
+class CertificateMismatch(TLSFailed):
+    """The server's certificate is trusted but names another server than the one asked for."""

@@ -56,21 +56,27 @@ from urllib.parse import quote
 
 from distributex.client import watchdog
 from distributex.client.errors import (
+    AuthenticationFailed,
+    CertificateMismatch,
     DistributexError,
     LockRefused,
     LockTimeout,
     ServerUnavailable,
+    TLSFailed,
 )
 from distributex.client.sync import CancelToken, Client, Lease, LeaseKeeper, clock, one_line
 
 EXIT_USAGE = 2
+EXIT_NOT_AUTHENTICATED = 67  # 401: token missing or not accepted
 EXIT_UNAVAILABLE = 69
 EXIT_SOFTWARE = 70
 EXIT_LOCALLOCK = 71
 EXIT_LOST = 73
 EXIT_TIMEOUT = 75
+EXIT_TLS = 76  # server certificate not trusted, ours refused, or no TLS there
 EXIT_REFUSED = 77
 EXIT_CONFIG = 78
+EXIT_NAME_MISMATCH = 79  # the server's certificate names another server
 EXIT_NOEXEC = 126
 EXIT_NOTFOUND = 127
 
@@ -205,7 +211,7 @@ class Exit(Exception):
 @dataclass
 class Settings:
     pool: str
-    host_id: str
+    host_id: str | None  # None: the identity a token or certificate proves
     server: str | None = None
     port: int | None = None
     local: bool = False
@@ -219,6 +225,10 @@ class Settings:
     argv: list[str] | None = None
     shell_command: str | None = None
     verbose: bool = False
+    token: str | None = None
+    cacert: str | None = None
+    cert: str | None = None
+    key: str | None = None
 
 
 def lock_file_name(pool: str) -> str:
@@ -328,7 +338,19 @@ class Runner:
             if s.local:
                 fd = self._local_lock()
             if s.server:
-                client = Client(s.server, s.port, host=s.host_id, timeout=s.http_timeout)
+                try:
+                    client = Client(
+                        s.server,
+                        s.port,
+                        host=s.host_id,
+                        timeout=s.http_timeout,
+                        token=s.token,
+                        cacert=s.cacert,
+                        cert=s.cert,
+                        key=s.key,
+                    )
+                except ValueError as exc:
+                    raise Exit(EXIT_CONFIG, f"{exc}; command not run") from None
                 lease = self._server_lock(client)
             return self._hold(client, lease)
         finally:
@@ -376,7 +398,8 @@ class Runner:
                 outcome["error"] = exc
 
         how = "trying" if not s.wait else "waiting for"
-        self.debug(f"{how} pool '{s.pool}' on {client.address} as '{client.host}'")
+        who = f"'{client.host}'" if client.host else "the identity its credentials prove"
+        self.debug(f"{how} pool '{s.pool}' on {client.url} as {who}")
         worker = threading.Thread(target=acquire, name="distributex-acquire", daemon=True)
         worker.start()
         while worker.is_alive():
@@ -390,7 +413,7 @@ class Runner:
             raise self._interrupted("while waiting for the lock")
         if isinstance(lease, Lease):
             self.debug(
-                f"lock on pool '{s.pool}' from {client.address} as '{client.host}': "
+                f"lock on pool '{s.pool}' from {client.address} as '{lease.host}': "
                 f"fence {lease.fence}, ttl {lease.ttl}"
             )
             if not lease.token:
@@ -407,8 +430,14 @@ class Runner:
                     EXIT_TIMEOUT, f"{where} not obtained within {s.timeout:g}s; command not run"
                 )
             raise Exit(EXIT_TIMEOUT, f"{where} is busy; command not run")
+        if isinstance(error, AuthenticationFailed):
+            raise Exit(EXIT_NOT_AUTHENTICATED, f"{where}: {error.reason}; command not run")
         if isinstance(error, LockRefused):
             raise Exit(EXIT_REFUSED, f"{where}: request refused ({error.reason}); command not run")
+        if isinstance(error, CertificateMismatch):
+            raise Exit(EXIT_NAME_MISMATCH, f"{error}; command not run")
+        if isinstance(error, TLSFailed):
+            raise Exit(EXIT_TLS, f"{error}; command not run")
         if isinstance(error, ServerUnavailable):
             raise Exit(EXIT_UNAVAILABLE, f"{error}; command not run")
         if isinstance(error, ValueError | DistributexError):
@@ -420,9 +449,13 @@ class Runner:
         for key in ("DISTRIBUTEX_SERVER", "DISTRIBUTEX_FENCE", "DISTRIBUTEX_LEASE"):
             env.pop(key, None)
         env["DISTRIBUTEX_POOL"] = self.s.pool
-        env["DISTRIBUTEX_HOST"] = self.s.host_id
+        host = lease.host if lease is not None and lease.host else self.s.host_id
+        if host:
+            env["DISTRIBUTEX_HOST"] = host
+        else:
+            env.pop("DISTRIBUTEX_HOST", None)
         if client is not None:
-            env["DISTRIBUTEX_SERVER"] = client.address
+            env["DISTRIBUTEX_SERVER"] = client.url if client.tls else client.address
         if lease is not None:
             if lease.fence is not None:
                 env["DISTRIBUTEX_FENCE"] = str(lease.fence)

@@ -52,6 +52,7 @@ import queue
 import re
 import selectors
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -60,12 +61,15 @@ from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 from distributex.client.errors import (
+    AuthenticationFailed,
     Cancelled,
+    CertificateMismatch,
     ConnectionLost,
     LockLost,
     LockRefused,
     LockTimeout,
     ServerUnavailable,
+    TLSFailed,
 )
 
 log = logging.getLogger("distributex.client")
@@ -114,20 +118,32 @@ def clock() -> float:
 
 
 def parse_server(server: str, port: int | None = None) -> tuple[str, int]:
-    """``host``, ``host:port``, ``[v6addr]:port`` or ``http://host:port/`` -> (host, port).
+    """``host``, ``host:port``, ``[v6addr]:port`` or ``http(s)://host:port/`` -> (host, port).
 
     An explicit ``port`` argument wins over a port written in ``server``.
+    """
+    _scheme, host, chosen = split_server(server, port)
+    return host, chosen
+
+
+def split_server(server: str, port: int | None = None) -> tuple[str, str, int]:
+    """(scheme, host, port) of a server as :func:`parse_server` takes it.
+
+    The scheme is ``http`` or ``https`` as written, or ``""`` when none is.
     """
     text = server.strip()
     if not text:
         raise ValueError("empty server name")
     if text.count(":") > 1 and "[" not in text and "://" not in text:
         text = f"[{text}]"  # a bare IPv6 address such as ::1 (no port can be written)
-    if "://" not in text:
+    written_scheme = "://" in text
+    if not written_scheme:
         text = "http://" + text
     parts = urlsplit(text)
-    if parts.scheme != "http":
-        raise ValueError(f"unsupported scheme {parts.scheme!r} in server {server!r} (use http)")
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(
+            f"unsupported scheme {parts.scheme!r} in server {server!r} (use http or https)"
+        )
     if "@" in parts.netloc:
         raise ValueError(f"user names are not supported in server {server!r}")
     if parts.path not in ("", "/") or parts.query or parts.fragment or text.endswith(("?", "#")):
@@ -151,7 +167,140 @@ def parse_server(server: str, port: int | None = None) -> tuple[str, int]:
     chosen = port if port is not None else (written if written is not None else DEFAULT_PORT)
     if not 0 < chosen < 65536:
         raise ValueError(f"port {chosen} out of range")
-    return host, chosen
+    return (parts.scheme if written_scheme else ""), host, chosen
+
+
+def client_ssl_context(
+    cacert: str | None = None, cert: str | None = None, key: str | None = None
+) -> ssl.SSLContext:
+    """The client's SSL context: the server verified against ``cacert`` (None: the
+    system's CAs) and its name checked; ``cert``/``key`` the client certificate for
+    mutual TLS. ValueError (one line) if a file cannot be used."""
+    if key is not None and cert is None:
+        raise ValueError("--key needs --cert (the client certificate)")
+    try:
+        context = ssl.create_default_context(cafile=cacert)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"cannot use CA file {cacert}: {_file_problem(exc)}") from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert is not None:
+        # A server that refuses a client certificate closes the connection in
+        # the handshake (asyncio servers send no alert). Under TLS 1.3 the
+        # client's handshake is over by then, and the close would look like
+        # a server gone away mid-request (which is retried); under TLS 1.2 it
+        # ends the handshake itself, so it is told apart and reported at once.
+        context.maximum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            context.load_cert_chain(cert, key)
+        except (OSError, ssl.SSLError) as exc:
+            files = f"{cert} and {key}" if key else cert
+            raise ValueError(
+                f"cannot use client certificate {files}: {_file_problem(exc)}"
+            ) from None
+    context.sslsocket_class = DeadlineSSLSocket
+    return context
+
+
+def _file_problem(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLError):
+        return (exc.reason or "not a certificate or key in PEM form").lower().replace("_", " ")
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return one_line(str(exc), 100)
+
+
+# OpenSSL's verify codes for a certificate that names another host or address.
+_NAME_MISMATCH = (62, 64)
+
+
+def tls_failure(exc: BaseException, address: str) -> TLSFailed | None:
+    """The TLS failure behind a connection error, as one clear line (None: not TLS)."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        inner = getattr(cause, "certificate_error", None)  # aiohttp's wrapper
+        if isinstance(inner, BaseException):
+            cause = inner
+            continue
+        if isinstance(cause, HandshakeClosed):
+            return TLSFailed(
+                f"server {address} closed the connection during the TLS handshake: it refused "
+                "our client certificate (check --cert, --key and the server's client_ca), "
+                "or it does not speak TLS"
+            )
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            why = cause.verify_message or cause.reason or "not verified"
+            if cause.verify_code in _NAME_MISMATCH:
+                return CertificateMismatch(
+                    f"server {address}: its certificate is for another name ({why})"
+                )
+            return TLSFailed(
+                f"server {address}: certificate not trusted ({why}); give its CA with --cacert"
+            )
+        if isinstance(cause, ssl.SSLEOFError | ssl.SSLZeroReturnError):
+            return None  # the connection ended: not a TLS problem as such
+        if isinstance(cause, ssl.SSLError):
+            reason = (cause.reason or str(cause)).lower().replace("_", " ")
+            if "certificate" in reason or "unknown ca" in reason:
+                return TLSFailed(
+                    f"server {address} refused our client certificate ({reason}); "
+                    "check --cert and --key"
+                )
+            if "wrong version" in reason or "record layer" in reason or "packet length" in reason:
+                return TLSFailed(f"server {address} does not speak TLS ({reason}); try http://")
+            return TLSFailed(f"TLS with server {address} failed: {reason}")
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+class HandshakeClosed(ConnectionError):
+    """The server closed the connection in the middle of our TLS handshake."""
+
+
+def _client_setup(
+    server: str,
+    port: int | None,
+    host: str | None,
+    token: str | None,
+    cacert: str | None,
+    cert: str | None,
+) -> tuple[str, int, bool, str | None, str | None]:
+    """(server, port, tls, host, token) of a client, shared by the sync and asyncio ones.
+
+    TLS when the server is written ``https://``, or with no scheme when a CA
+    or a client certificate is given. ``host`` None: the machine's identity
+    as 0.7 sent it, unless a token or client certificate proves one (then
+    no ``host`` is sent and the server takes the proven one).
+    """
+    scheme, name, chosen = split_server(server, port)
+    tls = scheme == "https" or (scheme == "" and (cacert is not None or cert is not None))
+    if not tls and (cacert is not None or cert is not None):
+        raise ValueError(f"server {server!r} is http://: a CA or certificate needs https://")
+    if token is not None:
+        token = check_token(token)
+    if host is None and token is None and cert is None:
+        host = default_host_id()
+    return name, chosen, tls, host or None, token
+
+
+def held_as(headers: Mapping[str, str], host: str | None) -> str:
+    """The host a grant is held under: the server's word for it (it may be the
+    identity a token or certificate proved), else the one we sent."""
+    named = headers.get("x-distributex-host", "")
+    if named and named.isprintable() and len(named) <= 255:
+        return named
+    return host or ""
+
+
+def check_token(token: str) -> str:
+    """A bearer token as sent: printable ASCII without spaces (never shown in the error)."""
+    token = token.strip()
+    if not token:
+        raise ValueError("the token is empty")
+    if not all("!" <= ch <= "~" for ch in token):
+        raise ValueError("the token must be printable ASCII without spaces")
+    return token
 
 
 _BAD_HOST_CHAR = re.compile(r"[\x00-\x20\x7f/\\?#@]")
@@ -224,6 +373,10 @@ def check_answer(verb: str, status: int, body: str, headers: Mapping[str, str]) 
     reason = one_line(headers.get("x-distributex-reason", ""), 200)
     if status == 200 and word in ("YES", "NO", "OK"):
         return word
+    if status == 401:
+        raise AuthenticationFailed(
+            f"not authenticated: {reason or 'token missing or not accepted'}", status
+        )
     if status == 410 and verb in ("release", "renew"):
         return "GONE"
     if 400 <= status < 500:
@@ -481,8 +634,8 @@ def open_socket(
     raise last or OSError(errno.EHOSTUNREACH, "no address to connect to")
 
 
-class DeadlineSocket(socket.socket):
-    """A socket whose sends and receives all end by one :attr:`deadline` (None: no bound).
+class _Deadline:
+    """Sends and receives that all end by one :attr:`deadline` (None: no bound).
 
     A socket timeout bounds each read alone: a server that drips a byte a
     second (or sends ``100 Continue`` forever) would hold a call for ever.
@@ -508,21 +661,50 @@ class DeadlineSocket(socket.socket):
 
     def sendall(self, *args: Any, **kwargs: Any) -> None:
         self._arm()
-        super().sendall(*args, **kwargs)
+        super().sendall(*args, **kwargs)  # type: ignore[misc]
+
+
+class DeadlineSocket(_Deadline, socket.socket):
+    """A TCP socket with a :attr:`deadline` for the whole call."""
+
+
+class DeadlineSSLSocket(_Deadline, ssl.SSLSocket):
+    """A TLS socket with a :attr:`deadline` for the whole call."""
 
 
 class _Connection(http.client.HTTPConnection):
-    """An HTTPConnection whose connect is :func:`open_socket` (bounded, cancellable)."""
+    """An HTTPConnection whose connect is :func:`open_socket` (bounded, cancellable),
+    then a TLS handshake within the same time when ``context`` is given."""
 
-    def __init__(self, host: str, port: int, timeout: float, cancel: CancelToken | None) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        timeout: float,
+        cancel: CancelToken | None,
+        context: ssl.SSLContext | None = None,
+    ) -> None:
         super().__init__(host, port, timeout=timeout)
         self._cancel = cancel
+        self._context = context
 
     def connect(self) -> None:
         assert isinstance(self.timeout, float | int)
-        self.sock = open_socket(self.host, self.port, float(self.timeout), self._cancel)
+        deadline = clock() + float(self.timeout)
+        sock = open_socket(self.host, self.port, float(self.timeout), self._cancel)
         with contextlib.suppress(OSError):
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._context is not None:
+            try:
+                sock.settimeout(max(0.01, deadline - clock()))
+                sock = self._context.wrap_socket(sock, server_hostname=self.host)
+            except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionResetError) as exc:
+                sock.close()
+                raise HandshakeClosed(str(exc)) from exc
+            except BaseException:
+                sock.close()
+                raise
+        self.sock = sock
 
 
 class Requeue:
@@ -577,9 +759,16 @@ class Client:
         port: int | None = None,
         host: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
+        *,
+        token: str | None = None,
+        cacert: str | None = None,
+        cert: str | None = None,
+        key: str | None = None,
     ) -> None:
-        self.server, self.port = parse_server(server, port)
-        self.host = host or default_host_id()
+        self.server, self.port, self.tls, self.host, self._token = _client_setup(
+            server, port, host, token, cacert, cert
+        )
+        self._ssl = client_ssl_context(cacert, cert, key) if self.tls else None
         if not 0 < timeout <= MAX_SECONDS:
             raise ValueError(f"timeout must be > 0 and at most {MAX_SECONDS:.0f} s")
         self.timeout = timeout
@@ -589,8 +778,19 @@ class Client:
         host = f"[{self.server}]" if ":" in self.server else self.server
         return f"{host}:{self.port}"
 
+    @property
+    def url(self) -> str:
+        """``http(s)://host:port`` of the server."""
+        return f"{'https' if self.tls else 'http'}://{self.address}"
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"User-Agent": _USER_AGENT, "Connection": "close"}
+        if self._token is not None:
+            headers["Authorization"] = f"Bearer {self._token}"
+        return headers
+
     def __repr__(self) -> str:
-        return f"Client({self.address!r}, host={self.host!r})"
+        return f"Client({self.url!r}, host={self.host!r})"  # never the token
 
     # -- one HTTP call -----------------------------------------------------------------
 
@@ -609,30 +809,29 @@ class Client:
         # ``budget`` bounds the whole call, connect included (None: unbounded,
         # for an untimed /wait/ that must keep its place in the queue).
         deadline = None if budget is None else clock() + budget
-        conn = _Connection(self.server, self.port, connect, cancel)
+        conn = _Connection(self.server, self.port, connect, cancel, self._ssl)
         attached: socket.socket | None = None
         connected = False
         try:
             conn.connect()
             connected = True
-            assert isinstance(conn.sock, DeadlineSocket)
+            assert isinstance(conn.sock, _Deadline)
             set_keepalive(conn.sock)
             if cancel is not None:
                 cancel._attach(conn.sock)
                 attached = conn.sock
             conn.sock.settimeout(None)
             conn.sock.deadline = deadline
-            conn.request(
-                "GET",
-                f"/{verb}/?{query}",
-                headers={"User-Agent": _USER_AGENT, "Connection": "close"},
-            )
+            conn.request("GET", f"/{verb}/?{query}", headers=self._headers())
             resp = conn.getresponse()
             body = resp.read(MAX_BODY).decode("utf-8", "replace")
             return resp.status, body, _lower(resp.headers)
         except (OSError, http.client.HTTPException, UnicodeError, Cancelled) as exc:
             if cancel is not None and cancel.cancelled:
                 raise Cancelled(f"/{verb}/ cancelled") from None
+            failed = tls_failure(exc, self.address)
+            if failed is not None:
+                raise failed from exc
             # The server went away mid-request (crash, restart): not garbage or a timeout.
             lost = connected and isinstance(exc, ConnectionError | http.client.IncompleteRead)
             kind = ConnectionLost if lost else ServerUnavailable
@@ -718,7 +917,7 @@ class Client:
         except ServerUnavailable:
             self._release_malformed(pool, headers, sent)
             raise
-        lease = Lease(pool, self.host, fence, token, granted_ttl, sent)
+        lease = Lease(pool, held_as(headers, self.host), fence, token, granted_ttl, sent)
         if token and granted_ttl and clock() - sent > PIN_AFTER_WAIT * granted_ttl:
             self._pin(lease, ttl, cancel)
         return lease
@@ -727,7 +926,7 @@ class Client:
         """A YES we cannot use (bad lease headers): give back exactly what was granted."""
         token = headers.get("x-distributex-lease")
         if token:
-            self.release_quietly(Lease(pool, self.host, None, token, None, sent))
+            self.release_quietly(Lease(pool, held_as(headers, self.host), None, token, None, sent))
 
     def _pin(self, lease: Lease, ttl: float | None, cancel: CancelToken | None) -> None:
         """Renew right after a long wait, so ``confirmed_until`` is tight."""
@@ -749,7 +948,12 @@ class Client:
         """Restart the lease's TTL. Raises :class:`LockLost` if the server says GONE."""
         if not lease.token:
             raise ValueError("this lease has no token (0.7 server): it cannot be renewed")
-        params = {"host": lease.host, "pool": lease.pool, "lease": lease.token, "ttl": _fmt(ttl)}
+        params = {
+            "host": lease.host or None,
+            "pool": lease.pool,
+            "lease": lease.token,
+            "ttl": _fmt(ttl),
+        }
         sent = clock()
         status, body, headers = self._call(
             "renew", params, timeout or self.timeout, cancel, timeout or self.timeout
@@ -758,7 +962,7 @@ class Client:
 
     def release(self, lease: Lease, timeout: float | None = None) -> bool:
         """Release exactly this lease. False if it was already gone (GONE)."""
-        params: dict[str, str | None] = {"host": lease.host, "pool": lease.pool}
+        params: dict[str, str | None] = {"host": lease.host or None, "pool": lease.pool}
         if lease.token:
             params["lease"] = lease.token
         t = timeout or self.timeout

@@ -1,0 +1,393 @@
+"""Who is asking: bearer tokens, client certificates, request limits and the audit log.
+
+Off unless configured: with neither ``tokens`` nor ``tls.client_ca`` in the
+configuration every request is served as in 0.7 (the ``host`` parameter is
+the identity, and anyone may send any host).
+
+With authentication on, every request but ``/healthz`` must prove an
+identity:
+
+* ``tokens``: ``Authorization: Bearer TOKEN`` whose SHA-256 (hex) is listed;
+  the entry's ``identity`` is the host. A request without one, or with one
+  not listed, answers ``401 INVALID`` (``WWW-Authenticate: Bearer``).
+* ``tls.client_ca``: a client certificate signed by that CA (one that does
+  not verify fails the TLS handshake; none at all answers ``401``); its CN
+  and DNS subject alternative names are the names it may use as host (the
+  CN when ``host`` is left out).
+* both: both are required, and the token's identity must be one of the
+  certificate's names (else ``403``).
+
+Then, on the lock verbs, the proven identity is the host: a ``host``
+parameter that disagrees answers ``403 INVALID`` (``host`` may be left out),
+a token's ``pools`` bound the pools it may use (``403``), and the pool's
+``servers`` list is checked against the proven host. Leases belong to hosts,
+so only the holder can renew or release one; an ``admin`` token may name
+another ``host`` on ``/release/`` (a *forced release*: logged at WARNING and
+counted). ``/status``, ``/metrics`` and ``/`` need a proven identity too,
+unless ``status_public: true`` opens them (they only read).
+
+Limits (always on, see the README's "Limits"): a request body larger than
+``max_body_size`` answers ``413`` (a body of unknown length, chunked, ``411``)
+and the connection is closed; parked ``/wait/`` requests of one pool beyond
+``max_waiters_per_pool``, or of one host beyond ``max_waiters_per_host``,
+answer ``429 INVALID``. These count the waiters parked on *this* server.
+
+Audit: the ``distributex.audit`` logger gets one line per grant, release,
+forced release and refusal, with the pool, the host, the identity that
+asked, how it was proven and the peer address. It is on when authentication
+is on (``audit: false`` turns it off) and off otherwise (``audit: true``
+turns it on). Secrets never reach a log line, an answer or ``/status``: the
+server never holds a token, only its hash, and lease tokens are not logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import ssl
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from distributex.config import Config
+from distributex.tls import peer_names
+
+audit_log = logging.getLogger("distributex.audit")
+log = logging.getLogger("distributex.auth")
+
+IDENTITY_KEY = "distributex.identity"
+HOST_KEY = "distributex.host"
+FORCED_KEY = "distributex.forced"
+
+VERBS = frozenset(("get", "wait", "release", "renew"))
+# Paths that answer without credentials even with authentication on: a load
+# balancer's health check must not need a secret.
+ALWAYS_OPEN = frozenset(("/healthz", "/healthz/"))
+# Read-only pages that ``status_public: true`` opens.
+STATUS_PATHS = frozenset(("/", "/status", "/status/", "/metrics", "/metrics/"))
+BEARER = "bearer "
+MAX_NAME = 255  # as httpapi.MAX_NAME
+
+
+class Refused(Exception):
+    """A request refused for who sent it, or for a limit; a 4xx ``INVALID`` answer."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A proven identity: ``names`` it may use as host (the first is its default)."""
+
+    names: tuple[str, ...]
+    via: str  # "token", "certificate" or "token+certificate"
+    pools: frozenset[str] | None = None  # None: every pool
+    admin: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.names[0]
+
+
+def token_digest(token: str) -> str:
+    """The hex SHA-256 of a token, as ``tokens[].sha256`` lists it."""
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+class Guard:
+    """What one configuration asks of each request (rebuilt when the configuration changes)."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.enabled = config.auth_enabled
+        self.tokens = {spec.sha256: spec for spec in config.tokens}
+        self.mtls = config.tls is not None and config.tls.client_ca is not None
+        self.audit = config.audit if config.audit is not None else self.enabled
+
+    def authenticate(self, request: web.Request) -> Identity:
+        """The request's proven identity; :class:`Refused` (401/403) if it proves none."""
+        names: tuple[str, ...] = ()
+        via = []
+        if self.mtls:
+            # Names a host could not be (control characters, too long) are left out.
+            cert = _peer_cert(request)
+            if not cert:
+                raise Refused(401, "a client certificate is required (mutual TLS)")
+            names = tuple(
+                name for name in peer_names(cert) if name.isprintable() and len(name) <= MAX_NAME
+            )
+            if not names:
+                # A certificate without a CN or a DNS name cannot name a host.
+                raise Refused(401, "the client certificate names no host (no CN, no DNS name)")
+            via.append("certificate")
+        pools = None
+        admin = False
+        if self.tokens:
+            spec = self.tokens.get(self._bearer_digest(request))
+            if spec is None:
+                raise Refused(401, self._why_no_token(request))
+            if names and spec.identity not in names:
+                raise Refused(
+                    403,
+                    f"the token speaks for '{spec.identity}', which the client certificate "
+                    "does not name",
+                )
+            names = (spec.identity,)
+            pools, admin = spec.pools, spec.admin
+            via.insert(0, "token")
+        return Identity(names, "+".join(via), pools, admin)
+
+    @staticmethod
+    def _bearer_digest(request: web.Request) -> str:
+        value = request.headers.get("Authorization", "")
+        if value[: len(BEARER)].lower() != BEARER:
+            return ""
+        return token_digest(value[len(BEARER) :].strip())
+
+    @staticmethod
+    def _why_no_token(request: web.Request) -> str:
+        value = request.headers.get("Authorization")
+        if value is None:
+            return "authentication required: send 'Authorization: Bearer TOKEN'"
+        if value[: len(BEARER)].lower() != BEARER:
+            return "only 'Authorization: Bearer TOKEN' is accepted"
+        return "token not recognised"
+
+
+def _peer_cert(request: web.Request) -> dict | None:
+    transport = request.transport
+    if transport is None:
+        return None
+    ssl_object = transport.get_extra_info("ssl_object")
+    if not isinstance(ssl_object, ssl.SSLObject | ssl.SSLSocket):
+        return None
+    return ssl_object.getpeercert()
+
+
+def host_for(
+    request: web.Request, identity: Identity, claimed: str | None, pool: str, release: bool
+) -> str:
+    """The host a verb acts for under ``identity``; :class:`Refused` (403) if not allowed.
+
+    ``claimed`` is the ``host`` parameter (None: left out). An admin token may
+    name another host on ``/release/``: a forced release, marked on the request.
+    """
+    if identity.pools is not None and pool not in identity.pools:
+        raise Refused(403, f"'{identity.name}' may not use pool '{pool}'")
+    if claimed is None:
+        return identity.name
+    if claimed in identity.names:
+        return claimed
+    if release and identity.admin:
+        request[FORCED_KEY] = True
+        return claimed
+    raise Refused(403, f"host '{claimed}' is not the authenticated identity '{identity.name}'")
+
+
+class WaiterCount:
+    """Parked ``/wait/`` requests on this server, per pool and per host, with their caps."""
+
+    def __init__(self) -> None:
+        self.pools: Counter[str] = Counter()
+        self.hosts: Counter[str] = Counter()
+
+    @contextmanager
+    def parked(self, config: Config, pool: str, host: str) -> Iterator[None]:
+        """Count one waiter for the block; :class:`Refused` (429) past a cap."""
+        if self.pools[pool] >= config.max_waiters_per_pool:
+            raise Refused(
+                429,
+                f"too many waiters on pool '{pool}': {config.max_waiters_per_pool} already "
+                "wait here (max_waiters_per_pool)",
+            )
+        if self.hosts[host] >= config.max_waiters_per_host:
+            raise Refused(
+                429,
+                f"too many waits by host '{host}': {config.max_waiters_per_host} already "
+                "wait here (max_waiters_per_host)",
+            )
+        self.pools[pool] += 1
+        self.hosts[host] += 1
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "waiting: pool=%s host=%s (%d waiters of the pool, %d of the host)",
+                _shown(pool),
+                _shown(host),
+                self.pools[pool],
+                self.hosts[host],
+            )
+        try:
+            yield
+        finally:
+            for counter, key in ((self.pools, pool), (self.hosts, host)):
+                counter[key] -= 1
+                if not counter[key]:
+                    del counter[key]
+
+
+class Security:
+    """Per-application state: the guard of the current configuration, waiters, counters."""
+
+    def __init__(self, get_config: Callable[[], Config]) -> None:
+        self._get_config = get_config
+        self._guard: Guard | None = None
+        self.waiters = WaiterCount()
+        self.refusals: Counter[int] = Counter()
+        self.forced_releases = 0
+
+    @property
+    def guard(self) -> Guard:
+        config = self._get_config()
+        if self._guard is None or self._guard.config is not config:
+            self._guard = Guard(config)  # a reload swapped the configuration
+        return self._guard
+
+    def metrics_lines(self) -> list[str]:
+        """Prometheus text lines of the counters kept here (for ``/metrics``)."""
+        lines = [
+            "# HELP distributex_forced_releases_total Releases of another host's lock by an admin.",
+            "# TYPE distributex_forced_releases_total counter",
+            f"distributex_forced_releases_total {self.forced_releases}",
+            "# HELP distributex_refusals_total Requests refused for authentication or a limit.",
+            "# TYPE distributex_refusals_total counter",
+        ]
+        lines += [
+            f'distributex_refusals_total{{status="{status}"}} {count}'
+            for status, count in sorted(self.refusals.items())
+        ]
+        return lines
+
+
+SECURITY_KEY: web.AppKey[Security] = web.AppKey("security", Security)
+
+
+def _refusal(request: web.Request, status: int, reason: str) -> web.Response:
+    # Lazy: httpapi imports this module.
+    from distributex.httpapi import _for_legacy_client, header_text
+
+    headers = {"Content-Type": "text/plain", "X-Distributex-Reason": header_text(reason)}
+    if status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="distributex"'
+    response = web.Response(body=b"INVALID", status=status, headers=headers)
+
+    return _for_legacy_client(request, response)
+
+
+def _verb(path: str) -> str | None:
+    name = path.strip("/")
+    return name if name in VERBS else None
+
+
+def _shown(value: str | None) -> str:
+    """A client-given value for a log line: quoted, one line, bounded."""
+    if value is None:
+        return "-"
+    return repr(value[:300])
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Request limits, then authentication, then the audit line of the answer."""
+    security = request.app[SECURITY_KEY]
+    guard = security.guard
+    config = guard.config
+    try:
+        if request.body_exists:
+            length = request.content_length
+            if length is None:
+                raise Refused(411, "a request body needs a Content-Length (bodies are not used)")
+            if length > config.max_body_size:
+                raise Refused(
+                    413,
+                    f"request body of {length} bytes is larger than {config.max_body_size} "
+                    "(max_body_size; bodies are not used)",
+                )
+        identity = None
+        path = request.path
+        opened = path in ALWAYS_OPEN or (config.status_public and path in STATUS_PATHS)
+        if guard.enabled and not opened:
+            identity = guard.authenticate(request)
+            request[IDENTITY_KEY] = identity
+    except Refused as exc:
+        security.refusals[exc.status] += 1
+        if guard.audit:
+            _audit_refusal(request, request.get(IDENTITY_KEY), exc.status, exc.reason)
+        response = _refusal(request, exc.status, exc.reason)
+        if exc.status in (411, 413):
+            response.force_close()  # the body was not read
+        return response
+    response = await handler(request)
+    host = request.get(HOST_KEY)
+    if identity is not None and host is not None and response.status == 200 and host.isascii():
+        # The host the lease is held under, for a client that left ``host`` out
+        # (ASCII only: header bytes are read as Latin-1; without it, no host is sent).
+        response.headers["X-Distributex-Host"] = host
+    if response.status >= 400 and response.status != 410 and response.status != 503:
+        security.refusals[response.status] += 1
+    elif request.get(FORCED_KEY) and response.status == 200:
+        security.forced_releases += 1
+    if guard.audit:
+        _audit(request, identity, response)
+    return response
+
+
+def _audit(request: web.Request, identity: Identity | None, response: web.StreamResponse) -> None:
+    verb = _verb(request.path)
+    reason = response.headers.get("X-Distributex-Reason")
+    status = int(response.headers.get("X-Distributex-Status", response.status))
+    if verb is None:
+        if status >= 400 and status != 404:
+            _audit_refusal(request, identity, status, reason or "")
+        return
+    body = response.body if isinstance(response, web.Response) else None
+    word = body.decode("ascii", "replace") if isinstance(body, bytes) else ""
+    pool = request.rel_url.query.get("pool")
+    host = request.get(HOST_KEY)
+    who = _who(request, identity)
+    if word == "INVALID":
+        _audit_refusal(request, identity, status, reason or "")
+    elif word == "YES":
+        fence = response.headers.get("X-Distributex-Fence", "-")
+        audit_log.info("grant pool=%s host=%s fence=%s %s", _shown(pool), _shown(host), fence, who)
+    elif verb == "release" and word == "OK":
+        if request.get(FORCED_KEY):
+            audit_log.warning("forced release pool=%s host=%s %s", _shown(pool), _shown(host), who)
+        else:
+            audit_log.info("release pool=%s host=%s %s", _shown(pool), _shown(host), who)
+
+
+def _audit_refusal(
+    request: web.Request, identity: Identity | None, status: int, reason: str
+) -> None:
+    audit_log.info(
+        "refused %d %s %s pool=%s %s: %s",
+        status,
+        request.method if request.method.isalpha() else "?",
+        _shown(request.path),
+        _shown(request.rel_url.query.get("pool")),
+        _who(request, identity),
+        reason,
+    )
+
+
+def _who(request: web.Request, identity: Identity | None) -> str:
+    name = identity.name if identity is not None else None
+    via = identity.via if identity is not None else "none"
+    return f"identity={_shown(name)} via={via} addr={request.remote or '-'}"
+
+
+def install(app: web.Application, get_config: Callable[[], Config]) -> Security:
+    """Add the middleware and its state to ``app``; ``get_config`` gives the current config."""
+    security = Security(get_config)
+    app[SECURITY_KEY] = security
+    app.middlewares.append(middleware)
+    return security
