@@ -366,7 +366,11 @@ class EtcdStore(Store):
                         continue
                     if result.get("canceled"):
                         if result.get("compact_revision"):
-                            revision = None  # compacted past us: a full check follows
+                            log.info(
+                                "etcd watch: revision %s was compacted: checking every pool",
+                                revision,
+                            )
+                            revision = None  # a full check follows the new watch
                         raise EtcdError(0, result.get("cancel_reason") or "watch cancelled")
                     for event in result.get("events", []):
                         kv = event.get("kv", {})
