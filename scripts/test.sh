@@ -8,8 +8,8 @@ PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 
 # Debian packages the test suite needs: the real servers the backend tests
-# start on loopback (memcached now; Redis and etcd will add theirs here).
-DEBIAN_PACKAGES=(memcached)
+# start on loopback (memcached; etcd-server and etcd-client for etcd).
+DEBIAN_PACKAGES=(memcached etcd-server etcd-client)
 if [ ${#DEBIAN_PACKAGES[@]} -gt 0 ]; then
     missing=()
     for pkg in "${DEBIAN_PACKAGES[@]}"; do
