@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import signal
@@ -173,6 +175,139 @@ def memcached() -> Iterator[Memcached]:
 
 
 @dataclass
+class EtcdMember:
+    """One etcd process (Debian's etcd-server) on loopback ports, its data in a temp dir."""
+
+    name: str
+    client_port: int
+    peer_port: int
+    data_dir: Path
+    cluster: str  # the --initial-cluster value
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.client_port}"
+
+    def start(self) -> None:
+        """Start it (again: its data dir keeps what it had)."""
+        cmd = [
+            "etcd",
+            f"--name={self.name}",
+            f"--data-dir={self.data_dir}",
+            f"--listen-client-urls={self.url}",
+            f"--advertise-client-urls={self.url}",
+            f"--listen-peer-urls=http://127.0.0.1:{self.peer_port}",
+            f"--initial-advertise-peer-urls=http://127.0.0.1:{self.peer_port}",
+            f"--initial-cluster={self.cluster}",
+            "--initial-cluster-state=new",
+            "--initial-cluster-token=distributex-tests",
+            "--logger=zap",
+            "--log-outputs=stderr",
+            "--log-level=warn",
+        ]
+        log = open(self.data_dir.parent / f"{self.name}.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log)
+        log.close()
+
+    def stop(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(10)
+        self.proc = None
+
+    def post(self, path: str, body: dict, timeout: float = 5) -> dict:
+        """A call to its v3 HTTP gateway (e.g. '/v3/maintenance/status')."""
+        request = urllib.request.Request(
+            self.url + path, data=json.dumps(body).encode(), method="POST"
+        )
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            return json.loads(resp.read())
+
+
+@dataclass
+class EtcdCluster:
+    """An etcd cluster of one or more members, started by a test."""
+
+    members: list[EtcdMember]
+
+    @property
+    def endpoints(self) -> str:
+        return ",".join(m.url for m in self.members)
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        """Until every running member serves a linearizable read (the quorum is there)."""
+        deadline = time.monotonic() + timeout
+        for member in self.members:
+            if member.proc is None:
+                continue
+            while True:
+                try:
+                    member.post("/v3/kv/range", {"key": "cmVhZHk="}, timeout=2)
+                    break
+                except (OSError, ValueError):
+                    if member.proc.poll() is not None:
+                        raise RuntimeError(f"etcd {member.name} exited") from None
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"etcd {member.name} not ready in {timeout}s") from None
+                    time.sleep(0.1)
+
+    def leader(self) -> EtcdMember:
+        for member in self.members:
+            if member.proc is None:
+                continue
+            with contextlib.suppress(OSError, ValueError):
+                status = member.post("/v3/maintenance/status", {}, timeout=2)
+                if status.get("leader") == status["header"]["member_id"]:
+                    return member
+        raise RuntimeError("no etcd member is the leader")
+
+    def stop(self) -> None:
+        for member in self.members:
+            member.stop()
+
+
+def start_etcd(tmp: Path, size: int = 1) -> EtcdCluster:
+    if shutil.which("etcd") is None:
+        pytest.skip("etcd is not installed (scripts/test.sh installs etcd-server)")
+    tmp.mkdir(parents=True, exist_ok=True)
+    names = [f"m{i}-{uuid.uuid4().hex[:6]}" for i in range(size)]
+    ports = [(free_port(), free_port()) for _ in range(size)]
+    initial = ",".join(
+        f"{name}=http://127.0.0.1:{peer}" for name, (_c, peer) in zip(names, ports, strict=True)
+    )
+    members = [
+        EtcdMember(name, client, peer, tmp / name, initial)
+        for name, (client, peer) in zip(names, ports, strict=True)
+    ]
+    cluster = EtcdCluster(members)
+    for member in members:
+        member.start()
+    try:
+        cluster.wait_ready()
+    except RuntimeError:
+        cluster.stop()
+        raise
+    return cluster
+
+
+@pytest.fixture(scope="session")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
+    """One single-member etcd for the session; tests keep apart by key prefix."""
+    cluster = start_etcd(tmp_path_factory.mktemp("etcd"))
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def etcd3(tmp_path: Path) -> Iterator[EtcdCluster]:
+    """A three-member etcd cluster of the test's own."""
+    cluster = start_etcd(tmp_path / "etcd", size=3)
+    yield cluster
+    cluster.stop()
+
+
+@dataclass
 class Cluster:
     """The servers of one backend; requests are spread over them in turn."""
 
@@ -194,10 +329,11 @@ BACKEND_KEYS = {
     "sqlite": "backend: sqlite\nsqlite_path: {path}\n",
     "memcache": "backend: memcache\nmemcachehost: 127.0.0.1\nmemcacheport: {port}\n"
     "key_prefix: t{prefix}/\n",
+    "etcd": "backend: etcd\netcd_endpoints: {endpoints}\nkey_prefix: t{prefix}/\n",
 }
 
 
-@pytest.fixture(params=["inmemory", "sqlite", "memcache"])
+@pytest.fixture(params=["inmemory", "sqlite", "memcache", "etcd"])
 def backend_name(request: pytest.FixtureRequest) -> str:
     return request.param
 
@@ -214,6 +350,10 @@ def cluster_factory(
         elif backend_name == "sqlite":
             head = BACKEND_KEYS["sqlite"].format(path=tmp_path / f"state-{free_port()}.db")
             count = servers  # several processes on one file
+        elif backend_name == "etcd":
+            endpoints = request.getfixturevalue("etcd").endpoints
+            head = BACKEND_KEYS["etcd"].format(endpoints=endpoints, prefix=uuid.uuid4().hex)
+            count = servers
         else:
             mc = request.getfixturevalue("memcached")
             # A prefix of its own: tests share the session's memcached, and a

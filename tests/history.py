@@ -61,6 +61,7 @@ class History:
     released_came_back: list[tuple[str, str]] = field(default_factory=list)
     errors: int = 0
     calls: int = 0
+    unavailable: int = 0  # answers 503 (the store could not answer)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, record: LeaseRecord) -> None:
@@ -115,7 +116,10 @@ class Client(threading.Thread):
     def request(self, verb: str, params: dict, timeout: float = 10) -> tuple[int, str, dict] | None:
         self.history.calls += 1
         try:
-            return call(self.server(), verb, params, timeout)
+            answer = call(self.server(), verb, params, timeout)
+            if answer[0] == 503:
+                self.history.unavailable += 1
+            return answer
         except (OSError, http.client.HTTPException):
             self.history.errors += 1
             return None

@@ -18,7 +18,7 @@ import uuid
 import pytest
 
 from tests import history
-from tests.conftest import Memcached, start_memcached
+from tests.conftest import Memcached, start_etcd, start_memcached
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -137,3 +137,50 @@ def test_history_sqlite_two_processes_one_file(server_factory, tmp_path) -> None
     assert result.errors == 0
     # Progress (some seeds draw long holds: about 48 leases in the run).
     assert len(result.leases) > 30
+
+
+@pytest.mark.parametrize("lost", [1, 2], ids=["one-member-lost", "quorum-lost"])
+def test_history_etcd_two_servers_members_killed(server_factory, tmp_path, lost: int) -> None:
+    # Two servers on a three-member etcd; ``lost`` members killed and restarted
+    # mid-run (two: the quorum is lost, then back).
+    cluster = start_etcd(tmp_path / "etcd", size=3)
+    try:
+        config = f"backend: etcd\netcd_endpoints: {cluster.endpoints}\n" + POOLS
+        servers = [server_factory(config) for _ in range(2)]
+        addresses = [("127.0.0.1", s.port) for s in servers]
+        back: list[float] = []
+        probe: list[int] = []
+
+        def faults() -> None:
+            time.sleep(SECONDS * 0.25)
+            victims = [cluster.leader()]  # the leader first: an election too
+            victims += [m for m in cluster.members if m not in victims][: lost - 1]
+            for member in victims:
+                member.stop()
+            time.sleep(SECONDS * 0.25)
+            if lost == 2:  # a request during the outage meets it
+                probe.append(servers[0].call("/get/?host=probe&pool=mutex", timeout=30).status)
+            for member in victims:
+                member.start()
+            cluster.wait_ready()
+            back.append(time.monotonic())
+
+        injector = threading.Thread(target=faults, daemon=True)
+        injector.start()
+        result = history.run(lambda: addresses, list(MAXLOCKS), CLIENTS, SECONDS, seed())
+        injector.join(60)
+        # Waits refused while etcd had no quorum are not starvation.
+        result.long_waits_refused.clear()
+        history.check(result, MAXLOCKS, CLIENTS)  # etcd keeps the state: durable
+        assert back, "etcd did not come back"
+        # Service came back by itself: leases granted after the members returned.
+        assert any(r.got > back[0] for r in result.leases), "nothing granted after the fault"
+        assert len(result.leases) > 30
+        if lost == 2:
+            assert probe == [503], "the quorum was not lost"
+        print(
+            f"{len(result.leases)} leases, {result.unavailable} answered 503, "
+            f"{result.errors} failed calls of {result.calls}"
+        )
+    finally:
+        cluster.stop()

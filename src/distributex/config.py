@@ -7,11 +7,18 @@ file, the line and column, and what is wrong.
 
 Top-level keys:
 
-``backend``       ``inmemory`` (default) or ``memcache``.
+``backend``       ``inmemory`` (default), ``sqlite``, ``memcache`` or ``etcd``.
 ``memcachehost``  memcache backend: host (default ``localhost``).
 ``memcacheport``  memcache backend: port (default 11211).
-``key_prefix``    memcache backend: prefix of every key, so one memcached
+``key_prefix``    memcache and etcd backends: prefix of every key, so one store
                   serves several clusters (default ``distributex/``).
+``etcd_endpoints`` etcd backend: the cluster's client URLs (``http://`` or
+                  ``https://``, port 2379 if none), a comma-separated string
+                  or a list (default ``http://127.0.0.1:2379``).
+``etcd_cacert``, ``etcd_cert``, ``etcd_key``  etcd backend over https: the CA
+                  file that signs the members' certificates (default: the
+                  system's), and a client certificate and its key.
+``etcd_user``, ``etcd_password``  etcd backend with auth enabled.
 ``sqlite_path``   sqlite backend (required with it): the state file, made if
                   missing (its folder must exist).
 ``sqlite_sync``   sqlite backend: ``full`` (default; a YES survives a power
@@ -81,6 +88,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -89,7 +97,7 @@ from distributex.engine import PoolSpec
 DEFAULT_EXPIRE = 1800.0
 DEFAULT_PORT = 9889
 DEFAULT_BIND = "127.0.0.1"
-BACKENDS = ("inmemory", "sqlite", "memcache")
+BACKENDS = ("inmemory", "sqlite", "memcache", "etcd")
 SQLITE_SYNC = ("full", "normal")
 
 # Bounds on what a file may hold (see the module doc). Seconds stop at 10**9
@@ -110,6 +118,12 @@ _TOP_KEYS = (
     "memcachehost",
     "memcacheport",
     "key_prefix",
+    "etcd_endpoints",
+    "etcd_cacert",
+    "etcd_cert",
+    "etcd_key",
+    "etcd_user",
+    "etcd_password",
     "sqlite_path",
     "sqlite_sync",
     "bind",
@@ -184,6 +198,12 @@ class Config:
     memcachehost: str = "localhost"
     memcacheport: int = 11211
     key_prefix: str = "distributex/"
+    etcd_endpoints: tuple[str, ...] = ("http://127.0.0.1:2379",)
+    etcd_cacert: str | None = None
+    etcd_cert: str | None = None
+    etcd_key: str | None = None
+    etcd_user: str | None = None
+    etcd_password: str | None = None
     sqlite_path: str | None = None
     sqlite_sync: str = "full"
     bind: str | None = None  # None: the entry point's default
@@ -474,6 +494,7 @@ class _Checker:
             kwargs["key_prefix"] = prefix
         if "memcacheport" in top:
             kwargs["memcacheport"] = self.port(top["memcacheport"][1], "memcacheport")
+        self.etcd(top, kwargs)
         if "sqlite_path" in top:
             kwargs["sqlite_path"] = self.name(top["sqlite_path"][1], "sqlite_path")
         if "sqlite_sync" in top:
@@ -602,6 +623,52 @@ class _Checker:
             for name in sorted(spec.pools or ()):
                 if name not in pools:
                     raise self.fail(item, f"token of '{spec.identity}': unknown pool '{name}'")
+
+    def etcd(self, top: dict[str, Any], kwargs: dict[str, Any]) -> None:
+        """The etcd backend's keys: endpoints as ``scheme://host:port``, TLS files, auth."""
+        if "etcd_endpoints" in top:
+            node = top["etcd_endpoints"][1]
+            items = node.value if isinstance(node, yaml.SequenceNode) else [node]
+            endpoints: list[str] = []
+            for item in items:
+                for text in self.name(item, "etcd_endpoints").split(","):
+                    endpoints.append(self.endpoint(item, text.strip()))
+            if not endpoints:
+                raise self.fail(node, "etcd_endpoints names no endpoint")
+            kwargs["etcd_endpoints"] = tuple(dict.fromkeys(endpoints))
+        for key in ("etcd_cacert", "etcd_cert", "etcd_key", "etcd_user", "etcd_password"):
+            if key in top:
+                kwargs[key] = self.name(top[key][1], key)
+        if ("etcd_cert" in top) != ("etcd_key" in top):
+            given = "etcd_cert" if "etcd_cert" in top else "etcd_key"
+            raise self.fail(top[given][0], "etcd_cert and etcd_key go together (give both)")
+        if ("etcd_user" in top) != ("etcd_password" in top):
+            given = "etcd_user" if "etcd_user" in top else "etcd_password"
+            raise self.fail(top[given][0], "etcd_user and etcd_password go together (give both)")
+        tls = [k for k in ("etcd_cacert", "etcd_cert") if k in top]
+        endpoints = kwargs.get("etcd_endpoints", Config.etcd_endpoints)
+        if tls and not any(e.startswith("https://") for e in endpoints):
+            raise self.fail(top[tls[0]][0], f"{tls[0]} needs https:// etcd_endpoints")
+
+    def endpoint(self, node: yaml.Node, text: str) -> str:
+        """One etcd client URL, as ``scheme://host:port``."""
+        try:
+            url = urlsplit(text if "://" in text else f"http://{text}")
+            port = url.port or 2379
+        except ValueError:
+            url, port = None, 0
+        if (
+            url is None
+            or url.scheme not in ("http", "https")
+            or not url.hostname
+            or url.path not in ("", "/")
+            or url.query
+            or url.fragment
+            or url.username is not None
+        ):
+            raise self.fail(node, f"etcd_endpoints: not an http(s)://host:port URL: {_show(text)}")
+        host = f"[{url.hostname}]" if ":" in url.hostname else url.hostname
+        return f"{url.scheme}://{host}:{port}"
 
     def pool(self, node: yaml.Node) -> PoolSpec:
         keys = self.mapping(node, "pool", _POOL_KEYS)

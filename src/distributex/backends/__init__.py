@@ -37,6 +37,21 @@ def make_backend(config: Config) -> LockBackend:
         # Nudges go to the address the server listens on (the same machine).
         advertise = config.bind or DEFAULT_BIND
         return SharedStateBackend(store, key_prefix=config.key_prefix, advertise=advertise)
+    if config.backend == "etcd":
+        from distributex.backends.etcd import EtcdStore
+        from distributex.backends.shared import SharedStateBackend
+
+        # The HTTP/JSON gateway through aiohttp: nothing more to install.
+        store = EtcdStore(
+            config.etcd_endpoints,
+            config.key_prefix,
+            cacert=config.etcd_cacert,
+            cert=config.etcd_cert,
+            key=config.etcd_key,
+            user=config.etcd_user,
+            password=config.etcd_password,
+        )
+        return SharedStateBackend(store, key_prefix=config.key_prefix)
     raise BackendUnavailable(
         f"backend '{config.backend}' is not available in this version of distributex"
     )

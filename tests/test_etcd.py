@@ -1,0 +1,255 @@
+"""The etcd backend when things go wrong: members die, the quorum is lost, a server dies.
+
+Real etcd (Debian's etcd-server) started by the fixtures on free loopback
+ports, three members unless said otherwise, and real distributexd processes
+sharing it.
+"""
+
+from __future__ import annotations
+
+import base64
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from distributex.config import ConfigError, load_config
+from tests.conftest import EtcdCluster, Server, start_etcd
+from tests.test_http import ParkedWait, q
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def config(endpoints: str, pools: str = "", extra: str = "") -> str:
+    head = f"backend: etcd\netcd_endpoints: {endpoints}\n{extra}"
+    return head + "autocreate: true\npools:\n  - name: p\n    expire: 3\n" + pools
+
+
+def wait_until(condition, timeout: float, what: str) -> float:
+    began = time.monotonic()
+    while time.monotonic() - began < timeout:
+        if condition():
+            return time.monotonic() - began
+        time.sleep(0.05)
+    raise AssertionError(f"{what}: not within {timeout}s")
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def keys_under(cluster: EtcdCluster, prefix: str) -> list[str]:
+    member = next(m for m in cluster.members if m.proc is not None)
+    end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+    found = member.post("/v3/kv/range", {"key": b64(prefix), "range_end": b64(end)})
+    return [base64.b64decode(kv["key"]).decode() for kv in found.get("kvs", [])]
+
+
+def test_one_member_down_the_servers_go_on(etcd3: EtcdCluster, server_factory) -> None:
+    # The member every server asks first is killed: they go on through the others.
+    leader = etcd3.leader()
+    first = next(m for m in etcd3.members if m is not leader)
+    order = [first] + [m for m in etcd3.members if m is not first]
+    endpoints = ",".join(m.url for m in order)
+    a: Server = server_factory(config(endpoints))
+    b: Server = server_factory(config(endpoints))
+    assert a.call(q("get", "x", "p")).body == "YES"
+    first.stop()
+    began = time.monotonic()
+    assert b.call(q("get", "y", "p")).body == "NO"
+    waiter = ParkedWait(b, "y", "p", "&timeout=20")
+    time.sleep(0.2)
+    assert a.call(q("release", "x", "p")).body == "OK"
+    status, _headers, body = waiter.answer(timeout=30)
+    assert (status, body) == (200, "YES")
+    assert time.monotonic() - began < 5
+    for i in range(10):  # every request is served, none answered 503
+        server = (a, b)[i % 2]
+        answer = server.call(q("get", f"h{i}", f"free{i}"))
+        assert (answer.status, answer.body) == (200, "YES"), answer
+    first.start()  # back: it catches up and serves again
+    etcd3.wait_ready()
+
+
+def test_quorum_lost_is_a_bounded_503_and_service_resumes(
+    etcd3: EtcdCluster, server_factory
+) -> None:
+    server: Server = server_factory(config(etcd3.endpoints))
+    assert server.call(q("get", "a", "other")).body == "YES"
+    held = server.call(q("get", "holder", "long", ""))
+    assert held.body == "YES"
+    lost = etcd3.members[:2]
+    for member in lost:
+        member.stop()
+    answers = []
+    for i in range(6):
+        began = time.monotonic()
+        answer = server.call(q("get", f"b{i}", f"pool{i % 2}"), timeout=30)
+        answers.append((time.monotonic() - began, answer.status, answer.body, answer.headers))
+    for took, status, body, headers in answers:
+        assert (status, body) == (503, "UNAVAILABLE"), answers
+        assert took < 5, answers
+        assert "etcd" in headers["X-Distributex-Reason"]
+    # A renewal cannot be confirmed either: no YES of any kind without the quorum.
+    token = held.headers["X-Distributex-Lease"]
+    renewal = server.call(q("renew", "holder", "long", f"&lease={token}"), timeout=30)
+    assert renewal.status == 503
+    for member in lost:
+        member.start()
+    took = wait_until(lambda: server.call(q("get", "c", "other2")).body == "YES", 60, "back")
+    assert took < 30
+    # Nothing was lost: the lease from before is still there.
+    assert server.call(q("renew", "holder", "long", f"&lease={token}")).body == "OK"
+
+
+def test_a_server_killed_while_holding_its_lease_ends_by_ttl(
+    etcd: EtcdCluster, server_factory
+) -> None:
+    prefix = f"key_prefix: hold{uuid.uuid4().hex}/\n"
+    doomed: Server = server_factory(config(etcd.endpoints, extra=prefix))
+    other: Server = server_factory(config(etcd.endpoints, extra=prefix))
+    granted = time.monotonic()
+    assert doomed.call(q("get", "holder", "p")).body == "YES"  # expire: 3 s
+    waiter = ParkedWait(other, "next", "p", "&timeout=30")
+    doomed.stop(signal.SIGKILL)
+    status, _headers, body = waiter.answer(timeout=30)
+    waited = time.monotonic() - granted
+    assert (status, body) == (200, "YES")
+    assert 3 <= waited < 3 + 2.5  # not before the lease ran out; soon after it
+
+
+def test_a_server_killed_while_waiting_leaves_the_queue(etcd: EtcdCluster, server_factory) -> None:
+    pools = "  - name: long\n    expire: 300\n"
+    prefix = f"wait{uuid.uuid4().hex}/"
+    first: Server = server_factory(config(etcd.endpoints, pools, f"key_prefix: {prefix}\n"))
+    doomed: Server = server_factory(config(etcd.endpoints, pools, f"key_prefix: {prefix}\n"))
+    assert first.call(q("get", "holder", "long")).body == "YES"
+    # Kept open (a socket closed here would cancel the wait): its server dies instead.
+    lost = ParkedWait(doomed, "on-doomed", "long")
+    time.sleep(0.3)
+    survivor = ParkedWait(first, "survivor", "long")
+    time.sleep(0.3)
+    assert len(keys_under(etcd, f"{prefix}server/")) == 2
+    doomed.stop(signal.SIGKILL)
+    released = time.monotonic()
+    assert first.call(q("release", "holder", "long")).body == "OK"
+    status, _headers, body = survivor.answer(timeout=30)
+    assert (status, body) == (200, "YES")
+    # etcd ends the dead server's presence (its lease: 8 s), the next step drops its entry.
+    took = time.monotonic() - released
+    assert 4 < took < 12, took
+    assert len(keys_under(etcd, f"{prefix}server/")) == 1
+    lost.hang_up()
+
+
+def test_a_broken_watch_comes_back_and_a_compacted_one_checks_everything(
+    etcd3: EtcdCluster, server_factory
+) -> None:
+    pools = "  - name: long\n    expire: 300\n"
+    leader = etcd3.leader()
+    watched = next(m for m in etcd3.members if m is not leader)
+    others = [m for m in etcd3.members if m is not watched]
+    # The waiting server knows one member only (the one that will be down); the
+    # granting server writes through the other two.
+    waiting: Server = server_factory(config(watched.url, pools))
+    granting: Server = server_factory(config(",".join(m.url for m in others), pools))
+    assert granting.call(q("get", "holder", "long")).body == "YES"
+    waiter = ParkedWait(waiting, "w", "long", "&timeout=60")
+    time.sleep(0.3)
+    watched.stop()
+    wait_until(lambda: "watch at" in waiting.log.read_text(), 20, "the watch broke")
+    # Writes and a compaction while the watch is down: the revision it goes on from is gone.
+    for i in range(5):
+        assert granting.call(q("get", f"x{i}", f"busy{i}")).body == "YES"
+    status = leader.post("/v3/maintenance/status", {})
+    leader.post("/v3/kv/compaction", {"revision": status["header"]["revision"], "physical": True})
+    watched.start()
+    wait_until(lambda: "compacted" in waiting.log.read_text(), 30, "the watch saw the compaction")
+    wait_until(lambda: "works again" in waiting.log.read_text(), 30, "the watch is back")
+    released = time.monotonic()
+    assert granting.call(q("release", "holder", "long")).body == "OK"
+    status_code, _headers, body = waiter.answer(timeout=30)
+    assert (status_code, body) == (200, "YES")
+    assert time.monotonic() - released < 5
+
+
+def test_auth_with_user_and_password(tmp_path, server_factory) -> None:
+    cluster = start_etcd(tmp_path / "etcd-auth")
+    try:
+        url = cluster.members[0].url
+        for args in (
+            ["user", "add", "root:secret-pw"],
+            ["user", "add", "dx:dx-pw"],
+            ["role", "add", "dx"],
+            ["role", "grant-permission", "dx", "--prefix=true", "readwrite", "auth/"],
+            ["user", "grant-role", "dx", "dx"],
+            ["auth", "enable"],
+        ):
+            subprocess.run(
+                ["etcdctl", f"--endpoints={url}", *args],
+                check=True,
+                capture_output=True,
+                env={"ETCDCTL_API": "3", "PATH": "/usr/bin:/bin"},
+            )
+        good = "key_prefix: auth/\netcd_user: dx\netcd_password: dx-pw\n"
+        server: Server = server_factory(config(url, extra=good))
+        assert server.call(q("get", "a", "p")).body == "YES"
+        waiter = ParkedWait(server, "b", "p")
+        time.sleep(0.2)
+        assert server.call(q("release", "a", "p")).body == "OK"
+        assert waiter.answer(timeout=10)[2] == "YES"
+        # A wrong password: the server does not start, and says why in one line.
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(config(url, extra="key_prefix: auth/\netcd_user: dx\netcd_password: no\n"))
+        run = subprocess.run(
+            [sys.executable, "-m", "distributex", "-p", "0", "-c", str(bad)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert run.returncode == 1
+        assert "authentication failed" in run.stderr
+        assert len(run.stderr.strip().splitlines()) == 1
+    finally:
+        cluster.stop()
+
+
+@pytest.mark.parametrize(
+    ("text", "endpoints"),
+    [
+        ("etcd_endpoints: http://10.0.0.1:2379", ("http://10.0.0.1:2379",)),
+        (
+            "etcd_endpoints: 'a:1, https://b, http://[::1]:7'",
+            ("http://a:1", "https://b:2379", "http://[::1]:7"),
+        ),
+        ("etcd_endpoints:\n  - http://a:1\n  - http://b:2", ("http://a:1", "http://b:2")),
+    ],
+)
+def test_endpoints_in_the_config(tmp_path, text: str, endpoints: tuple[str, ...]) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(f"backend: etcd\n{text}\n")
+    assert load_config(path).etcd_endpoints == endpoints
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("etcd_endpoints: ftp://a:1", "not an http(s)://host:port URL"),
+        ("etcd_endpoints: http://a:1/v3", "not an http(s)://host:port URL"),
+        ("etcd_endpoints: http://a:99999", "not an http(s)://host:port URL"),
+        ("etcd_endpoints: []", "names no endpoint"),
+        ("etcd_user: u", "etcd_user and etcd_password go together"),
+        ("etcd_cert: /c.pem", "etcd_cert and etcd_key go together"),
+        ("etcd_cacert: /ca.pem", "needs https://"),
+    ],
+)
+def test_bad_etcd_config_is_one_line(tmp_path, text: str, message: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(f"backend: etcd\n{text}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
