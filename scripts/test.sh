@@ -9,8 +9,9 @@ VENV=${VENV:-.venv}
 
 # Debian packages the test suite needs: the real servers the backend tests
 # start on loopback (memcached now; Redis and etcd will add theirs here), and
-# openssl, which makes the TLS tests' certificates.
-DEBIAN_PACKAGES=(memcached openssl)
+# openssl, which makes the TLS tests' certificates, and chromium, the browser
+# the dashboard test drives (through Playwright).
+DEBIAN_PACKAGES=(memcached openssl chromium)
 if [ ${#DEBIAN_PACKAGES[@]} -gt 0 ]; then
     missing=()
     for pkg in "${DEBIAN_PACKAGES[@]}"; do
