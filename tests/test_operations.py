@@ -208,3 +208,31 @@ def test_parked_waiter_shows_in_metrics_and_status_of_twin(server_factory) -> No
     doc = json.loads(server.call("/status?pool=p").body)
     assert [w["host"] for w in doc["pools"][0]["waiters"]] == ["b"]
     waiter.hang_up()
+
+
+def stream_head(server: Server, path: str, token: str | None = None) -> str:
+    """The status line and headers of a streamed answer (the body never ends)."""
+    auth_line = f"Authorization: Bearer {token}\r\n" if token else ""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=15) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: t\r\n{auth_line}\r\n".encode())
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(4096)
+            assert chunk, data
+            data += chunk
+    return data.split(b"\r\n\r\n")[0].decode()
+
+
+def test_status_stream_and_metrics_behind_authentication(server_factory) -> None:
+    from tests.test_auth import DB1_TOKEN, POOLS, TOKENS, call
+
+    closed = server_factory(TOKENS + POOLS)
+    assert stream_head(closed, "/status/events").startswith("HTTP/1.1 401")
+    head = stream_head(closed, "/status/events", DB1_TOKEN)
+    assert head.startswith("HTTP/1.1 200") and "text/event-stream" in head
+    # The authentication layer's refusals are in the same exposition, once each.
+    text = call(closed, "/metrics", DB1_TOKEN).body
+    assert 'distributex_request_refusals_total{status="401"} 1.0' in text
+    assert text.count("# TYPE distributex_refusals_total counter") == 1
+    opened = server_factory(TOKENS + "status_public: true\n" + POOLS)
+    assert stream_head(opened, "/status/events").startswith("HTTP/1.1 200")
