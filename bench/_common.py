@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import resource
+import shlex
 import signal
 import socket
 import subprocess
@@ -112,6 +113,9 @@ class Server:
 
     def start(self, ready_timeout: float = 15.0) -> Server:
         cmd = [sys.executable, "-m", "distributex", "-p", str(self.port), *self.extra_args]
+        # Extra server options for every script, e.g. to compare settings:
+        # DISTRIBUTEX_BENCH_SERVER_ARGS="-c metrics-off.yaml --log-level warning"
+        cmd += shlex.split(os.environ.get("DISTRIBUTEX_BENCH_SERVER_ARGS", ""))
         if self.config:
             cmd += ["-c", self.config]
         self._log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop())

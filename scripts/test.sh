@@ -8,9 +8,10 @@ PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 
 # Debian packages the test suite needs: the real servers the backend tests
-# start on loopback (memcached; etcd-server and etcd-client for etcd), and
-# openssl, which makes the TLS tests' certificates.
-DEBIAN_PACKAGES=(memcached etcd-server etcd-client openssl)
+# start on loopback (memcached; etcd-server and etcd-client for etcd),
+# openssl, which makes the TLS tests' certificates, and chromium, the browser
+# the dashboard test drives (through Playwright).
+DEBIAN_PACKAGES=(memcached etcd-server etcd-client openssl chromium)
 if [ ${#DEBIAN_PACKAGES[@]} -gt 0 ]; then
     missing=()
     for pkg in "${DEBIAN_PACKAGES[@]}"; do

@@ -67,7 +67,7 @@ VERBS = frozenset(("get", "wait", "release", "renew"))
 # balancer's health check must not need a secret.
 ALWAYS_OPEN = frozenset(("/healthz", "/healthz/"))
 # Read-only pages that ``status_public: true`` opens.
-STATUS_PATHS = frozenset(("/", "/status", "/status/", "/metrics", "/metrics/"))
+STATUS_PATHS = frozenset(("/", "/status", "/status/", "/status/events", "/metrics", "/metrics/"))
 BEARER = "bearer "
 MAX_NAME = 255  # as httpapi.MAX_NAME
 

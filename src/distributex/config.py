@@ -31,6 +31,8 @@ Top-level keys:
 ``autocreate``    ``true``: a pool not listed is created on first use as a
                   mutex with the default expire (default ``false`` when the
                   file lists pools; ``true`` with no file at all).
+``metrics``       ``false`` turns off the Prometheus metrics (``/metrics``
+                  answers 404); default ``true``.
 ``pools``         a list of pools, each with ``name`` (required), ``expire``
                   (seconds, default 1800, 0 = never), ``maxlocks`` (default
                   1) and ``servers`` (allow-list: comma-separated string or a
@@ -134,6 +136,7 @@ _TOP_KEYS = (
     "max_connections",
     "header_timeout",
     "idle_timeout",
+    "metrics",
     "pools",
     # Authentication, TLS and their limits (README "Running it securely").
     "tls",
@@ -218,6 +221,7 @@ class Config:
     max_connections: int = 0
     header_timeout: float = 10.0
     idle_timeout: float = 60.0
+    metrics: bool = True  # GET /metrics and the counting behind it
     pools: dict[str, PoolSpec] = field(default_factory=dict)
     source: str | None = None
     # Authentication and TLS (off unless configured; see distributex.auth).
@@ -513,6 +517,12 @@ class _Checker:
             if not isinstance(value, bool):
                 raise self.fail(node, f"autocreate must be true or false, not {_show(value)}")
             kwargs["autocreate"] = value
+        if "metrics" in top:
+            node = top["metrics"][1]
+            value = self.value(node)
+            if not isinstance(value, bool):
+                raise self.fail(node, f"metrics must be true or false, not {_show(value)}")
+            kwargs["metrics"] = value
         if "max_pools" in top:
             kwargs["max_pools"] = self.whole(top["max_pools"][1], "max_pools", 1, MAX_POOLS)
         if "max_connections" in top:

@@ -186,6 +186,8 @@ class LockEngine:
         self._last_fence = first_fence - 1
         self._new_token = new_token
         self._paused = False
+        # Told of each delivered lease that :meth:`expire` ends (logs, metrics).
+        self.on_expire: Callable[[Lease], None] | None = None
 
     # -- queries -----------------------------------------------------------
 
@@ -393,8 +395,8 @@ class LockEngine:
         lease = self._leases.get(token)
         if lease is None or lease.pool != pool or (owner is not None and lease.owner != owner):
             return None
-        if ttl is not None:
-            lease.ttl = self._pools[pool].spec.lease_ttl(ttl)
+        # Also without a ttl: a pool's expire lowered by a reload bounds the renewal.
+        lease.ttl = self._pools[pool].spec.lease_ttl(lease.ttl if ttl is None else ttl)
         self._schedule(lease, now)
         return lease
 
@@ -406,7 +408,22 @@ class LockEngine:
             if when is None or when > now:
                 return granted
             _when, _seq, token = heapq.heappop(self._deadlines)
-            granted += self._end(self._leases[token], now)
+            lease = self._leases[token]
+            if self.on_expire is not None and lease.delivered:
+                self.on_expire(lease)
+            granted += self._end(lease, now)
+
+    def reconfigure(self, spec: PoolSpec, now: float) -> list[Waiter]:
+        """A pool's configuration changed; returns the waiters a raised ``maxlocks`` granted.
+
+        Holds never end for it: with a lowered ``maxlocks`` new grants wait
+        until the pool is under it. Leases keep the time they were given.
+        """
+        state = self._pools.get(spec.name)
+        if state is None:
+            return []
+        state.spec = spec
+        return self.fill(spec.name, now)
 
     # -- state kept outside the engine (shared-state backends) ---------------
 

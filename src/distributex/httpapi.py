@@ -42,6 +42,7 @@ answers 429 INVALID.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import re
@@ -56,11 +57,15 @@ from distributex import auth
 from distributex.backends.base import BackendUnavailable, LockBackend
 from distributex.config import Config
 from distributex.engine import Lease, PoolSpec
+from distributex.events import Events
 
 log = logging.getLogger("distributex.http")
 
 BACKEND_KEY: web.AppKey[LockBackend] = web.AppKey("backend", LockBackend)
 CONFIG_KEY: web.AppKey[Config] = web.AppKey("config", Config)
+EVENTS_KEY: web.AppKey[Events] = web.AppKey("events", Events)
+# Pools a reload removed while they had holders or waiters: they drain (see reload.py).
+DRAINING_KEY: web.AppKey[dict[str, PoolSpec]] = web.AppKey("draining", dict)
 
 MAX_NAME = 255
 # Longer than any lease or wait anyone means (about 31 years); bigger numbers
@@ -211,35 +216,60 @@ def _token(request: web.Request, required: bool) -> str | None:
 Handler = Callable[[web.Request, PoolSpec, str, LockBackend], Awaitable[web.Response]]
 
 
-def _verb(handler: Handler) -> Callable[[web.Request], Awaitable[web.Response]]:
+def _verb(verb: str, handler: Handler) -> Callable[[web.Request], Awaitable[web.Response]]:
     """Checks shared by every verb: method, host, pool, allow-list, backend errors."""
 
     async def endpoint(request: web.Request) -> web.Response:
+        events = request.app[EVENTS_KEY]
+        host = pool_name = None
         try:
-            if request.method not in ("GET", "POST"):
-                raise Invalid(405, f"method {request.method} not allowed (use GET)")
-            identity = request.get(auth.IDENTITY_KEY)
-            if identity is None:
-                host = _name(request, "host")
-            pool_name = _name(request, "pool")
-            if identity is not None:
-                # Authentication is on: the proven identity is the host.
-                claimed = _name(request, "host") if _param(request, "host") is not None else None
-                host = auth.host_for(request, identity, claimed, pool_name, handler is _release)
-            request[auth.HOST_KEY] = host
-            spec = request.app[CONFIG_KEY].pool(pool_name)
-            if spec is None:
-                raise Invalid(404, f"unknown pool '{pool_name}'")
-            if spec.servers is not None and host not in spec.servers:
-                raise Invalid(403, f"host '{host}' is not in the servers list of '{pool_name}'")
-            return await handler(request, spec, host, request.app[BACKEND_KEY])
-        except (Invalid, auth.Refused) as exc:
-            return _for_legacy_client(request, _invalid(exc.status, exc.reason))
-        except BackendUnavailable as exc:
-            answer = _answer("UNAVAILABLE", 503, {"X-Distributex-Reason": str(exc)})
-            return _for_legacy_client(request, answer)
+            try:
+                if request.method not in ("GET", "POST"):
+                    raise Invalid(405, f"method {request.method} not allowed (use GET)")
+                identity = request.get(auth.IDENTITY_KEY)
+                if identity is None:
+                    host = _name(request, "host")
+                pool_name = _name(request, "pool")
+                if identity is not None:
+                    # Authentication is on: the proven identity is the host.
+                    claimed = (
+                        _name(request, "host") if _param(request, "host") is not None else None
+                    )
+                    host = auth.host_for(request, identity, claimed, pool_name, handler is _release)
+                request[auth.HOST_KEY] = host
+                spec = request.app[CONFIG_KEY].pool(pool_name)
+                if spec is None:
+                    spec = _draining(request, verb, pool_name)
+                if spec.servers is not None and host not in spec.servers:
+                    raise Invalid(403, f"host '{host}' is not in the servers list of '{pool_name}'")
+                response = await handler(request, spec, host, request.app[BACKEND_KEY])
+            except (Invalid, auth.Refused) as exc:
+                known = pool_name if exc.status not in (400, 404) else None
+                events.refused(known, host, exc.status, exc.reason)
+                response = _for_legacy_client(request, _invalid(exc.status, exc.reason))
+            except BackendUnavailable as exc:
+                events.refused(pool_name, host, 503, str(exc))
+                answer = _answer("UNAVAILABLE", 503, {"X-Distributex-Reason": str(exc)})
+                response = _for_legacy_client(request, answer)
+        except asyncio.CancelledError:
+            events.request(verb, 499)  # the client hung up (nginx's number for it)
+            raise
+        events.request(verb, response.status)
+        return response
 
     return endpoint
+
+
+def _draining(request: web.Request, verb: str, pool_name: str) -> PoolSpec:
+    """A pool that a reload removed: its holders may still release and renew."""
+    spec = request.app[DRAINING_KEY].get(pool_name)
+    if spec is None:
+        raise Invalid(404, f"unknown pool '{pool_name}'")
+    if verb not in ("release", "renew"):
+        raise Invalid(
+            404, f"pool '{pool_name}' was removed from the configuration (draining: release only)"
+        )
+    return spec
 
 
 def _check_room(request: web.Request, spec: PoolSpec, backend: LockBackend) -> None:
@@ -265,7 +295,7 @@ async def _get(request: web.Request, spec: PoolSpec, host: str, backend: LockBac
     lease = await backend.acquire(spec, host, ttl)
     if lease is None:
         return _answer("NO")
-    log.debug("grant %s to %s (fence %d)", spec.name, host, lease.fence)
+    request.app[EVENTS_KEY].granted(spec.name, host, lease.fence, 0.0)
     return _answer("YES", headers=_lease_headers(lease))
 
 
@@ -278,12 +308,19 @@ async def _wait(request: web.Request, spec: PoolSpec, host: str, backend: LockBa
         transport = request.transport
         return transport is not None and not transport.is_closing()
 
+    loop = asyncio.get_running_loop()
+    started = loop.time()
     config = request.app[CONFIG_KEY]
     with request.app[auth.SECURITY_KEY].waiters.parked(config, spec.name, host):
         lease = await backend.wait(spec, host, ttl, timeout, connected)
+    events = request.app[EVENTS_KEY]
     if lease is None:
+        if connected():
+            events.timed_out(spec.name, host, loop.time() - started)
+        else:
+            events.queued()  # hung up: it left the queue
         return _answer("NO")
-    log.debug("grant %s to waiting %s (fence %d)", spec.name, host, lease.fence)
+    events.granted(spec.name, host, lease.fence, loop.time() - started)
     return _answer("YES", headers=_lease_headers(lease))
 
 
@@ -291,11 +328,10 @@ async def _release(request: web.Request, spec: PoolSpec, host: str, backend: Loc
     token = _token(request, required=False)
     released = await backend.release(spec, host, token)
     if token is not None and not released:
+        request.app[EVENTS_KEY].lost(spec.name, host)
         return _answer(
             "GONE", 410, {"X-Distributex-Reason": "no such lease: expired, released or not yours"}
         )
-    if released:
-        log.debug("release %s by %s", spec.name, host)
     return _answer("OK")
 
 
@@ -304,6 +340,7 @@ async def _renew(request: web.Request, spec: PoolSpec, host: str, backend: LockB
     assert token is not None
     lease = await backend.renew(spec, host, token, _ttl(request))
     if lease is None:
+        request.app[EVENTS_KEY].lost(spec.name, host)
         return _answer(
             "GONE", 410, {"X-Distributex-Reason": "no such lease: expired, released or not yours"}
         )
@@ -335,16 +372,29 @@ def _for_legacy_client(request: web.Request, response: web.Response) -> web.Resp
     return response
 
 
-def create_app(config: Config, backend: LockBackend) -> web.Application:
+def create_app(
+    config: Config, backend: LockBackend, events: Events | None = None
+) -> web.Application:
     """The aiohttp application serving ``config``'s pools from ``backend``."""
     app = web.Application()
     app[CONFIG_KEY] = config
     app[BACKEND_KEY] = backend
+    app[EVENTS_KEY] = events or backend.events
+    app[DRAINING_KEY] = {}
     auth.install(app, lambda: app[CONFIG_KEY])  # limits, authentication, audit
     verbs = {"get": _get, "wait": _wait, "release": _release, "renew": _renew}
     for name, handler in verbs.items():
-        endpoint = _verb(handler)
+        endpoint = _verb(name, handler)
         app.router.add_route("*", f"/{name}", endpoint)
         app.router.add_route("*", f"/{name}/", endpoint)
+
+    # -- operator endpoints (read-only): /status, /status/events, /metrics, /healthz
+    # and the dashboard at /. All of them are added here, in one place, so that an
+    # authentication middleware can guard them as a group (ops.OPERATOR_PATHS).
+    from distributex import ops
+
+    ops.add_routes(app)
+    # -- end of operator endpoints
+
     app.router.add_route("*", "/{tail:.*}", _unknown)
     return app

@@ -44,7 +44,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -52,10 +52,11 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
-from distributex import __version__
+from distributex import __version__, reload, sdnotify
 from distributex.backends import BackendUnavailable, LockBackend, make_backend
 from distributex.config import DEFAULT_BIND, Config, ConfigError, default_config, load_config
-from distributex.httpapi import create_app
+from distributex.events import Events, JsonFormatter
+from distributex.httpapi import CONFIG_KEY, EVENTS_KEY, create_app
 from distributex.tls import TLS_KEY, TLSHolder
 
 log = logging.getLogger("distributex")
@@ -451,7 +452,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
-        help="logging level (default info; debug logs every grant and release)",
+        help="logging level (default info: a line per grant, release, expiry, lost lease and "
+        "refusal; warning: problems only)",
+    )
+    parser.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="log lines as text (default) or as one JSON object each, for log shippers",
     )
     parser.add_argument(
         "--access-log", action="store_true", help="log every HTTP request (costs speed)"
@@ -504,8 +512,10 @@ async def start_server(
     connections = _Connections(
         connection_limit(config.max_connections, fd_limit), config.header_timeout
     )
+    events = Events(_metrics(config))
+    backend.events = events
     await backend.start()
-    app = create_app(config, backend)
+    app = create_app(config, backend, events)
     app[TLS_KEY] = tls  # a reload swaps its context: TLSHolder.swap
     runner = web.AppRunner(
         app,
@@ -535,10 +545,37 @@ async def start_server(
     return runner, backend
 
 
+def _metrics(config: Config) -> Any:
+    if not config.metrics:
+        return None
+    from distributex.metrics import Metrics
+
+    return Metrics(config.pools)
+
+
 async def stop_server(runner: web.AppRunner, backend: LockBackend) -> None:
-    """Answer parked waiters, stop accepting, close the backend."""
+    """Answer parked waiters, end status streams, stop accepting, close the backend."""
+    if runner.app is not None and EVENTS_KEY in runner.app:
+        runner.app[EVENTS_KEY].close()
     await backend.close()
     await runner.cleanup()
+
+
+def reload_config(app: web.Application, load: Callable[[], Config] | None) -> bool:
+    """Reread the configuration (SIGHUP); a file that does not load changes nothing."""
+    if load is None:
+        log.warning("reload: no configuration file (-c) to reread")
+        return False
+    try:
+        new = load()
+        if TLS_KEY in app:
+            app[TLS_KEY].swap(new.tls)  # a new certificate serves the next connection
+    except ConfigError as exc:
+        log.error("reload refused, the running configuration stays: %s", exc)
+        return False
+    summary = reload.apply(app, new)
+    log.info("reloaded %s: %s", app[CONFIG_KEY].source or "configuration", summary)
+    return True
 
 
 async def serve(
@@ -547,13 +584,25 @@ async def serve(
     *,
     access_log: bool = False,
     tls: TLSHolder | None = None,
+    load: Callable[[], Config] | None = None,
 ) -> None:
-    """Serve until SIGTERM or SIGINT."""
+    """Serve until SIGTERM or SIGINT; SIGHUP rereads the configuration with ``load``."""
     runner, backend = await start_server(config, backend, access_log=access_log, tls=tls)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    app = runner.app
+    assert app is not None
+
+    def on_hangup() -> None:
+        sdnotify.reloading()
+        try:
+            reload_config(app, load)
+        finally:
+            sdnotify.ready()
+
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     source = config.source or "built-in configuration"
     log.info(
         "distributex %s serving %s on %s (%s backend, %s)",
@@ -563,8 +612,10 @@ async def serve(
         config.backend,
         source,
     )
+    sdnotify.ready(f"serving on {server_url(config.bind or DEFAULT_BIND, config.port)}")
     await stop.wait()
     log.info("stopping")
+    sdnotify.stopping()
     await stop_server(runner, backend)
 
 
@@ -576,6 +627,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if args.log_format == "json":
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonFormatter())
     try:
         config = resolve_config(args)
     except ConfigError as exc:
@@ -594,7 +648,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"distributexd: error: {exc}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(serve(config, backend, access_log=args.access_log, tls=tls))
+        load = (lambda: resolve_config(args)) if args.config else None
+        asyncio.run(serve(config, backend, access_log=args.access_log, tls=tls, load=load))
     except BackendUnavailable as exc:
         print(f"distributexd: error: {exc}", file=sys.stderr)
         return 1

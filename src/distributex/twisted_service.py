@@ -32,6 +32,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, NoReturn
 
@@ -43,7 +44,13 @@ from twisted.python import usage
 from distributex import __version__
 from distributex.backends import BackendUnavailable, LockBackend, make_backend
 from distributex.config import Config, ConfigError
-from distributex.server import resolve_config, server_url, start_server, stop_server
+from distributex.server import (
+    reload_config,
+    resolve_config,
+    server_url,
+    start_server,
+    stop_server,
+)
 from distributex.tls import server_context
 
 log = logging.getLogger("distributex")
@@ -119,6 +126,7 @@ class Options(usage.Options):
     ]
 
     config_obj: Config
+    load: Callable[[], Config] | None = None
     backend: LockBackend
 
     def postOptions(self) -> None:
@@ -133,6 +141,12 @@ class Options(usage.Options):
             self.config_obj = resolve_config(args, default_bind=TWISTD_DEFAULT_BIND)
             server_context_check(self.config_obj)
             self.backend = make_backend(self.config_obj)
+            # SIGHUP rereads the file with the same command-line overrides.
+            self.load = (
+                (lambda: resolve_config(args, default_bind=TWISTD_DEFAULT_BIND))
+                if self["config"]
+                else None
+            )
         except (ConfigError, BackendUnavailable) as exc:
             _fail(str(exc))
         install_asyncio_reactor()
@@ -172,8 +186,10 @@ class DistributexService(service.Service):
         access_log: bool = False,
         log_level: str = "info",
         pidfile: str | None = None,
+        load: Callable[[], Config] | None = None,
     ) -> None:
         self.config = config
+        self.load = load
         self.backend = backend
         self.access_log = access_log
         self.log_level = log_level
@@ -212,6 +228,10 @@ class DistributexService(service.Service):
             message = f"cannot listen on {config.bind}:{config.port}: {reason}"
             log.error("%s", message)
             raise StartupError(message) from None
+        # SIGHUP rereads the configuration. A plain signal handler that hands over
+        # to the loop: the reactor keeps its own handlers for SIGINT and SIGTERM.
+        loop = asyncio.get_event_loop()
+        signal.signal(signal.SIGHUP, lambda _sig, _frame: loop.call_soon_threadsafe(self.reload))
         log.info(
             "distributex %s serving %s on %s (%s backend, %s, under Twisted)",
             __version__,
@@ -220,6 +240,11 @@ class DistributexService(service.Service):
             config.backend,
             config.source or "built-in configuration",
         )
+
+    def reload(self) -> None:
+        """Reread the configuration file (SIGHUP), as distributexd does."""
+        if self._runner is not None and self._runner.app is not None:
+            reload_config(self._runner.app, self.load)
 
     def privilegedStartService(self) -> None:
         """Listen now, before twistd sheds privileges and reports a -d start.
@@ -308,4 +333,5 @@ def makeService(options: Options) -> DistributexService:  # twistd looks up this
         access_log=bool(options["access-log"]),
         log_level=options["log-level"],
         pidfile=os.path.abspath(pidfile) if pidfile else None,
+        load=options.load,
     )

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Set
+from collections.abc import Callable, Mapping, Sequence, Set
 
 from distributex.engine import Lease, PoolSpec
+from distributex.events import NULL_EVENTS, Events
+from distributex.status import PoolStatus
 
 
 class BackendUnavailable(Exception):
@@ -18,7 +20,13 @@ class LockBackend(abc.ABC):
     ``owner`` is the legacy host identity. ``ttl`` is the lease time the
     client asked for (None: the pool's ``expire``). Methods answer within a
     bounded time or raise :class:`BackendUnavailable`.
+
+    ``events`` receives what happens inside the backend that the HTTP layer
+    cannot see: releases (with their fence), expiries, queue changes. The
+    server sets it before :meth:`start`.
     """
+
+    events: Events = NULL_EVENTS
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Connect to whatever the backend needs."""
@@ -66,4 +74,33 @@ class LockBackend(abc.ABC):
         The HTTP layer bounds how many pools made on first use hold state at
         once (``max_pools``) with it, so it must be cheap: a live view, or a
         local estimate for a backend whose state lives elsewhere.
+        """
+
+    # -- for operators: /status, /healthz, reload ---------------------------------------
+
+    @abc.abstractmethod
+    async def status(self, specs: Sequence[PoolSpec]) -> list[PoolStatus]:
+        """The holders and waiters of each pool in ``specs``, in that order.
+
+        Read-only: nothing is granted or written for it (a lease past its
+        time is left out, as the next step would end it). A pool with no
+        state shows with no holders and no waiters.
+        """
+
+    def known_pools(self) -> Set[str]:
+        """Pools this server knows to hold state, beyond the configured ones.
+
+        ``/status`` lists the configured pools and these. A backend whose
+        state is shared may not know pools that only other servers used.
+        """
+        return self.pools_in_use()
+
+    async def check(self) -> None:  # noqa: B027 - optional hook
+        """Raise :class:`BackendUnavailable` (with the reason) if the backend cannot answer."""
+
+    def reconfigure(self, specs: Mapping[str, PoolSpec]) -> None:  # noqa: B027 - optional hook
+        """The configuration was reloaded: these are the new specs of pools in use.
+
+        A raised ``maxlocks`` grants waiters at once; a lowered one ends no
+        hold (new grants wait until the pool is under it).
         """

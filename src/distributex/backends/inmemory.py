@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable, Set
+from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 
 from distributex.backends.base import BackendUnavailable, LockBackend
-from distributex.engine import Lease, LockEngine, PoolSpec, Waiter
+from distributex.engine import Hold, Lease, LockEngine, PoolSpec, Waiter
+from distributex.status import PoolStatus, pool_status
 
 
 class InMemoryBackend(LockBackend):
@@ -37,6 +38,8 @@ class InMemoryBackend(LockBackend):
         self._timer_at: float | None = None
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._resume_at: float | None = None
+        self.engine.on_expire = self._expired
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -54,9 +57,11 @@ class InMemoryBackend(LockBackend):
         if self.start_delay > 0:
             self.engine.pause()
             self._resume_timer = self.loop.call_later(self.start_delay, self._resume)
+            self._resume_at = self.now() + self.start_delay
 
     def _resume(self) -> None:
         self._resume_timer = None
+        self._resume_at = None
         self._wake(self.engine.resume(self.now()))
 
     async def close(self) -> None:
@@ -95,6 +100,7 @@ class InMemoryBackend(LockBackend):
         self._reschedule()
         try:
             if waiter.lease is None:
+                self.events.queued()
                 wakeup = self.loop.create_future()
                 self._wakeups[waiter] = wakeup
                 try:
@@ -112,6 +118,7 @@ class InMemoryBackend(LockBackend):
         except BaseException:
             # Hung up or shutting down: leave the queue the same way.
             self._wake(engine.cancel(waiter, self.now()))
+            self.events.queued()
             raise
         if not still_wanted():
             self._wake(engine.cancel(waiter, self.now()))
@@ -126,6 +133,8 @@ class InMemoryBackend(LockBackend):
             ended, granted = self.engine.release(spec.name, owner, now)
         else:
             ended, granted = self.engine.release_lease(spec.name, token, now, owner)
+        if isinstance(ended, Hold | Lease):
+            self.events.released(spec.name, owner, ended.fence)
         self._wake(granted)
         return ended is not None
 
@@ -139,6 +148,31 @@ class InMemoryBackend(LockBackend):
 
     def pools_in_use(self) -> Set[str]:
         return self.engine.pools_in_use()
+
+    async def status(self, specs: Sequence[PoolSpec]) -> list[PoolStatus]:
+        now = self.now()
+        offset = time.time() - now  # loop time -> epoch seconds
+
+        def to_wall(t: float) -> float:
+            return t + offset
+
+        result = []
+        for spec in specs:
+            status = pool_status(self.engine, spec, to_wall, now)
+            if self._resume_at is not None:
+                status.blocked_until = to_wall(self._resume_at)
+            result.append(status)
+        return result
+
+    async def check(self) -> None:
+        self._check_open()
+
+    def reconfigure(self, specs: Mapping[str, PoolSpec]) -> None:
+        now = self.now()
+        for name in list(self.engine.pool_names()):
+            spec = specs.get(name)
+            if spec is not None:
+                self._wake(self.engine.reconfigure(spec, now))
 
     def _wake(self, granted: Iterable[Waiter]) -> None:
         for waiter in granted:
@@ -162,3 +196,6 @@ class InMemoryBackend(LockBackend):
         self._timer = None
         self._timer_at = None
         self._wake(self.engine.expire(self.now()))
+
+    def _expired(self, lease: Lease) -> None:
+        self.events.expired(lease.pool, lease.owner, lease.fence)

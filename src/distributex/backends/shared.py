@@ -50,13 +50,14 @@ import random
 import secrets
 import socket
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from distributex.backends.base import BackendUnavailable, LockBackend
 from distributex.config import DEFAULT_EXPIRE
 from distributex.engine import NEVER, Hold, Lease, LockEngine, PoolSpec, PoolState, Waiter
+from distributex.status import PoolStatus, pool_status
 
 log = logging.getLogger("distributex.shared")
 
@@ -85,6 +86,8 @@ MAX_ATTEMPTS = 50
 IDLE_TTL = 24 * 3600
 # After a store loss, pools that never expire leases are held back this long.
 LOSS_HOLD_NEVER_EXPIRE = DEFAULT_EXPIRE
+# /status reads pool records this many keys at a time.
+STATUS_BATCH = 200
 
 
 class StaleRecord(Exception):
@@ -337,6 +340,9 @@ class SharedStateBackend(LockBackend):
         self._epoch: Epoch | None = None
         self._fence_floor: dict[str, int] = {}
         self._specs: dict[str, PoolSpec] = {}  # the latest spec of each pool stepped here
+        # Specs set by a reload: they win over the spec a request (or a poller
+        # started before the reload) carries.
+        self._reloaded: dict[str, PoolSpec] = {}
         # pool -> the record this server wrote last (with its version), its epoch,
         # and the engine that holds its state (no decoding it back)
         self._written: dict[str, tuple[Stored, Epoch, LockEngine]] = {}
@@ -398,6 +404,46 @@ class SharedStateBackend(LockBackend):
     def pools_in_use(self) -> set[str]:
         # The store is shared: this is what this server has seen holding state.
         return self._in_use
+
+    # -- for operators -------------------------------------------------------------------
+
+    async def status(self, specs: Sequence[PoolSpec]) -> list[PoolStatus]:
+        """Each pool as its stored record says, with leases due to end left out.
+
+        Reads only (a step would also write): a throwaway engine restores the
+        record and ends what is due in memory.
+        """
+        self._check_open()
+        found: dict[str, Stored] = {}
+        keys = [self.pool_key(spec.name) for spec in specs]
+        for start in range(0, len(keys), STATUS_BATCH):
+            found.update(await self._call(self.store.get(keys[start : start + STATUS_BATCH])))
+        now = self.store.now()
+        result = []
+        for spec, key in zip(specs, keys, strict=True):
+            engine = LockEngine()
+            stored = found.get(key)
+            if stored is not None:
+                try:
+                    state, _epoch = decode_pool(stored.value)
+                except StaleRecord as exc:
+                    raise BackendUnavailable(f"pool '{spec.name}': {exc}") from None
+                engine.restore(spec, state)
+                engine.expire(now)
+            result.append(pool_status(engine, spec, now=now))
+        return result
+
+    async def check(self) -> None:
+        self._check_open()
+        await self._call(self.store.get([self.epoch_key]))
+
+    def reconfigure(self, specs: Mapping[str, PoolSpec]) -> None:
+        self._reloaded = dict(specs)
+        for name, spec in specs.items():
+            if name in self._specs:
+                self._specs[name] = spec
+                # A raised maxlocks hands free slots to the queue now, not at the next request.
+                self._background(self._quiet_step(spec))
 
     def _check_open(self) -> None:
         if self._closed:
@@ -565,6 +611,7 @@ class SharedStateBackend(LockBackend):
         nobody will answer must not stay held.
         """
         self._check_open()
+        spec = self._reloaded.get(spec.name, spec)
         self._specs[spec.name] = spec
         request = _Request(op, undo, asyncio.get_running_loop().create_future())
         self._pending.setdefault(spec.name, []).append(request)
@@ -653,7 +700,10 @@ class SharedStateBackend(LockBackend):
                         engine.block(spec, until)
             promised = _promises(engine, spec.name)
             await self._drop_stale(engine, spec, now)
+            expired: list[Lease] = []
+            engine.on_expire = expired.append
             engine.expire(now)
+            engine.on_expire = None
             engine.fill(spec.name, now)
             results = [op(engine, now) for op in ops]
             delivered = self._deliver_local(spec, engine, now)
@@ -677,6 +727,7 @@ class SharedStateBackend(LockBackend):
                 if cached is not None:
                     continue  # answers from a record that may be stale: read it and redo
                 self._after(spec, engine, delivered)
+                self._report(expired, changed=False)
                 return results  # nothing to write
             ttl = IDLE_TTL if state is None else 0
             # Only a change to what clients were told (a lease delivered, renewed or
@@ -693,10 +744,18 @@ class SharedStateBackend(LockBackend):
                     self._written[spec.name] = (Stored(record, written), epoch, engine)
                 self._after(spec, engine, delivered)
                 self._nudge_others(spec, engine)
+                self._report(expired, changed=True)
                 return results
             # Another server wrote first: redo the step on what it wrote.
             await asyncio.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))
         raise BackendUnavailable(f"pool '{spec.name}': too many conflicting writes, try again")
+
+    def _report(self, expired: list[Lease], changed: bool) -> None:
+        """Tell the events of a step whose outcome is final."""
+        for lease in expired:
+            self.events.expired(lease.pool, lease.owner, lease.fence)
+        if changed:
+            self.events.changed()
 
     async def _drop_stale(self, engine: LockEngine, spec: PoolSpec, now: float) -> None:
         """Cancel waiters (and undelivered grants) that nobody will answer.
@@ -1025,7 +1084,7 @@ class SharedStateBackend(LockBackend):
         delay = 0.1
         while not self._closed:
             try:
-                await self.release(spec, owner, lease.token)
+                await self._release(spec, owner, lease.token)
                 return
             except BackendUnavailable:
                 await asyncio.sleep(delay)  # until the store answers, or the lease expires
@@ -1041,12 +1100,18 @@ class SharedStateBackend(LockBackend):
                 del self._local[pool]
 
     async def release(self, spec: PoolSpec, owner: str, token: str | None) -> bool:
-        def release(engine: LockEngine, now: float) -> bool:
+        ended = await self._release(spec, owner, token)
+        if ended is not None:
+            self.events.released(spec.name, owner, ended.fence)
+        return ended is not None
+
+    async def _release(self, spec: PoolSpec, owner: str, token: str | None) -> Hold | Lease | None:
+        def release(engine: LockEngine, now: float) -> Hold | Lease | None:
             if token is None:
                 hold, _granted = engine.release(spec.name, owner, now)
-                return hold is not None
+                return hold
             lease, _granted = engine.release_lease(spec.name, token, now, owner)
-            return lease is not None
+            return lease
 
         return await self._step(spec, release)
 

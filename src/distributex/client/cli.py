@@ -50,6 +50,9 @@ lock), so that only one host of the cluster runs it at a time.
 
   distributex -H dx.example.com -r pool1 '/usr/bin/puppet agent --onetime'
   distributex -H dx.example.com -r backup --no-wait -- /usr/local/bin/backup --full
+
+Who holds what: distributex status [-H SERVER] [-p PORT] [POOL] [--json] [--watch]
+(see distributex status --help).
 """
 
 EPILOG = """\
@@ -483,6 +486,11 @@ def read_token(
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``distributex`` command; returns the exit status."""
     args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["status"]:
+        # 'distributex status ...' (the seed's usage always starts with options).
+        from distributex.client.status import main as status_main
+
+        return status_main(args_list[1:])
     command_argv: list[str] | None = None
     if "--" in args_list:
         cut = args_list.index("--")

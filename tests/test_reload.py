@@ -1,0 +1,193 @@
+"""SIGHUP rereads the configuration without dropping holders or waiters, on every backend."""
+
+from __future__ import annotations
+
+import json
+import signal
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Server
+from tests.test_http import ParkedWait, q
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class Reloadable:
+    """A server of one backend (made by ``cluster_factory``) whose file a test rewrites."""
+
+    def __init__(self, cluster_factory, tmp_path: Path, pools: str) -> None:
+        pools = textwrap.dedent(pools)
+        self.server: Server = cluster_factory(pools, servers=1).servers[0]
+        self.path = tmp_path / f"distributex-{self.server.port}.yaml"
+        text = self.path.read_text()
+        assert text.endswith(pools)
+        self.head = text[: len(text) - len(pools)]  # the backend's keys, kept on reload
+
+    def log_count(self, needle: str) -> int:
+        return self.server.log.read_text().count(needle)
+
+    def reload(self, text: str, head: bool = True, expect: str = "reloaded ") -> None:
+        """Write the file, send SIGHUP, wait for the server to log that it was (not) taken."""
+        before = self.log_count(expect)
+        self.path.write_text((self.head if head else "") + textwrap.dedent(text))
+        self.server.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 15
+        while self.log_count(expect) == before:
+            assert time.monotonic() < deadline, self.server.log.read_text()[-2000:]
+            time.sleep(0.02)
+
+    def pool(self, name: str) -> dict:
+        answer = self.server.call(f"/status?pool={name}")
+        assert answer.status == 200, answer.body
+        return json.loads(answer.body)["pools"][0]
+
+    def holders(self, name: str) -> list[str]:
+        return [h["host"] for h in self.pool(name)["holders"]]
+
+    def waiters(self, name: str) -> list[str]:
+        return [w["host"] for w in self.pool(name)["waiters"]]
+
+    def until_waiting(self, name: str, hosts: list[str]) -> None:
+        deadline = time.monotonic() + 15
+        while self.waiters(name) != hosts:
+            assert time.monotonic() < deadline, self.waiters(name)
+            time.sleep(0.05)
+
+
+@pytest.fixture
+def make(cluster_factory, tmp_path: Path):
+    def factory(pools: str) -> Reloadable:
+        return Reloadable(cluster_factory, tmp_path, pools)
+
+    return factory
+
+
+ONE = """\
+pools:
+  - name: p
+    expire: 300
+"""
+
+
+def test_raising_maxlocks_grants_waiters_at_once_and_a_new_pool_serves(make) -> None:
+    srv = make(ONE)
+    s = srv.server
+    assert s.call(q("get", "a", "p")).body == "YES"
+    assert s.call(q("get", "x", "q")).status == 404  # not yet
+    b = ParkedWait(s, "b", "p")
+    srv.until_waiting("p", ["b"])
+    c = ParkedWait(s, "c", "p")
+    srv.until_waiting("p", ["b", "c"])
+    srv.reload("pools:\n  - name: p\n    expire: 300\n    maxlocks: 3\n  - name: q\n")
+    started = time.monotonic()
+    assert b.answer()[2] == "YES"
+    assert c.answer()[2] == "YES"
+    assert time.monotonic() - started < 5  # at once, not at the next request
+    assert srv.holders("p") == ["a", "b", "c"]
+    assert srv.pool("p")["maxlocks"] == 3
+    assert s.call(q("get", "x", "q")).body == "YES"
+    assert "added q; changed p" in s.log.read_text()
+
+
+def test_lowering_maxlocks_evicts_no_holder(make) -> None:
+    srv = make("pools:\n  - name: p\n    maxlocks: 3\n")
+    s = srv.server
+    for host in "abc":
+        assert s.call(q("get", host, "p")).body == "YES"
+    srv.reload("pools:\n  - name: p\n    maxlocks: 1\n")
+    assert srv.holders("p") == ["a", "b", "c"]
+    assert s.call(q("get", "a", "p")).body == "YES"  # a holder asking again still holds
+    assert s.call(q("get", "d", "p")).body == "NO"
+    assert s.call(q("release", "a", "p")).body == "OK"
+    assert s.call(q("release", "b", "p")).body == "OK"
+    assert s.call(q("get", "d", "p")).body == "NO"  # c alone fills the one slot
+    assert s.call(q("release", "c", "p")).body == "OK"
+    assert s.call(q("get", "d", "p")).body == "YES"
+
+
+def test_changing_expire_applies_to_new_grants_and_renewals(make) -> None:
+    srv = make(ONE)
+    s = srv.server
+    old = s.call(q("get", "a", "p"))
+    assert old.headers["X-Distributex-TTL"] == "300"
+    expires_before = srv.pool("p")["holders"][0]["expires_at"]
+    srv.reload("pools:\n  - name: p\n    expire: 100\n")
+    assert srv.pool("p")["expire"] == 100
+    # The lease keeps the time it was given ...
+    assert srv.pool("p")["holders"][0]["expires_at"] == pytest.approx(expires_before, abs=0.01)
+    # ... its renewal, and new grants, get the new expire.
+    lease = old.headers["X-Distributex-Lease"]
+    renewed = s.call(q("renew", "a", "p", f"&lease={lease}"))
+    assert renewed.headers["X-Distributex-TTL"] == "100"
+    assert s.call(q("release", "a", "p")).body == "OK"
+    assert s.call(q("get", "b", "p")).headers["X-Distributex-TTL"] == "100"
+
+
+@pytest.mark.parametrize(
+    "broken",
+    ["pools: [\n", "pools:\n  - name: p\n    maxlocks: -1\n", "pools:\n  - expire: 3\n"],
+)
+def test_a_broken_file_is_refused_and_holders_keep_their_locks(make, broken: str) -> None:
+    srv = make(ONE)
+    s = srv.server
+    assert s.call(q("get", "a", "p")).body == "YES"
+    b = ParkedWait(s, "b", "p")
+    srv.until_waiting("p", ["b"])
+    srv.reload(broken, expect="reload refused")
+    refusals = [line for line in s.log.read_text().splitlines() if "reload refused" in line]
+    assert len(refusals) == 1
+    assert str(srv.path) in refusals[0]  # names the file (and the place in it)
+    assert s.proc.poll() is None
+    assert srv.holders("p") == ["a"]
+    assert srv.waiters("p") == ["b"]
+    assert s.call(q("get", "c", "p")).body == "NO"  # the old configuration still serves
+    assert s.call(q("release", "a", "p")).body == "OK"
+    assert b.answer()[2] == "YES"
+
+
+def test_a_removed_pool_drains(make) -> None:
+    srv = make(ONE + "  - name: r\n")
+    s = srv.server
+    lease = s.call(q("get", "a", "r")).headers["X-Distributex-Lease"]
+    b = ParkedWait(s, "b", "r")
+    srv.until_waiting("r", ["b"])
+    srv.reload(ONE)
+    assert "removed r; draining r" in s.log.read_text()
+    refused = s.call(q("get", "c", "r"))
+    assert refused.status == 404
+    assert "draining" in refused.headers["X-Distributex-Reason"]
+    assert s.call(q("wait", "c", "r")).status == 404
+    pool = srv.pool("r")
+    assert pool["draining"] is True and pool["configured"] is False
+    assert [h["host"] for h in pool["holders"]] == ["a"]
+    # The holder can still renew and release; the queued waiter is served.
+    assert s.call(q("renew", "a", "r", f"&lease={lease}")).body == "OK"
+    assert s.call(q("release", "a", "r")).body == "OK"
+    assert b.answer()[2] == "YES"
+    assert s.call(q("release", "b", "r")).body == "OK"
+    # Drained: the pool is gone.
+    assert "r" not in [p["name"] for p in json.loads(s.call("/status").body)["pools"]]
+    assert s.call(q("release", "b", "r")).status == 404
+
+
+def test_restart_only_keys_are_kept(make) -> None:
+    srv = make(ONE)
+    s = srv.server
+    srv.reload("header_timeout: 5\nmetrics: false\n" + ONE)
+    assert "header_timeout, metrics need a restart; kept the running values" in s.log.read_text()
+    assert s.call(q("get", "a", "p")).body == "YES"
+    assert s.call("/metrics").status == 200  # still on
+
+
+def test_without_a_file_sighup_changes_nothing(server_factory) -> None:
+    s = server_factory()
+    s.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 15
+    while "no configuration file" not in s.log.read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert s.call(q("get", "a", "p")).body == "YES"

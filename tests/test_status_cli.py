@@ -1,0 +1,139 @@
+"""``distributex status``: the table, --json, one pool, --watch, and its errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from tests.conftest import Server, free_port
+from tests.test_http import ParkedWait, q
+
+pytestmark = pytest.mark.timeout(120)
+
+CONFIG = """\
+pools:
+  - name: deploy
+    expire: 300
+  - name: reboot
+    maxlocks: 3
+    expire: 0
+"""
+
+
+def status_cmd(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "DISTRIBUTEX_CONFIG": ""}  # no client config file of this machine
+    return subprocess.run(
+        [sys.executable, "-m", "distributex.client.cli", "status", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+@pytest.fixture
+def srv(server_factory) -> Server:
+    return server_factory(CONFIG)
+
+
+def test_table(srv: Server) -> None:
+    assert srv.call(q("get", "alice", "deploy")).body == "YES"
+    for host in ("bob", "carol"):
+        assert srv.call(q("get", host, "reboot")).body == "YES"
+    waits = [ParkedWait(srv, "dave", "deploy")]
+    deadline = time.monotonic() + 15
+    while "dave" not in srv.call("/status").body:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    waits.append(ParkedWait(srv, "erin", "deploy"))
+    while "erin" not in srv.call("/status").body:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    done = status_cmd("-H", "127.0.0.1", "-p", str(srv.port))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].split() == ["POOL", "SLOTS", "HOLDER", "FENCE", "LEFT", "WAITERS"]
+    deploy = lines[1].split()
+    assert deploy[:3] == ["deploy", "1/1", "alice"]
+    assert deploy[4].startswith("4m") or deploy[4] == "5m00s"
+    assert " ".join(deploy[5:]) == "2: dave, erin"
+    assert lines[2].split()[:3] == ["reboot", "2/3", "bob"]
+    assert lines[2].split()[4] == "never"
+    assert lines[3].split()[0] == "carol"  # second holder: a row of its own
+    # -H host:port works as well, and one pool only.
+    one = status_cmd("-H", f"127.0.0.1:{srv.port}", "reboot")
+    assert one.returncode == 0, one.stderr
+    assert [line.split()[0] for line in one.stdout.splitlines()] == ["POOL", "reboot", "carol"]
+    for wait in waits:
+        wait.hang_up()
+
+
+def test_json(srv: Server) -> None:
+    assert srv.call(q("get", "alice", "deploy")).body == "YES"
+    done = status_cmd("-H", "127.0.0.1", "-p", str(srv.port), "deploy", "--json")
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    assert [p["name"] for p in doc["pools"]] == ["deploy"]
+    assert doc["pools"][0]["holders"][0]["host"] == "alice"
+
+
+def test_errors(srv: Server) -> None:
+    unknown = status_cmd("-H", "127.0.0.1", "-p", str(srv.port), "nosuch")
+    assert unknown.returncode == 77
+    assert unknown.stderr.strip().endswith("404 unknown pool 'nosuch'")
+    assert len(unknown.stderr.splitlines()) == 1
+    gone = status_cmd("-H", "127.0.0.1", "-p", str(free_port()))
+    assert gone.returncode == 69
+    assert gone.stderr.startswith("distributex status: cannot reach")
+    assert len(gone.stderr.splitlines()) == 1
+    bad = status_cmd("-H", "127.0.0.1", "-p", "nope")
+    assert bad.returncode == 2
+
+
+def test_watch_follows_changes(srv: Server) -> None:
+    env = {**os.environ, "DISTRIBUTEX_CONFIG": "", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "distributex.client.cli", "status", "-H", "127.0.0.1"]
+    proc = subprocess.Popen(
+        [*cmd, "-p", str(srv.port), "deploy", "--watch", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    docs: list[dict] = []
+    seen = threading.Event()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            docs.append(json.loads(line))
+            seen.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+
+    def next_doc(after: int) -> dict:
+        deadline = time.monotonic() + 20
+        while len(docs) <= after:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, "no new status document"
+            seen.wait(0.1)
+            seen.clear()
+        return docs[after]
+
+    try:
+        assert next_doc(0)["pools"][0]["holders"] == []
+        assert srv.call(q("get", "alice", "deploy")).body == "YES"
+        holders = next_doc(1)["pools"][0]["holders"]
+        assert [h["host"] for h in holders] == ["alice"]
+        assert srv.call(q("release", "alice", "deploy")).body == "OK"
+        assert next_doc(2)["pools"][0]["holders"] == []
+    finally:
+        proc.terminate()
+        proc.wait(10)
