@@ -82,6 +82,11 @@ NOTIFIED_POLL_INTERVAL = 1.0
 CALL_TIMEOUT = 1.2
 STEP_TIMEOUT = 2.4
 MAX_ATTEMPTS = 50
+# A step that only queues waiters (nobody is answered, nothing durable) waits
+# this long for another request before it writes: under load the next release
+# comes a moment after a client's new /wait/, and the two then make one write
+# instead of two in a row (the second waiting for the first).
+LINGER = 0.002
 # A pool with nothing held or queued keeps a small record (its fence) this long.
 IDLE_TTL = 24 * 3600
 # After a store loss, pools that never expire leases are held back this long.
@@ -292,6 +297,7 @@ class Epoch:
 # -- the backend ---------------------------------------------------------------------------
 
 _NOTHING: Any = object()
+_LINGER: Any = object()
 
 
 @dataclass(eq=False)
@@ -301,6 +307,8 @@ class _Request:
     op: Callable[[LockEngine, float], Any]
     undo: Callable[[Any], Any] | None
     future: asyncio.Future[Any]
+    # Its write may wait a moment for company (a /wait/ that queues): see LINGER.
+    lazy: bool = False
 
 
 @dataclass(eq=False)
@@ -333,6 +341,7 @@ class SharedStateBackend(LockBackend):
         self._nudged: dict[str, asyncio.Event] = {}  # pool -> set when a nudge comes
         self._beat_value = b"{}"
         self._pending: dict[str, list[_Request]] = {}  # pool -> requests for its next step
+        self._arrived: dict[str, asyncio.Event] = {}  # pool -> set by a request (lingering)
         self._runners: dict[str, asyncio.Task[None]] = {}
         self._local: dict[str, dict[str, _LocalWaiter]] = {}  # pool -> waiter id -> waiter
         self._pollers: dict[str, asyncio.Task[None]] = {}
@@ -345,7 +354,8 @@ class SharedStateBackend(LockBackend):
         self._reloaded: dict[str, PoolSpec] = {}
         # pool -> the record this server wrote last (with its version), its epoch,
         # and the engine that holds its state (no decoding it back)
-        self._written: dict[str, tuple[Stored, Epoch, LockEngine]] = {}
+        # (None: decode it from the record)
+        self._written: dict[str, tuple[Stored, Epoch, LockEngine | None]] = {}
         self._in_use: set[str] = set()
         self._fragments: dict[str, dict[str, str]] = {}  # pool -> queue entries' JSON
         self._alive: dict[str, tuple[bool, float]] = {}
@@ -599,6 +609,7 @@ class SharedStateBackend(LockBackend):
         spec: PoolSpec,
         op: Callable[[LockEngine, float], T],
         undo: Callable[[T], Any] | None = None,
+        lazy: bool = False,
     ) -> T:
         """Run ``op`` on the pool's current state and write the result back atomically.
 
@@ -613,8 +624,11 @@ class SharedStateBackend(LockBackend):
         self._check_open()
         spec = self._reloaded.get(spec.name, spec)
         self._specs[spec.name] = spec
-        request = _Request(op, undo, asyncio.get_running_loop().create_future())
+        request = _Request(op, undo, asyncio.get_running_loop().create_future(), lazy)
         self._pending.setdefault(spec.name, []).append(request)
+        arrived = self._arrived.get(spec.name)
+        if arrived is not None:
+            arrived.set()
         if spec.name not in self._runners:
             self._runners[spec.name] = asyncio.create_task(self._run_steps(spec))
         return await request.future
@@ -630,7 +644,13 @@ class SharedStateBackend(LockBackend):
                 doubt: list[Any] = []  # results of a write whose outcome is unknown
                 try:
                     async with asyncio.timeout(STEP_TIMEOUT):
-                        results = await self._step_once(spec, [r.op for r in batch], doubt)
+                        lazy = all(r.lazy for r in batch)
+                        results = await self._step_once(spec, [r.op for r in batch], doubt, lazy)
+                        if results is _LINGER:
+                            await self._linger(spec)
+                            batch += [r for r in pending if not r.future.done()]
+                            pending.clear()
+                            results = await self._step_once(spec, [r.op for r in batch], doubt)
                 except Exception as exc:
                     if not isinstance(exc, BackendUnavailable | TimeoutError):
                         log.exception("step on pool '%s' failed", spec.name)
@@ -662,9 +682,26 @@ class SharedStateBackend(LockBackend):
                 if not request.future.done():
                     request.future.set_exception(BackendUnavailable("server is shutting down"))
 
+    async def _linger(self, spec: PoolSpec) -> None:
+        """Wait up to LINGER for another request on the pool."""
+        if self._pending.get(spec.name):
+            return
+        arrived = self._arrived[spec.name] = asyncio.Event()
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(LINGER):
+                    await arrived.wait()
+        finally:
+            self._arrived.pop(spec.name, None)
+
     async def _step_once(
-        self, spec: PoolSpec, ops: list[Callable[[LockEngine, float], Any]], doubt: list[Any]
-    ) -> list[Any]:
+        self,
+        spec: PoolSpec,
+        ops: list[Callable[[LockEngine, float], Any]],
+        doubt: list[Any],
+        lazy: bool = False,
+    ) -> Any:
+        """One step: its results, or _LINGER (``lazy``: nothing written, nothing kept)."""
         key = self.pool_key(spec.name)
         for attempt in range(MAX_ATTEMPTS):
             # The record this server wrote last, if the store told its version: a
@@ -734,6 +771,12 @@ class SharedStateBackend(LockBackend):
             # ended; a fence) must be durable before the answer; queue entries
             # need not be (waiters do not outlive a crash of their server).
             durable = _promises(engine, spec.name) != promised
+            if lazy and not durable and not delivered and all(r is None for r in results):
+                # Only queued: linger, then redo it with whatever came meanwhile
+                # (from the state read, not from this engine, which the ops changed).
+                if stored is not None:
+                    self._written[spec.name] = (stored, epoch, None)
+                return _LINGER
             doubt[:] = results
             written = await self._call(
                 self.store.put(key, record, stored.version if stored else None, ttl, durable)
@@ -979,7 +1022,10 @@ class SharedStateBackend(LockBackend):
             clean = False  # True once the entry is known to be gone from the store
             try:
                 lease = await self._step(
-                    spec, enqueue, undo=lambda lease: self._release_token(spec, owner, lease)
+                    spec,
+                    enqueue,
+                    undo=lambda lease: self._release_token(spec, owner, lease),
+                    lazy=True,
                 )
                 if lease is not None:
                     clean = True
