@@ -96,6 +96,7 @@ class EtcdStore(Store):
     """An etcd v3 cluster, through its HTTP/JSON gateway."""
 
     notifies = True
+    nudges_with_put = True
 
     def __init__(
         self,
@@ -271,24 +272,37 @@ class EtcdStore(Store):
         return found
 
     async def put(
-        self, key: str, value: bytes, version: Any | None, ttl: int = 0, durable: bool = True
+        self,
+        key: str,
+        value: bytes,
+        version: Any | None,
+        ttl: int = 0,
+        durable: bool = True,
+        nudge: Collection[str] = (),
+        pool: str = "",
     ) -> int | bool:
+        # The nudges to servers whose waiters this write grants go in the same
+        # transaction: no commit of their own, and the watch fires with it.
         if version is None:
             compare = {"key": _b64(key), "target": "CREATE", "create_revision": "0"}
         else:
             compare = {"key": _b64(key), "target": "MOD", "mod_revision": str(version)}
         compare["result"] = "EQUAL"
+        nudges = self._nudges(nudge, pool)
         for attempt in range(2):
             write: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
             if ttl > 0:
                 write["lease"] = str(await self._long_lease(ttl))
-            body = {"compare": [compare], "success": [{"request_put": write}]}
+            body = {"compare": [compare], "success": [{"request_put": write}, *nudges]}
             try:
                 data = await self._request("/kv/txn", body, idempotent=False)
             except EtcdError as exc:
                 # A lease that ended makes etcd refuse the whole txn: nothing applied.
-                if exc.code == NOT_FOUND and ttl > 0 and attempt == 0:
+                if exc.code == NOT_FOUND and attempt == 0 and (ttl > 0 or nudges):
                     self._long.pop(ttl, None)
+                    if nudges:  # our presence lease ended: the next beat makes one
+                        self._presence = None
+                        nudges = self._nudges(nudge, pool)
                     continue
                 raise BackendUnavailable(f"{self.description}: {exc.message}") from None
             if not data.get("succeeded"):
@@ -326,7 +340,8 @@ class EtcdStore(Store):
     def _nudge_key(self, server: str) -> str:
         return f"{self.prefix}nudge/{server}"
 
-    async def notify(self, servers: Collection[str], pool: str) -> None:
+    def _nudges(self, servers: Collection[str], pool: str) -> list[dict[str, Any]]:
+        """Txn operations that nudge ``servers`` to step ``pool``."""
         # Bound to our presence, so the keys of servers long gone do not pile up.
         ops = []
         for server in sorted(servers):
@@ -334,6 +349,10 @@ class EtcdStore(Store):
             if self._presence is not None:
                 write["lease"] = str(self._presence)
             ops.append({"request_put": write})
+        return ops
+
+    async def notify(self, servers: Collection[str], pool: str) -> None:
+        ops = self._nudges(servers, pool)
         try:
             await self._request("/kv/txn", {"success": ops}, idempotent=True)
         except EtcdError as exc:

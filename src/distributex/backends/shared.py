@@ -120,6 +120,9 @@ class Store(abc.ABC):
     #: True if the store carries nudges between servers (:meth:`notify` and
     #: :meth:`listen`); the layer then opens no UDP socket and polls slowly.
     notifies: bool = False
+    #: True if :meth:`put` takes ``nudge`` (server ids) and ``pool``, and tells
+    #: them in the same write (one round trip and one commit less per hand-off).
+    nudges_with_put: bool = False
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Connect (a first round trip may be made by the layer)."""
@@ -518,15 +521,19 @@ class SharedStateBackend(LockBackend):
         host, port = transport.get_extra_info("sockname")[:2]
         self._beat_value = json.dumps({"nudge": [host, port]}).encode()
 
-    def _nudge_others(self, spec: PoolSpec, engine: LockEngine) -> None:
-        """Tell servers whose waiters this step granted to look now (polling is the net)."""
-        if self._nudge_transport is None and not self.store.notifies:
-            return
-        servers = {
+    def _granted_elsewhere(self, spec: PoolSpec, engine: LockEngine) -> set[str]:
+        """The other servers whose waiters hold a grant not yet delivered."""
+        return {
             w.server
             for w in engine.waiters_of(spec.name)
             if w.lease is not None and w.server and w.server != self.server_id
         }
+
+    def _nudge_others(self, spec: PoolSpec, engine: LockEngine) -> None:
+        """Tell servers whose waiters this step granted to look now (polling is the net)."""
+        if self._nudge_transport is None and not self.store.notifies:
+            return
+        servers = self._granted_elsewhere(spec, engine)
         if not servers:
             return
         if self.store.notifies:
@@ -778,15 +785,21 @@ class SharedStateBackend(LockBackend):
                     self._written[spec.name] = (stored, epoch, None)
                 return _LINGER
             doubt[:] = results
+            extra: dict[str, Any] = {}
+            if self.store.nudges_with_put:
+                extra = {"nudge": self._granted_elsewhere(spec, engine), "pool": spec.name}
             written = await self._call(
-                self.store.put(key, record, stored.version if stored else None, ttl, durable)
+                self.store.put(
+                    key, record, stored.version if stored else None, ttl, durable, **extra
+                )
             )
             doubt.clear()
             if written:
                 if written is not True:
                     self._written[spec.name] = (Stored(record, written), epoch, engine)
                 self._after(spec, engine, delivered)
-                self._nudge_others(spec, engine)
+                if not extra:
+                    self._nudge_others(spec, engine)
                 self._report(expired, changed=True)
                 return results
             # Another server wrote first: redo the step on what it wrote.
