@@ -8,8 +8,8 @@ PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 
 # Debian packages the test suite needs: the real servers the backend tests
-# start on loopback (memcached now; Redis and etcd will add theirs here).
-DEBIAN_PACKAGES=(memcached)
+# start on loopback (memcached, redis-server; faketime for a server whose clock is off).
+DEBIAN_PACKAGES=(memcached redis-server faketime)
 if [ ${#DEBIAN_PACKAGES[@]} -gt 0 ]; then
     missing=()
     for pkg in "${DEBIAN_PACKAGES[@]}"; do

@@ -7,11 +7,14 @@ file, the line and column, and what is wrong.
 
 Top-level keys:
 
-``backend``       ``inmemory`` (default) or ``memcache``.
+``backend``       ``inmemory`` (default), ``sqlite``, ``memcache`` or ``redis``.
 ``memcachehost``  memcache backend: host (default ``localhost``).
 ``memcacheport``  memcache backend: port (default 11211).
 ``key_prefix``    memcache backend: prefix of every key, so one memcached
                   serves several clusters (default ``distributex/``).
+``redis_url``     redis backend: ``redis://[user:password@]host[:port][/db]``,
+                  ``rediss://`` for TLS, ``unix:///path?db=N`` (default
+                  ``redis://localhost:6379/0``); ``key_prefix`` applies.
 ``sqlite_path``   sqlite backend (required with it): the state file, made if
                   missing (its folder must exist).
 ``sqlite_sync``   sqlite backend: ``full`` (default; a YES survives a power
@@ -61,6 +64,7 @@ from __future__ import annotations
 
 import os
 import stat
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,7 +76,7 @@ from distributex.engine import PoolSpec
 DEFAULT_EXPIRE = 1800.0
 DEFAULT_PORT = 9889
 DEFAULT_BIND = "127.0.0.1"
-BACKENDS = ("inmemory", "sqlite", "memcache")
+BACKENDS = ("inmemory", "sqlite", "memcache", "redis")
 SQLITE_SYNC = ("full", "normal")
 
 # Bounds on what a file may hold (see the module doc). Seconds stop at 10**9
@@ -93,6 +97,7 @@ _TOP_KEYS = (
     "memcachehost",
     "memcacheport",
     "key_prefix",
+    "redis_url",
     "sqlite_path",
     "sqlite_sync",
     "bind",
@@ -132,6 +137,7 @@ class Config:
     memcachehost: str = "localhost"
     memcacheport: int = 11211
     key_prefix: str = "distributex/"
+    redis_url: str = "redis://localhost:6379/0"
     sqlite_path: str | None = None
     sqlite_sync: str = "full"
     bind: str | None = None  # None: the entry point's default
@@ -264,6 +270,60 @@ def _one_line(text: str, limit: int = 120) -> str:
     """``text`` on one line and at most about ``limit`` characters."""
     text = " ".join(text.split())
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+# Options a redis_url may carry after "?" (redis-py reads them).
+REDIS_URL_OPTIONS = (
+    "db",
+    "ssl_cert_reqs",
+    "ssl_ca_certs",
+    "ssl_ca_path",
+    "ssl_certfile",
+    "ssl_keyfile",
+    "ssl_check_hostname",
+)
+
+
+def redis_url_problem(url: str) -> str | None:
+    """What is wrong with a redis_url (one line, no password in it), or None."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    shown = _show(_without_password(url))
+    if scheme in ("redis+sentinel", "sentinel", "redis-sentinel"):
+        return "names Redis Sentinel, which is not supported yet: name the master (redis://...)"
+    if scheme not in ("redis", "rediss", "unix"):
+        return f"must start with redis://, rediss:// or unix://, not {shown}"
+    try:
+        port = parts.port
+    except ValueError:
+        return f"has a bad port: {shown}"
+    if scheme == "unix":
+        if not parts.path:
+            return f"must name a socket file (unix:///path/to/redis.sock): {shown}"
+    elif not parts.hostname:
+        return f"must name a host (redis://host:6379/0): {shown}"
+    elif port == 0:
+        return f"has a bad port: {shown}"
+    db = parts.path.strip("/") if scheme != "unix" else ""
+    if db and not (db.isascii() and db.isdigit()):
+        return f"must end in a database number (/0), not {shown}"
+    for option, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
+        if option not in REDIS_URL_OPTIONS:
+            known = ", ".join(REDIS_URL_OPTIONS)
+            return f"has an unknown option {option!r} (known: {known})"
+        if option == "db" and not (value.isascii() and value.isdigit()):
+            return f"must have a database number in db=, not {value!r}"
+    if parts.fragment:
+        return f"must not have a '#' part: {shown}"
+    return None
+
+
+def _without_password(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 def _show(value: object) -> str:
@@ -406,6 +466,13 @@ class _Checker:
             kwargs["key_prefix"] = prefix
         if "memcacheport" in top:
             kwargs["memcacheport"] = self.port(top["memcacheport"][1], "memcacheport")
+        if "redis_url" in top:
+            node = top["redis_url"][1]
+            url = self.name(node, "redis_url")
+            problem = redis_url_problem(url)
+            if problem is not None:
+                raise self.fail(node, f"redis_url {problem}")
+            kwargs["redis_url"] = url
         if "sqlite_path" in top:
             kwargs["sqlite_path"] = self.name(top["sqlite_path"][1], "sqlite_path")
         if "sqlite_sync" in top:
