@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import urllib.error
@@ -173,6 +174,56 @@ def memcached() -> Iterator[Memcached]:
 
 
 @dataclass
+class RedisServer:
+    """A redis-server process started by the tests (Debian's package), nothing saved to disk."""
+
+    proc: subprocess.Popen | None
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def start(self) -> None:
+        """(Re)start it on the same port, empty."""
+        self.stop()
+        cmd = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
+        cmd += ["--save", "", "--appendonly", "no", "--dir", tempfile.gettempdir()]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(self.port, self.proc)
+
+    def command(self, *args: str) -> str:
+        """One command through redis-cli; its answer as text."""
+        cmd = ["redis-cli", "-p", str(self.port), *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.strip()
+
+
+def start_redis() -> RedisServer:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (scripts/test.sh installs it)")
+    server = RedisServer(None, free_port())
+    server.start()
+    return server
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One Redis for the session; tests keep apart by key prefix."""
+    server = start_redis()
+    yield server
+    server.stop()
+
+
+@dataclass
 class Cluster:
     """The servers of one backend; requests are spread over them in turn."""
 
@@ -194,10 +245,11 @@ BACKEND_KEYS = {
     "sqlite": "backend: sqlite\nsqlite_path: {path}\n",
     "memcache": "backend: memcache\nmemcachehost: 127.0.0.1\nmemcacheport: {port}\n"
     "key_prefix: t{prefix}/\n",
+    "redis": "backend: redis\nredis_url: {url}\nkey_prefix: t{prefix}/\n",
 }
 
 
-@pytest.fixture(params=["inmemory", "sqlite", "memcache"])
+@pytest.fixture(params=["inmemory", "sqlite", "memcache", "redis"])
 def backend_name(request: pytest.FixtureRequest) -> str:
     return request.param
 
@@ -206,7 +258,7 @@ def backend_name(request: pytest.FixtureRequest) -> str:
 def cluster_factory(
     backend_name: str, server_factory, request: pytest.FixtureRequest, tmp_path: Path
 ):
-    """Call with the pools part of a config: one inmemory server, or two sharing a store."""
+    """Call with the pools part of a config: one inmemory server, or several sharing a store."""
 
     def factory(pools: str, servers: int = 2) -> Cluster:
         if backend_name == "inmemory":
@@ -214,6 +266,10 @@ def cluster_factory(
         elif backend_name == "sqlite":
             head = BACKEND_KEYS["sqlite"].format(path=tmp_path / f"state-{free_port()}.db")
             count = servers  # several processes on one file
+        elif backend_name == "redis":
+            rs = request.getfixturevalue("redis_server")
+            head = BACKEND_KEYS["redis"].format(url=rs.url, prefix=uuid.uuid4().hex)
+            count = max(servers, 3) if servers > 1 else servers  # three servers, one Redis
         else:
             mc = request.getfixturevalue("memcached")
             # A prefix of its own: tests share the session's memcached, and a
