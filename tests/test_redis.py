@@ -129,6 +129,7 @@ def test_a_cluster_node_is_refused_in_one_line(tmp_path: Path) -> None:
         [
             *("redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""),
             *("--appendonly", "no", "--cluster-enabled", "yes", "--dir", str(tmp_path)),
+            *("--cluster-port", str(free_port())),  # port + 10000 may not exist
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
