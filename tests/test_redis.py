@@ -10,9 +10,9 @@ runs on three servers sharing one Redis (tests/conftest.py).
 from __future__ import annotations
 
 import email.utils
+import glob
 import hashlib
 import os
-import shutil
 import signal
 import statistics
 import subprocess
@@ -271,9 +271,14 @@ def test_a_killed_servers_waiters_are_dropped_and_its_grant_passed_on(
 
 @pytest.fixture
 def skewed_factory(tmp_path: Path) -> Iterator:
-    """Start a distributexd whose clocks read SKEW seconds ahead (libfaketime)."""
-    if shutil.which("faketime") is None:
-        pytest.skip("faketime is not installed (scripts/test.sh installs it)")
+    """Start a distributexd whose clocks read ``skew`` seconds ahead (libfaketime).
+
+    The library is preloaded into the server itself (not through the
+    ``faketime`` wrapper, whose child would outlive a kill of the wrapper).
+    """
+    libraries = sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))
+    if not libraries:
+        pytest.skip("libfaketime is not installed (scripts/test.sh installs faketime)")
     started: list[Server] = []
 
     def factory(text: str, skew: int) -> Server:
@@ -281,10 +286,13 @@ def skewed_factory(tmp_path: Path) -> Iterator:
         cfg = tmp_path / f"skewed-{port}.yaml"
         cfg.write_text(text)
         log = tmp_path / f"skewed-{port}.log"
-        cmd = ["faketime", "-f", f"+{skew}s", sys.executable, "-m", "distributex"]
+        env = {**os.environ, "LD_PRELOAD": libraries[0], "FAKETIME": f"+{skew}s"}
         with open(log, "wb") as out:
             proc = subprocess.Popen(
-                [*cmd, "-c", str(cfg), "-p", str(port)], stdout=out, stderr=subprocess.STDOUT
+                [sys.executable, "-m", "distributex", "-c", str(cfg), "-p", str(port)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
             )
         server = Server(proc, port, log)
         started.append(server)
