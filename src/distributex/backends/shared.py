@@ -467,6 +467,9 @@ class SharedStateBackend(LockBackend):
             for event in self._nudged.values():
                 event.set()
             return
+        # Another server wrote the pool since our last write: the version we
+        # kept is stale, so the next step reads instead of failing a write first.
+        self._written.pop(pool, None)
         event = self._nudged.get(pool)
         if event is not None:
             event.set()
@@ -661,8 +664,11 @@ class SharedStateBackend(LockBackend):
                 self._after(spec, engine, delivered)
                 self._nudge_others(spec, engine)
                 return results
-            # Another server wrote first: redo the step on what it wrote.
-            await asyncio.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))
+            # Another server wrote first: redo the step on what it wrote. A write
+            # from the kept version that failed is no fight (another server wrote
+            # since, maybe long ago): read at once. Real conflicts pause a little.
+            if cached is None:
+                await asyncio.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))
         raise BackendUnavailable(f"pool '{spec.name}': too many conflicting writes, try again")
 
     async def _drop_stale(self, engine: LockEngine, spec: PoolSpec, now: float) -> None:
