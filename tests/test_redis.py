@@ -389,3 +389,21 @@ def test_a_killed_pubsub_connection_loses_no_wake_up(rs: RedisServer, server_fac
         hand_offs.append(time.monotonic() - released)
         assert taker.call(q("release", f"t{i}", "h")).body == "OK"
     assert statistics.median(hand_offs) < 0.25, hand_offs
+
+
+def test_many_pools_at_once_are_served(rs: RedisServer, server_factory) -> None:
+    # More steps at once than the server keeps connections to Redis: they
+    # wait for a connection, none is refused.
+    server: Server = server_factory(config(rs))
+    answers: list[str] = []
+
+    def one(i: int) -> None:
+        answers.append(server.call(q("get", "a", f"many{i}"), timeout=30).body)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(80)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert answers == ["YES"] * 80, [a for a in answers if a != "YES"][:3]
+    assert "UNAVAILABLE" not in server.log.read_text()

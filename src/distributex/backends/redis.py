@@ -67,6 +67,9 @@ CONNECT_TIMEOUT = 1.0
 # TIME is sampled this often; the best of the last CLOCK_SAMPLES sets the offset.
 CLOCK_EVERY = 1.0
 CLOCK_SAMPLES = 5
+# Two samples whose offsets differ by more than their round trips allow, plus
+# this (the monotonic clock's drift between them), mean Redis's clock jumped.
+CLOCK_SLACK = 0.005
 # The pub/sub listener waits this long between reconnections, doubling.
 LISTEN_BACKOFF_MIN = 0.05
 LISTEN_BACKOFF_MAX = 2.0
@@ -119,9 +122,15 @@ class RedisClock:
         came = time.monotonic()
         rtt = came - sent
         offset = seconds + micros / 1e6 - (sent + came) / 2
+        if self._samples:
+            best_rtt, best = min(reversed(self._samples), key=lambda s: s[0])
+            if abs(offset - best) > (rtt + best_rtt) / 2 + CLOCK_SLACK:
+                # More apart than two honest samples can be: Redis's clock was
+                # stepped (or this is another Redis, after a fail-over). Follow it.
+                self._samples = []
         self._samples = [*self._samples[-(CLOCK_SAMPLES - 1) :], (rtt, offset)]
-        # The sample with the shortest round trip is the most exact; a newer one
-        # wins ties, so a jump of Redis's clock is followed within a few samples.
+        # The sample with the shortest round trip is the most exact (its error is
+        # at most half that round trip); a newer one wins ties.
         self.offset = min(reversed(self._samples), key=lambda s: s[0])[1]
 
     def now(self) -> float:
@@ -146,17 +155,20 @@ class RedisStore(Store):
 
     def _connect(self) -> Any:
         if self._client is None:
-            self._client = aioredis.Redis.from_url(
+            # A blocking pool: a step that finds every connection busy waits for
+            # one (the layer bounds the wait) instead of failing.
+            pool = aioredis.BlockingConnectionPool.from_url(
                 self.url,
+                max_connections=POOL_SIZE,
+                timeout=None,
+                socket_connect_timeout=CONNECT_TIMEOUT,
+                socket_timeout=None,
                 # The layer bounds every call and never retries inside a request:
                 # a retried compare-and-set could not tell its own write from another's.
                 retry=Retry(NoBackoff(), 0),
                 retry_on_timeout=False,
-                socket_connect_timeout=CONNECT_TIMEOUT,
-                socket_timeout=None,
-                max_connections=POOL_SIZE,
-                client_name="distributexd",
             )
+            self._client = aioredis.Redis.from_pool(pool)  # closing the client closes it
             self._cas = self._client.register_script(CAS_SCRIPT)
         return self._client
 
