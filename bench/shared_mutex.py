@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import itertools
 import os
 import re
@@ -59,7 +60,10 @@ def start_redis() -> tuple[subprocess.Popen[bytes], int]:
         sys.exit("redis-server is not installed (apt-get install redis-server)")
     port = free_port()
     cmd = ["redis-server", "--port", str(port), "--bind", LOOPBACK, "--save", ""]
-    cmd += ["--appendonly", "no", "--dir", tempfile.gettempdir()]
+    # A folder of its own: Redis loads a dump.rdb it finds in its folder at start.
+    folder = tempfile.mkdtemp(prefix="distributex-bench-redis-")
+    atexit.register(shutil.rmtree, folder, True)
+    cmd += ["--appendonly", "no", "--dir", folder]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:

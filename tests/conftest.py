@@ -179,10 +179,13 @@ class RedisServer:
 
     proc: subprocess.Popen | None
     port: int
+    args: list[str] = field(default_factory=list)  # more options (a replica's, a Sentinel's)
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+    dir: str | None = None  # its own: a replica's sync writes a dump there, loaded at start
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -192,12 +195,16 @@ class RedisServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
 
     def start(self) -> None:
         """(Re)start it on the same port, empty."""
         self.stop()
+        self.dir = tempfile.mkdtemp(prefix="distributex-redis-")
         cmd = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
-        cmd += ["--save", "", "--appendonly", "no", "--dir", tempfile.gettempdir()]
+        cmd += ["--save", "", "--appendonly", "no", "--dir", self.dir, *self.args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for_port(self.port, self.proc)
 

@@ -13,8 +13,9 @@ Top-level keys:
 ``key_prefix``    memcache backend: prefix of every key, so one memcached
                   serves several clusters (default ``distributex/``).
 ``redis_url``     redis backend: ``redis://[user:password@]host[:port][/db]``,
-                  ``rediss://`` for TLS, ``unix:///path?db=N`` (default
-                  ``redis://localhost:6379/0``); ``key_prefix`` applies.
+                  ``rediss://`` for TLS, ``unix:///path?db=N``, or
+                  ``redis+sentinel://[user:password@]host:26379[,host...]/service[/db]``
+                  (default ``redis://localhost:6379/0``); ``key_prefix`` applies.
 ``sqlite_path``   sqlite backend (required with it): the state file, made if
                   missing (its folder must exist).
 ``sqlite_sync``   sqlite backend: ``full`` (default; a YES survives a power
@@ -289,10 +290,14 @@ def redis_url_problem(url: str) -> str | None:
     parts = urllib.parse.urlsplit(url)
     scheme = parts.scheme.lower()
     shown = _show(_without_password(url))
-    if scheme in ("redis+sentinel", "sentinel", "redis-sentinel"):
-        return "names Redis Sentinel, which is not supported yet: name the master (redis://...)"
+    if scheme == "redis+sentinel":
+        try:
+            parse_sentinel_url(url)
+        except ValueError as exc:
+            return f"{exc}: {shown}"
+        return None
     if scheme not in ("redis", "rediss", "unix"):
-        return f"must start with redis://, rediss:// or unix://, not {shown}"
+        return f"must start with redis://, rediss://, unix:// or redis+sentinel://, not {shown}"
     try:
         port = parts.port
     except ValueError:
@@ -318,12 +323,92 @@ def redis_url_problem(url: str) -> str | None:
     return None
 
 
-def _without_password(url: str) -> str:
+@dataclass(frozen=True)
+class SentinelUrl:
+    """``redis+sentinel://[user:password@]host[:port][,host[:port]...]/service[/db]``.
+
+    The user and password are the Redis servers'; ``?sentinel_username=`` and
+    ``?sentinel_password=`` are the Sentinels' own, if they need one.
+    """
+
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    sentinel_username: str | None = None
+    sentinel_password: str | None = None
+
+
+SENTINEL_URL_OPTIONS = ("sentinel_username", "sentinel_password")
+
+
+def parse_sentinel_url(url: str) -> SentinelUrl:
+    """The parts of a redis+sentinel:// URL; ValueError (a short phrase) if it is malformed."""
     parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    userinfo, _, hostlist = parts.netloc.rpartition("@")
+    username = password = None
+    if userinfo:
+        user, colon, secret = userinfo.partition(":")
+        username = urllib.parse.unquote(user) or None
+        password = urllib.parse.unquote(secret) if colon else None
+    sentinels = []
+    for item in hostlist.split(","):
+        host, port = item, "26379"
+        if item.startswith("["):  # [v6 address]:port
+            host, _, rest = item[1:].partition("]")
+            if rest:
+                if not rest.startswith(":"):
+                    raise ValueError(f"has a bad Sentinel address {item!r}")
+                port = rest[1:]
+        elif ":" in item:
+            host, port = item.rsplit(":", 1)
+        if not host:
+            raise ValueError("must name at least one Sentinel host (host:26379,...)")
+        if not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError(f"has a bad Sentinel port {port!r}")
+        sentinels.append((host, int(port)))
+    path = [p for p in parts.path.split("/") if p]
+    if not path or len(path) > 2:
+        raise ValueError("must name the Sentinel service (/mymaster or /mymaster/0)")
+    db = path[1] if len(path) == 2 else "0"
+    if not (db.isascii() and db.isdigit()):
+        raise ValueError(f"must end in a database number (/mymaster/0), not {db!r}")
+    options = {}
+    for option, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
+        if option not in SENTINEL_URL_OPTIONS:
+            raise ValueError(
+                f"has an unknown option {option!r} (known: {', '.join(SENTINEL_URL_OPTIONS)})"
+            )
+        options[option] = value
+    if parts.fragment:
+        raise ValueError("must not have a '#' part")
+    return SentinelUrl(
+        tuple(sentinels),
+        urllib.parse.unquote(path[0]),
+        int(db),
+        username,
+        password,
+        options.get("sentinel_username"),
+        options.get("sentinel_password"),
+    )
+
+
+def _without_password(url: str) -> str:
+    """The URL with its passwords as ***, for messages."""
+    parts = urllib.parse.urlsplit(url)
+    netloc = parts.netloc
+    userinfo, at, hostlist = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        netloc = f"{userinfo.partition(':')[0]}:***@{hostlist}"
+    query = urllib.parse.urlencode(
+        [
+            (k, "***" if k == "sentinel_password" else v)
+            for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+        ],
+        safe="*",
+    )
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def _show(value: object) -> str:

@@ -29,8 +29,15 @@ pipeline, not ``MGET``), and a pool's record key carries its own hash tag
 (``<prefix>pool/{<digest>}``), so the layout is ready for Redis Cluster. It is
 refused today all the same: the epoch record that detects a lost store lives
 on one shard, so a shard that lost its state would go unnoticed (see
-``docs/backends.md``). Sentinel is refused too (not yet there): point
-``redis_url`` at the master, or at a proxy that follows fail-overs.
+``docs/backends.md``).
+
+Sentinel: ``redis+sentinel://host:26379,host2:26379/mymaster/0`` asks the
+Sentinels for the master at start and every second; when it has moved,
+every connection is dropped (the old master may take writes until Sentinel
+demotes it) and the subscription made again on the new one. A write
+answered ``READONLY`` makes redis-py ask at once too. A fail-over to a
+replica that had every write loses nothing; one that had not is a store loss
+as the layer sees it (see ``docs/backends.md``).
 """
 
 from __future__ import annotations
@@ -46,10 +53,12 @@ from urllib.parse import urlsplit
 
 from distributex.backends.base import BackendUnavailable
 from distributex.backends.shared import Store, Stored
+from distributex.config import parse_sentinel_url
 
 try:
     import redis.asyncio as aioredis
     from redis.asyncio.retry import Retry
+    from redis.asyncio.sentinel import Sentinel
     from redis.backoff import NoBackoff
     from redis.exceptions import RedisError, ResponseError
 except ImportError:  # pragma: no cover - checked by make_backend
@@ -96,6 +105,10 @@ return ARGV[2]
 def describe_url(url: str) -> str:
     """Where a redis_url points, without its password: "redis 10.0.0.5:6379/0"."""
     parts = urlsplit(url)
+    if parts.scheme == "redis+sentinel":
+        where = parse_sentinel_url(url)
+        hosts = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in where.sentinels)
+        return f"redis master '{where.service}' of sentinels {hosts} (db {where.db})"
     if parts.scheme == "unix":
         return f"redis {parts.path}"
     host = parts.hostname or "localhost"
@@ -152,23 +165,29 @@ class RedisStore(Store):
         self._client: Any = None
         self._cas: Any = None
         self._clock_task: asyncio.Task[None] | None = None
+        self._sentinel: Any = None  # with redis+sentinel://: the Sentinels, and
+        self._master: Any = None  # the master they named last
+        self._pubsub: Any = None  # the listener's subscription
 
     def _connect(self) -> Any:
         if self._client is None:
-            # A blocking pool: a step that finds every connection busy waits for
-            # one (the layer bounds the wait) instead of failing.
-            pool = aioredis.BlockingConnectionPool.from_url(
-                self.url,
-                max_connections=POOL_SIZE,
-                timeout=None,
-                socket_connect_timeout=CONNECT_TIMEOUT,
-                socket_timeout=None,
+            options: dict[str, Any] = {
+                "socket_connect_timeout": CONNECT_TIMEOUT,
+                "socket_timeout": None,
                 # The layer bounds every call and never retries inside a request:
                 # a retried compare-and-set could not tell its own write from another's.
-                retry=Retry(NoBackoff(), 0),
-                retry_on_timeout=False,
-            )
-            self._client = aioredis.Redis.from_pool(pool)  # closing the client closes it
+                "retry": Retry(NoBackoff(), 0),
+                "retry_on_timeout": False,
+            }
+            if urlsplit(self.url).scheme == "redis+sentinel":
+                self._sentinel, self._client = _sentinel_client(self.url, options)
+            else:
+                # A blocking pool: a step that finds every connection busy waits
+                # for one (the layer bounds the wait) instead of failing.
+                pool = aioredis.BlockingConnectionPool.from_url(
+                    self.url, max_connections=POOL_SIZE, timeout=None, **options
+                )
+                self._client = aioredis.Redis.from_pool(pool)  # closing it closes the pool
             self._cas = self._client.register_script(CAS_SCRIPT)
         return self._client
 
@@ -196,6 +215,8 @@ class RedisStore(Store):
                 "(use one Redis, with replicas if you like)"
             )
         try:
+            if self._sentinel is not None:
+                await self._follow_master()
             await self.clock.sample(client)
         except (RedisError, OSError) as exc:
             raise BackendUnavailable(f"{self.description} unreachable: {_reason(exc)}") from None
@@ -206,7 +227,28 @@ class RedisStore(Store):
             await asyncio.sleep(CLOCK_EVERY)
             with contextlib.suppress(RedisError, OSError, TimeoutError):
                 async with asyncio.timeout(CLOCK_EVERY):
+                    if self._sentinel is not None:
+                        await self._follow_master()
                     await self.clock.sample(self._connect())
+
+    async def _follow_master(self) -> None:
+        """Sentinel: if the master moved, drop every connection (the old one may
+        still take writes until Sentinel demotes it: split brain) and subscribe
+        again on the new one (the layer then checks every pool it waits on)."""
+        self._connect()
+        service = parse_sentinel_url(self.url).service
+        master = await self._sentinel.discover_master(service)
+        if self._master is not None and master != self._master:
+            log.warning(
+                "%s: the master moved from %s:%s to %s:%s; connecting to it",
+                self.description,
+                *self._master,
+                *master,
+            )
+            await self._client.connection_pool.disconnect(inuse_connections=True)
+            if self._pubsub is not None:
+                await self._pubsub.aclose()
+        self._master = master
 
     async def close(self) -> None:
         if self._clock_task is not None:
@@ -269,7 +311,7 @@ class RedisStore(Store):
         delay = LISTEN_BACKOFF_MIN
         down: str | None = None  # the failure logged, so each outage is logged once
         while True:
-            pubsub = self._connect().pubsub()
+            pubsub = self._pubsub = self._connect().pubsub()
             try:
                 await pubsub.subscribe(self.channel(server))
                 # Wait for the confirmation: only from then on can no nudge be missed.
@@ -298,7 +340,31 @@ class RedisStore(Store):
             delay = min(LISTEN_BACKOFF_MAX, delay * 2)
 
 
+def _sentinel_client(url: str, options: dict[str, Any]) -> tuple[Any, Any]:
+    """A client of the master that the Sentinels name; it asks them again after a fail-over.
+
+    (redis-py's Sentinel pool has no blocking variant; it makes connections
+    as needed, without a limit.)
+    """
+    where = parse_sentinel_url(url)
+    sentinel_options = dict(options)
+    if where.sentinel_password is not None:
+        sentinel_options["password"] = where.sentinel_password
+        sentinel_options["username"] = where.sentinel_username
+    sentinel = Sentinel(
+        list(where.sentinels),
+        sentinel_kwargs=sentinel_options,
+        username=where.username,
+        password=where.password,
+        db=where.db,
+        **options,
+    )
+    return sentinel, sentinel.master_for(where.service)
+
+
 def _reason(exc: BaseException) -> str:
+    if type(exc).__name__ == "MasterNotFoundError":  # its text holds a whole client's repr
+        return "no Sentinel answered with the master (Sentinels down, or no such service)"
     text = str(exc) or type(exc).__name__
     return text.splitlines()[0][:200]
 
