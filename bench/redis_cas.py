@@ -41,7 +41,10 @@ async def lua_writer(client: Any, script: Any, stop: float, stats: dict[str, int
         new = _new_version()
         done = await script(keys=[key], args=[version, new, VALUE, 0])
         stats["trips"] += 1
-        if done:
+        if isinstance(done, list):  # refused, with what is stored now: no read needed
+            stats["conflicts"] += 1
+            version = done[0][:VERSION_LENGTH].decode()
+        elif done:
             stats["writes"] += 1
             version = new  # as the layer does: no read before the next write
         else:

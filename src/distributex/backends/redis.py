@@ -52,7 +52,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from distributex.backends.base import BackendUnavailable
-from distributex.backends.shared import Store, Stored
+from distributex.backends.shared import Conflict, Store, Stored
 from distributex.config import parse_sentinel_url
 
 try:
@@ -84,14 +84,17 @@ LISTEN_BACKOFF_MIN = 0.05
 LISTEN_BACKOFF_MAX = 2.0
 
 # KEYS[1]: the key. ARGV: the version read ("" = the key must not exist), the
-# new version, the value, the TTL in ms ("0" = none). Returns the new version,
-# or false if the key is not at the version read.
+# new version, the value, the TTL in ms ("0" = none). Returns the new version;
+# if the key is not at the version read, what it holds now ({current}: the
+# layer need not read it), or false if it does not exist.
 CAS_SCRIPT = """
 local current = redis.call('GET', KEYS[1])
 if ARGV[1] == '' then
-  if current then return false end
-elseif not current or string.sub(current, 1, 16) ~= ARGV[1] then
+  if current then return {current} end
+elseif not current then
   return false
+elseif string.sub(current, 1, 16) ~= ARGV[1] then
+  return {current}
 end
 if ARGV[4] ~= '0' then
   redis.call('SET', KEYS[1], ARGV[2] .. ARGV[3], 'PX', ARGV[4])
@@ -280,7 +283,7 @@ class RedisStore(Store):
 
     async def put(
         self, key: str, value: bytes, version: Any | None, ttl: int = 0, durable: bool = True
-    ) -> str | None:
+    ) -> str | Conflict | None:
         self._connect()
         new = _new_version()
         try:
@@ -289,6 +292,9 @@ class RedisStore(Store):
             )
         except RedisError as exc:
             raise _unavailable(self.description, exc) from None
+        if isinstance(written, list):  # refused: what is stored now
+            raw = written[0]
+            return Conflict(Stored(raw[VERSION_LENGTH:], raw[:VERSION_LENGTH].decode()))
         return new if written else None
 
     async def set(self, key: str, value: bytes, ttl: int = 0) -> None:

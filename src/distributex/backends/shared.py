@@ -99,6 +99,16 @@ class Stored:
     version: Any
 
 
+@dataclass
+class Conflict:
+    """A refused write (false) that says what the store holds now: the layer need not read it."""
+
+    current: Stored
+
+    def __bool__(self) -> bool:
+        return False
+
+
 class Store(abc.ABC):
     """A key-value store with compare-and-set, as the shared-state layer needs it.
 
@@ -139,8 +149,9 @@ class Store(abc.ABC):
         ``ttl`` > 0 lets the store drop the key after that many seconds.
         ``durable`` False: the write may be lost in a crash (a store that
         syncs to disk may skip the sync for it).
-        Returns something false (None, False) if another write came first;
-        else the new version if the store knows it (the layer then need not
+        Returns something false (None, False, or a :class:`Conflict` with
+        what is stored now, which saves the layer a read) if another write
+        came first; else the new version if the store knows it (the layer then need not
         read the record back before its next step), else True.
         """
 
@@ -596,6 +607,7 @@ class SharedStateBackend(LockBackend):
         self, spec: PoolSpec, ops: list[Callable[[LockEngine, float], Any]], doubt: list[Any]
     ) -> list[Any]:
         key = self.pool_key(spec.name)
+        seen: Stored | None = None  # what a refused write said is stored now
         for attempt in range(MAX_ATTEMPTS):
             # The record this server wrote last, if the store told its version: a
             # read saved. If another server wrote since, the compare-and-set
@@ -604,6 +616,10 @@ class SharedStateBackend(LockBackend):
             engine: LockEngine | None = None
             if cached is not None:
                 stored, epoch, engine = cached  # the engine holds that record's state
+            elif seen is not None:
+                # Read by the refused write, in this step: as good as a read now.
+                # (A record gone is no Conflict: that takes a real read, epoch and all.)
+                stored, seen = seen, None
             else:
                 got = await self._call(self.store.get([key, self.epoch_key]))
                 epoch = await self._call(self._current_epoch(got.get(self.epoch_key), read=False))
@@ -664,6 +680,8 @@ class SharedStateBackend(LockBackend):
                 self._after(spec, engine, delivered)
                 self._nudge_others(spec, engine)
                 return results
+            if isinstance(written, Conflict):
+                seen = written.current
             # Another server wrote first: redo the step on what it wrote. A write
             # from the kept version that failed is no fight (another server wrote
             # since, maybe long ago): read at once. Real conflicts pause a little.
