@@ -680,13 +680,15 @@ class SharedStateBackend(LockBackend):
                 self._after(spec, engine, delivered)
                 self._nudge_others(spec, engine)
                 return results
-            if isinstance(written, Conflict):
-                seen = written.current
             # Another server wrote first: redo the step on what it wrote. A write
             # from the kept version that failed is no fight (another server wrote
-            # since, maybe long ago): read at once. Real conflicts pause a little.
+            # since, maybe long ago): redo it at once, on what the store said it
+            # holds if it did. Real conflicts pause a little, then read afresh (a
+            # value from before the pause would be stale on a busy pool).
             if cached is None:
                 await asyncio.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))
+            elif isinstance(written, Conflict):
+                seen = written.current
         raise BackendUnavailable(f"pool '{spec.name}': too many conflicting writes, try again")
 
     async def _drop_stale(self, engine: LockEngine, spec: PoolSpec, now: float) -> None:
