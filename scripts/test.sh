@@ -8,8 +8,9 @@ PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 
 # Debian packages the test suite needs: the real servers the backend tests
-# start on loopback (memcached, redis-server; faketime for a server whose clock is off).
-DEBIAN_PACKAGES=(memcached redis-server faketime)
+# start on loopback (memcached, redis-server; faketime for a server whose clock is off;
+# openssl for the certificates of the TLS tests).
+DEBIAN_PACKAGES=(memcached redis-server faketime openssl)
 if [ ${#DEBIAN_PACKAGES[@]} -gt 0 ]; then
     missing=()
     for pkg in "${DEBIAN_PACKAGES[@]}"; do

@@ -13,6 +13,7 @@ import email.utils
 import glob
 import hashlib
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -526,3 +527,80 @@ def test_no_sentinel_at_start_is_one_line(tmp_path: Path) -> None:
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "no Sentinel answered" in lines[0], done.stderr
+
+
+# -- TLS, a user and a password, a database number --------------------------------------
+
+
+def make_certificates(folder: Path) -> None:
+    """A CA and a server certificate for 127.0.0.1, made with the openssl command."""
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+    ca_key, ca, key = folder / "ca.key", folder / "ca.crt", folder / "server.key"
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key),
+            "-out", str(ca), "-days", "2", "-subj", "/CN=distributex test CA")  # fmt: skip
+    (folder / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+            "-out", str(folder / "server.csr"), "-subj", "/CN=127.0.0.1")  # fmt: skip
+    openssl("x509", "-req", "-in", str(folder / "server.csr"), "-CA", str(ca),
+            "-CAkey", str(ca_key), "-CAcreateserial", "-out", str(folder / "server.crt"),
+            "-days", "2", "-extfile", str(folder / "ext.cnf"))  # fmt: skip
+
+
+@pytest.fixture
+def tls_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis that speaks TLS only and knows one user, alice (password s3cret)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed (scripts/test.sh installs it)")
+    make_certificates(tmp_path)
+    port = free_port()
+    args = ["--port", "0", "--tls-port", str(port), "--tls-auth-clients", "no"]
+    args += ["--tls-cert-file", str(tmp_path / "server.crt")]
+    args += ["--tls-key-file", str(tmp_path / "server.key")]
+    args += ["--tls-ca-cert-file", str(tmp_path / "ca.crt")]
+    args += ["--user", "alice", "on", ">s3cret", "~*", "&*", "+@all", "--user", "default", "off"]
+    server = RedisServer(None, port, args)
+    server.start()  # its --port 0 (no plain TCP) comes after the fixture's own --port
+    yield server
+    server.stop()
+
+
+def test_tls_with_a_user_a_password_and_a_database(
+    tls_redis: RedisServer, server_factory, tmp_path: Path
+) -> None:
+    ca = tmp_path / "ca.crt"
+    url = f"rediss://alice:s3cret@127.0.0.1:{tls_redis.port}/3?ssl_ca_certs={ca}"
+    server: Server = server_factory(f"backend: redis\nredis_url: '{url}'\nautocreate: true\n")
+    assert server.call(q("get", "a", "p")).body == "YES"
+    assert server.call(q("get", "b", "p")).body == "NO"
+    client = redis.Redis(
+        host="127.0.0.1",
+        port=tls_redis.port,
+        ssl=True,
+        ssl_ca_certs=str(ca),
+        username="alice",
+        password="s3cret",
+        db=3,
+    )
+    try:
+        assert client.exists(record_key("p")) == 1  # in database 3, over TLS
+    finally:
+        client.close()
+    # A wrong password, or a CA that did not sign Redis's certificate: one line at start.
+    for bad, reason in [
+        (url.replace("s3cret", "wrong"), "invalid username-password"),
+        (url.replace(str(ca), str(tmp_path / "server.crt")), "certificate verify failed"),
+    ]:
+        cfg = tmp_path / "bad.yaml"
+        cfg.write_text(f"backend: redis\nredis_url: '{bad}'\n")
+        done = subprocess.run(
+            [sys.executable, "-m", "distributex", "-c", str(cfg), "-p", str(free_port())],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 1 and len(lines) == 1, done.stderr
+        assert reason in lines[0].lower() and "s3cret" not in lines[0] and "wrong" not in lines[0]
