@@ -228,10 +228,12 @@ class RedisStore(Store):
     async def _clock_loop(self) -> None:
         while True:
             await asyncio.sleep(CLOCK_EVERY)
+            if self._sentinel is not None:  # Sentinels down need not stop the clock
+                with contextlib.suppress(RedisError, OSError, TimeoutError):
+                    async with asyncio.timeout(CLOCK_EVERY):
+                        await self._follow_master()
             with contextlib.suppress(RedisError, OSError, TimeoutError):
                 async with asyncio.timeout(CLOCK_EVERY):
-                    if self._sentinel is not None:
-                        await self._follow_master()
                     await self.clock.sample(self._connect())
 
     async def _follow_master(self) -> None:
