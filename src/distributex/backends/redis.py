@@ -5,9 +5,11 @@ record is written by :data:`CAS_SCRIPT` (one ``EVALSHA``): it compares the
 stored version with the one the step read and, only if they match, writes
 the new value under a new version (random, chosen by the caller, so a key
 deleted and made again never repeats a version) and returns it. The layer
-keeps that version and skips the read before its next step on the pool. A
-Lua script is one round trip, atomic on the server; ``WATCH``/``MULTI`` would
-take two and a connection held between them (measured: see
+keeps that version and skips the read before its next step on the pool; a
+refused write returns what the key holds, so the step is redone without a
+read. A Lua script is one round trip, atomic on the server; ``WATCH``,
+``GET``, ``MULTI``/``SET``/``EXEC`` would take three and a connection held
+between them (measured: ``bench/redis_cas.py``, figures in
 ``docs/backends.md``).
 
 Clock: leases are judged by Redis's clock (``TIME``), not the servers' own.
@@ -82,11 +84,14 @@ CLOCK_SLACK = 0.005
 # The pub/sub listener waits this long between reconnections, doubling.
 LISTEN_BACKOFF_MIN = 0.05
 LISTEN_BACKOFF_MAX = 2.0
+# A subscription quiet this long is PINGed; no PONG by the next such wait, and
+# it is taken for dead (a connection cut without a word would never say so).
+LISTEN_PING_EVERY = 5.0
 
 # KEYS[1]: the key. ARGV: the version read ("" = the key must not exist), the
 # new version, the value, the TTL in ms ("0" = none). Returns the new version;
 # if the key is not at the version read, what it holds now ({current}: the
-# layer need not read it), or false if it does not exist.
+# layer need not read it), or false if it does not exist. (16: VERSION_LENGTH.)
 CAS_SCRIPT = """
 local current = redis.call('GET', KEYS[1])
 if ARGV[1] == '' then
@@ -330,9 +335,19 @@ class RedisStore(Store):
                 down = None
                 delay = LISTEN_BACKOFF_MIN
                 nudged(None)  # nudges sent while we were not subscribed: look at every pool
+                pinged = False
                 while True:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=60)
-                    if message is not None and message["type"] == "message":
+                    message = await pubsub.get_message(
+                        ignore_subscribe_messages=True, timeout=LISTEN_PING_EVERY
+                    )
+                    if message is None:
+                        if pinged:
+                            raise TimeoutError("no answer to PING")
+                        await pubsub.ping()
+                        pinged = True
+                    elif message["type"] == "pong":
+                        pinged = False
+                    elif message["type"] == "message":
                         nudged(bytes(message["data"]).decode("utf-8", "replace"))
             except Exception as exc:  # whatever broke it, subscribe again
                 reason = _reason(exc)
