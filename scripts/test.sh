@@ -8,10 +8,11 @@ PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 
 # Debian packages the test suite needs: the real servers the backend tests
-# start on loopback (memcached; etcd-server and etcd-client for etcd),
-# openssl, which makes the TLS tests' certificates, and chromium, the browser
-# the dashboard test drives (through Playwright).
-DEBIAN_PACKAGES=(memcached etcd-server etcd-client openssl chromium)
+# start on loopback (memcached, redis-server, etcd-server and etcd-client),
+# faketime for a server whose clock is off, openssl for the TLS tests'
+# certificates, and chromium, the browser the dashboard test drives (through
+# Playwright).
+DEBIAN_PACKAGES=(memcached redis-server etcd-server etcd-client faketime openssl chromium)
 if [ ${#DEBIAN_PACKAGES[@]} -gt 0 ]; then
     missing=()
     for pkg in "${DEBIAN_PACKAGES[@]}"; do

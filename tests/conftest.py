@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import urllib.error
@@ -308,6 +309,63 @@ def etcd3(tmp_path: Path) -> Iterator[EtcdCluster]:
 
 
 @dataclass
+class RedisServer:
+    """A redis-server process started by the tests (Debian's package), nothing saved to disk."""
+
+    proc: subprocess.Popen | None
+    port: int
+    args: list[str] = field(default_factory=list)  # more options (a replica's, a Sentinel's)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    dir: str | None = None  # its own: a replica's sync writes a dump there, loaded at start
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+
+    def start(self) -> None:
+        """(Re)start it on the same port, empty."""
+        self.stop()
+        self.dir = tempfile.mkdtemp(prefix="distributex-redis-")
+        cmd = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
+        cmd += ["--save", "", "--appendonly", "no", "--dir", self.dir, *self.args]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(self.port, self.proc)
+
+    def command(self, *args: str) -> str:
+        """One command through redis-cli; its answer as text."""
+        cmd = ["redis-cli", "-p", str(self.port), *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.strip()
+
+
+def start_redis() -> RedisServer:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (scripts/test.sh installs it)")
+    server = RedisServer(None, free_port())
+    server.start()
+    return server
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One Redis for the session; tests keep apart by key prefix."""
+    server = start_redis()
+    yield server
+    server.stop()
+
+
+@dataclass
 class Cluster:
     """The servers of one backend; requests are spread over them in turn."""
 
@@ -329,11 +387,12 @@ BACKEND_KEYS = {
     "sqlite": "backend: sqlite\nsqlite_path: {path}\n",
     "memcache": "backend: memcache\nmemcachehost: 127.0.0.1\nmemcacheport: {port}\n"
     "key_prefix: t{prefix}/\n",
+    "redis": "backend: redis\nredis_url: {url}\nkey_prefix: t{prefix}/\n",
     "etcd": "backend: etcd\netcd_endpoints: {endpoints}\nkey_prefix: t{prefix}/\n",
 }
 
 
-@pytest.fixture(params=["inmemory", "sqlite", "memcache", "etcd"])
+@pytest.fixture(params=["inmemory", "sqlite", "memcache", "redis", "etcd"])
 def backend_name(request: pytest.FixtureRequest) -> str:
     return request.param
 
@@ -342,7 +401,7 @@ def backend_name(request: pytest.FixtureRequest) -> str:
 def cluster_factory(
     backend_name: str, server_factory, request: pytest.FixtureRequest, tmp_path: Path
 ):
-    """Call with the pools part of a config: one inmemory server, or two sharing a store."""
+    """Call with the pools part of a config: one inmemory server, or several sharing a store."""
 
     def factory(pools: str, servers: int = 2) -> Cluster:
         if backend_name == "inmemory":
@@ -354,6 +413,10 @@ def cluster_factory(
             endpoints = request.getfixturevalue("etcd").endpoints
             head = BACKEND_KEYS["etcd"].format(endpoints=endpoints, prefix=uuid.uuid4().hex)
             count = servers
+        elif backend_name == "redis":
+            rs = request.getfixturevalue("redis_server")
+            head = BACKEND_KEYS["redis"].format(url=rs.url, prefix=uuid.uuid4().hex)
+            count = max(servers, 3) if servers > 1 else servers  # three servers, one Redis
         else:
             mc = request.getfixturevalue("memcached")
             # A prefix of its own: tests share the session's memcached, and a

@@ -7,7 +7,7 @@ file, the line and column, and what is wrong.
 
 Top-level keys:
 
-``backend``       ``inmemory`` (default), ``sqlite``, ``memcache`` or ``etcd``.
+``backend``       ``inmemory`` (default), ``sqlite``, ``memcache``, ``redis`` or ``etcd``.
 ``memcachehost``  memcache backend: host (default ``localhost``).
 ``memcacheport``  memcache backend: port (default 11211).
 ``key_prefix``    memcache and etcd backends: prefix of every key, so one store
@@ -19,6 +19,10 @@ Top-level keys:
                   file that signs the members' certificates (default: the
                   system's), and a client certificate and its key.
 ``etcd_user``, ``etcd_password``  etcd backend with auth enabled.
+``redis_url``     redis backend: ``redis://[user:password@]host[:port][/db]``,
+                  ``rediss://`` for TLS, ``unix:///path?db=N``, or
+                  ``redis+sentinel://[user:password@]host:26379[,host...]/service[/db]``
+                  (default ``redis://localhost:6379/0``); ``key_prefix`` applies.
 ``sqlite_path``   sqlite backend (required with it): the state file, made if
                   missing (its folder must exist).
 ``sqlite_sync``   sqlite backend: ``full`` (default; a YES survives a power
@@ -87,6 +91,7 @@ from __future__ import annotations
 
 import os
 import stat
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,7 +104,7 @@ from distributex.engine import PoolSpec
 DEFAULT_EXPIRE = 1800.0
 DEFAULT_PORT = 9889
 DEFAULT_BIND = "127.0.0.1"
-BACKENDS = ("inmemory", "sqlite", "memcache", "etcd")
+BACKENDS = ("inmemory", "sqlite", "memcache", "redis", "etcd")
 SQLITE_SYNC = ("full", "normal")
 
 # Bounds on what a file may hold (see the module doc). Seconds stop at 10**9
@@ -126,6 +131,7 @@ _TOP_KEYS = (
     "etcd_key",
     "etcd_user",
     "etcd_password",
+    "redis_url",
     "sqlite_path",
     "sqlite_sync",
     "bind",
@@ -207,6 +213,7 @@ class Config:
     etcd_key: str | None = None
     etcd_user: str | None = None
     etcd_password: str | None = None
+    redis_url: str = "redis://localhost:6379/0"
     sqlite_path: str | None = None
     sqlite_sync: str = "full"
     bind: str | None = None  # None: the entry point's default
@@ -358,6 +365,144 @@ def _one_line(text: str, limit: int = 120) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+# Options a redis_url may carry after "?" (redis-py reads them).
+REDIS_URL_OPTIONS = (
+    "db",
+    "ssl_cert_reqs",
+    "ssl_ca_certs",
+    "ssl_ca_path",
+    "ssl_certfile",
+    "ssl_keyfile",
+    "ssl_check_hostname",
+)
+
+
+def redis_url_problem(url: str) -> str | None:
+    """What is wrong with a redis_url (one line, no password in it), or None."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    shown = _show(_without_password(url))
+    if scheme == "redis+sentinel":
+        try:
+            parse_sentinel_url(url)
+        except ValueError as exc:
+            return f"{exc}: {shown}"
+        return None
+    if scheme not in ("redis", "rediss", "unix"):
+        return f"must start with redis://, rediss://, unix:// or redis+sentinel://, not {shown}"
+    try:
+        port = parts.port
+    except ValueError:
+        return f"has a bad port: {shown}"
+    if scheme == "unix":
+        if not parts.path:
+            return f"must name a socket file (unix:///path/to/redis.sock): {shown}"
+    elif not parts.hostname:
+        return f"must name a host (redis://host:6379/0): {shown}"
+    elif port == 0:
+        return f"has a bad port: {shown}"
+    db = parts.path.strip("/") if scheme != "unix" else ""
+    if db and not (db.isascii() and db.isdigit()):
+        return f"must end in a database number (/0), not {shown}"
+    for option, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
+        if option not in REDIS_URL_OPTIONS:
+            known = ", ".join(REDIS_URL_OPTIONS)
+            return f"has an unknown option {option!r} (known: {known})"
+        if option == "db" and not (value.isascii() and value.isdigit()):
+            return f"must have a database number in db=, not {value!r}"
+    if parts.fragment:
+        return f"must not have a '#' part: {shown}"
+    return None
+
+
+@dataclass(frozen=True)
+class SentinelUrl:
+    """``redis+sentinel://[user:password@]host[:port][,host[:port]...]/service[/db]``.
+
+    The user and password are the Redis servers'; ``?sentinel_username=`` and
+    ``?sentinel_password=`` are the Sentinels' own, if they need one.
+    """
+
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    sentinel_username: str | None = None
+    sentinel_password: str | None = None
+
+
+SENTINEL_URL_OPTIONS = ("sentinel_username", "sentinel_password")
+
+
+def parse_sentinel_url(url: str) -> SentinelUrl:
+    """The parts of a redis+sentinel:// URL; ValueError (a short phrase) if it is malformed."""
+    parts = urllib.parse.urlsplit(url)
+    userinfo, _, hostlist = parts.netloc.rpartition("@")
+    username = password = None
+    if userinfo:
+        user, colon, secret = userinfo.partition(":")
+        username = urllib.parse.unquote(user) or None
+        password = urllib.parse.unquote(secret) if colon else None
+    sentinels = []
+    for item in hostlist.split(","):
+        host, port = item, "26379"
+        if item.startswith("["):  # [v6 address]:port
+            host, _, rest = item[1:].partition("]")
+            if rest:
+                if not rest.startswith(":"):
+                    raise ValueError(f"has a bad Sentinel address {item!r}")
+                port = rest[1:]
+        elif ":" in item:
+            host, port = item.rsplit(":", 1)
+        if not host:
+            raise ValueError("must name at least one Sentinel host (host:26379,...)")
+        if not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError(f"has a bad Sentinel port {port!r}")
+        sentinels.append((host, int(port)))
+    path = [p for p in parts.path.split("/") if p]
+    if not path or len(path) > 2:
+        raise ValueError("must name the Sentinel service (/mymaster or /mymaster/0)")
+    db = path[1] if len(path) == 2 else "0"
+    if not (db.isascii() and db.isdigit()):
+        raise ValueError(f"must end in a database number (/mymaster/0), not {db!r}")
+    options = {}
+    for option, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
+        if option not in SENTINEL_URL_OPTIONS:
+            raise ValueError(
+                f"has an unknown option {option!r} (known: {', '.join(SENTINEL_URL_OPTIONS)})"
+            )
+        options[option] = value
+    if parts.fragment:
+        raise ValueError("must not have a '#' part")
+    return SentinelUrl(
+        tuple(sentinels),
+        urllib.parse.unquote(path[0]),
+        int(db),
+        username,
+        password,
+        options.get("sentinel_username"),
+        options.get("sentinel_password"),
+    )
+
+
+def _without_password(url: str) -> str:
+    """The URL with its passwords as ***, for messages."""
+    parts = urllib.parse.urlsplit(url)
+    netloc = parts.netloc
+    userinfo, at, hostlist = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        netloc = f"{userinfo.partition(':')[0]}:***@{hostlist}"
+    query = urllib.parse.urlencode(
+        [
+            (k, "***" if k == "sentinel_password" else v)
+            for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+        ],
+        safe="*",
+    )
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
 def _show(value: object) -> str:
     """A value for an error message: repr'd (so one line), shortened, nodes named."""
     if isinstance(value, yaml.MappingNode):
@@ -498,6 +643,13 @@ class _Checker:
             kwargs["key_prefix"] = prefix
         if "memcacheport" in top:
             kwargs["memcacheport"] = self.port(top["memcacheport"][1], "memcacheport")
+        if "redis_url" in top:
+            node = top["redis_url"][1]
+            url = self.name(node, "redis_url")
+            problem = redis_url_problem(url)
+            if problem is not None:
+                raise self.fail(node, f"redis_url {problem}")
+            kwargs["redis_url"] = url
         self.etcd(top, kwargs)
         if "sqlite_path" in top:
             kwargs["sqlite_path"] = self.name(top["sqlite_path"][1], "sqlite_path")

@@ -52,6 +52,17 @@ def make_backend(config: Config) -> LockBackend:
             password=config.etcd_password,
         )
         return SharedStateBackend(store, key_prefix=config.key_prefix)
+    if config.backend == "redis":
+        from distributex.backends import redis
+        from distributex.backends.shared import SharedStateBackend
+
+        if redis.aioredis is None:
+            raise BackendUnavailable(
+                "backend 'redis' needs redis-py: pip install 'distributex[redis]'"
+            )
+        # Nudges go through Redis itself (pub/sub): no address to advertise.
+        store = redis.RedisStore(config.redis_url, config.key_prefix)
+        return SharedStateBackend(store, key_prefix=config.key_prefix)
     raise BackendUnavailable(
         f"backend '{config.backend}' is not available in this version of distributex"
     )

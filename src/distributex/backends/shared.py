@@ -107,6 +107,16 @@ class Stored:
     version: Any
 
 
+@dataclass
+class Conflict:
+    """A refused write (false) that says what the store holds now: the layer need not read it."""
+
+    current: Stored
+
+    def __bool__(self) -> bool:
+        return False
+
+
 class Store(abc.ABC):
     """A key-value store with compare-and-set, as the shared-state layer needs it.
 
@@ -150,8 +160,9 @@ class Store(abc.ABC):
         ``ttl`` > 0 lets the store drop the key after that many seconds.
         ``durable`` False: the write may be lost in a crash (a store that
         syncs to disk may skip the sync for it).
-        Returns something false (None, False) if another write came first;
-        else the new version if the store knows it (the layer then need not
+        Returns something false (None, False, or a :class:`Conflict` with
+        what is stored now, which saves the layer a read) if another write
+        came first; else the new version if the store knows it (the layer then need not
         read the record back before its next step), else True.
         """
 
@@ -556,6 +567,9 @@ class SharedStateBackend(LockBackend):
             for event in self._nudged.values():
                 event.set()
             return
+        # Another server wrote the pool since our last write: the version we
+        # kept is stale, so the next step reads instead of failing a write first.
+        self._written.pop(pool, None)
         event = self._nudged.get(pool)
         if event is not None:
             event.set()
@@ -710,6 +724,7 @@ class SharedStateBackend(LockBackend):
     ) -> Any:
         """One step: its results, or _LINGER (``lazy``: nothing written, nothing kept)."""
         key = self.pool_key(spec.name)
+        seen: Stored | None = None  # what a refused write said is stored now
         for attempt in range(MAX_ATTEMPTS):
             # The record this server wrote last, if the store told its version: a
             # read saved. If another server wrote since, the compare-and-set
@@ -718,6 +733,10 @@ class SharedStateBackend(LockBackend):
             engine: LockEngine | None = None
             if cached is not None:
                 stored, epoch, engine = cached  # the engine holds that record's state
+            elif seen is not None:
+                # Read by the refused write, in this step: as good as a read now.
+                # (A record gone is no Conflict: that takes a real read, epoch and all.)
+                stored, seen = seen, None
             else:
                 got = await self._call(self.store.get([key, self.epoch_key]))
                 epoch = await self._call(self._current_epoch(got.get(self.epoch_key), read=False))
@@ -802,8 +821,15 @@ class SharedStateBackend(LockBackend):
                     self._nudge_others(spec, engine)
                 self._report(expired, changed=True)
                 return results
-            # Another server wrote first: redo the step on what it wrote.
-            await asyncio.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))
+            # Another server wrote first: redo the step on what it wrote. A write
+            # from the kept version that failed is no fight (another server wrote
+            # since, maybe long ago): redo it at once, on what the store said it
+            # holds if it did. Real conflicts pause a little, then read afresh (a
+            # value from before the pause would be stale on a busy pool).
+            if cached is None:
+                await asyncio.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))
+            elif isinstance(written, Conflict):
+                seen = written.current
         raise BackendUnavailable(f"pool '{spec.name}': too many conflicting writes, try again")
 
     def _report(self, expired: list[Lease], changed: bool) -> None:
