@@ -189,8 +189,10 @@ def test_stopped_redis_is_a_bounded_503_and_service_resumes(rs: RedisServer, ser
     took = wait_until(lambda: server.call(q("get", "b", "p")).body == "YES", 20, "service back")
     assert took < 10
     # No spin while it was down or after: the log holds one line per change.
+    # (Refused requests have event lines of their own, which name the reason too.)
     text = server.log.read_text()
-    assert text.count("unreachable") <= 3, text
+    warnings = [line for line in text.splitlines() if "WARNING" in line and "unreachable" in line]
+    assert len(warnings) <= 3, text
 
 
 def test_frozen_redis_is_a_bounded_503_for_every_request(rs: RedisServer, server_factory):
