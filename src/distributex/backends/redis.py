@@ -89,7 +89,9 @@ LISTEN_BACKOFF_MAX = 2.0
 LISTEN_PING_EVERY = 5.0
 
 # KEYS[1]: the key. ARGV: the version read ("" = the key must not exist), the
-# new version, the value, the TTL in ms ("0" = none). Returns the new version;
+# new version, the value, the TTL in ms ("0" = none), then the pool and the
+# channels of the servers to nudge once it is written (the grant and its nudge
+# in one round trip; PUBLISH names no key). Returns the new version;
 # if the key is not at the version read, what it holds now ({current}: the
 # layer need not read it), or false if it does not exist. (16: VERSION_LENGTH.)
 CAS_SCRIPT = """
@@ -105,6 +107,9 @@ if ARGV[4] ~= '0' then
   redis.call('SET', KEYS[1], ARGV[2] .. ARGV[3], 'PX', ARGV[4])
 else
   redis.call('SET', KEYS[1], ARGV[2] .. ARGV[3])
+end
+for i = 6, #ARGV do
+  redis.call('PUBLISH', ARGV[i], ARGV[5])
 end
 return ARGV[2]
 """
@@ -164,6 +169,7 @@ class RedisStore(Store):
     """One Redis (``redis_url``) shared by every server of a cluster."""
 
     notifies = True
+    nudges_with_put = True
 
     def __init__(self, url: str, key_prefix: str) -> None:
         self.url = url
@@ -289,13 +295,22 @@ class RedisStore(Store):
         return found
 
     async def put(
-        self, key: str, value: bytes, version: Any | None, ttl: int = 0, durable: bool = True
+        self,
+        key: str,
+        value: bytes,
+        version: Any | None,
+        ttl: int = 0,
+        durable: bool = True,
+        nudge: Collection[str] = (),
+        pool: str = "",
     ) -> str | Conflict | None:
         self._connect()
         new = _new_version()
+        channels = [self.channel(server) for server in sorted(nudge)]
         try:
             written = await self._cas(
-                keys=[self.key(key)], args=[version or "", new, value, int(ttl * 1000)]
+                keys=[self.key(key)],
+                args=[version or "", new, value, int(ttl * 1000), pool, *channels],
             )
         except RedisError as exc:
             raise _unavailable(self.description, exc) from None
