@@ -6,9 +6,18 @@ inmemory server, for the same load in the same run). Client i talks to server
 i mod S and loops /wait/ -> YES -> /release/. Reported: grants/s; wait latency
 p50/p99 (sending /wait/ to YES); Jain's fairness index over clients; hand-off
 latency (a release sent -> the next holder's YES) for hand-offs within one
-server and across servers; CPU per grant of the servers and of memcached; and
-safety over every grant (fences strictly increase in grant order, hold
-intervals never overlap). Exit status 1 on a violation.
+server and across servers; CPU per grant of the servers and of the store's
+processes; and safety over every grant (fences strictly increase in grant
+order, hold intervals never overlap). Exit status 1 on a violation of the
+servers' run (a rival lock's figures below are reported, not judged).
+
+With ``--backend redis`` (three servers by default) it starts redis-server
+(Debian's package) instead, and after the distributex run, on the same Redis,
+runs the same clients through redis-py's own ``Lock`` (redis.asyncio.lock:
+``SET NX PX``, polling every ``--lock-sleep`` seconds; redis-py's default is
+0.1) for the same time: grants/s, waits, fairness, hand-off and Redis CPU
+per grant side by side. redis-py's Lock has no fencing token, so its fence
+is the grant order (only the overlap check means anything there).
 
 With ``--backend etcd`` it starts an etcd cluster instead (Debian's
 etcd-server, ``--members`` of them on loopback, data in a temp dir); server
@@ -18,15 +27,18 @@ the same number of clients fight for one lock through etcd's own v3 lock API
 gateway, client *i* on member *i* mod M), measured the same way (its fence
 is the revision the lock was taken at).
 
-    .venv/bin/python bench/shared_mutex.py [--backend memcache] [--servers 2]
-        [--clients 50] [--duration 10] [--members 3] [--json]
+    .venv/bin/python bench/shared_mutex.py
+        [--backend memcache|redis|etcd|sqlite|inmemory] [--servers N]
+        [--clients 50] [--duration 10] [--members 3] [--lock-sleep 0.1] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import base64
+import functools
 import itertools
 import os
 import re
@@ -37,6 +49,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 import aiohttp
@@ -55,31 +68,65 @@ from _common import (
 )
 
 POOL = "fight"
+# The store's process(es) per backend, as named in the figures.
+STORE_PROCESS = {"memcache": "memcached", "redis": "redis", "etcd": "etcd"}
+
+Loop = Callable[..., Awaitable[None]]
+
+
+def spawn(cmd: list[str], package: str) -> subprocess.Popen[bytes]:
+    if shutil.which(cmd[0]) is None:
+        sys.exit(f"{cmd[0]} is not installed (apt-get install {package})")
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def wait_ready(
+    ready: Callable[[], object],
+    procs: Sequence[subprocess.Popen[bytes]],
+    what: str,
+    deadline: float,
+) -> None:
+    """Call ``ready`` until it stops raising OSError; past ``deadline`` kill and exit."""
+    while True:
+        try:
+            ready()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                for proc in procs:
+                    proc.kill()
+                sys.exit(f"{what} did not start")
+            time.sleep(0.05)
+
+
+def start_listener(cmd: list[str], port: int, package: str) -> subprocess.Popen[bytes]:
+    """Start ``cmd`` and wait until it accepts TCP connections on ``port``."""
+    proc = spawn(cmd, package)
+    connect = functools.partial(socket.create_connection, (LOOPBACK, port), timeout=0.5)
+    wait_ready(lambda: connect().close(), [proc], cmd[0], time.monotonic() + 10)
+    return proc
 
 
 def start_memcached() -> tuple[subprocess.Popen[bytes], int]:
-    if shutil.which("memcached") is None:
-        sys.exit("memcached is not installed (apt-get install memcached)")
     port = free_port()
     cmd = ["memcached", "-l", LOOPBACK, "-p", str(port), "-U", "0", "-M", "-m", "64"]
     if os.geteuid() == 0:
         cmd += ["-u", "nobody"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection((LOOPBACK, port), timeout=0.5).close()
-            return proc, port
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    sys.exit("memcached did not start")
+    return start_listener(cmd, port, "memcached"), port
+
+
+def start_redis() -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    # A folder of its own: Redis loads a dump.rdb it finds in its folder at start.
+    folder = tempfile.mkdtemp(prefix="distributex-bench-redis-")
+    atexit.register(shutil.rmtree, folder, True)
+    cmd = ["redis-server", "--port", str(port), "--bind", LOOPBACK, "--save", ""]
+    cmd += ["--appendonly", "no", "--dir", folder]
+    return start_listener(cmd, port, "redis-server"), port
 
 
 def start_etcd(members: int, data: str) -> tuple[list[subprocess.Popen[bytes]], list[str]]:
     """An etcd cluster of ``members`` on loopback; its processes and client URLs."""
-    if shutil.which("etcd") is None:
-        sys.exit("etcd is not installed (apt-get install etcd-server)")
     ports = [(free_port(), free_port()) for _ in range(members)]
     initial = ",".join(f"b{i}=http://{LOOPBACK}:{peer}" for i, (_c, peer) in enumerate(ports))
     procs, urls = [], []
@@ -89,22 +136,58 @@ def start_etcd(members: int, data: str) -> tuple[list[subprocess.Popen[bytes]], 
         cmd += [f"--advertise-client-urls={url}", f"--initial-cluster={initial}"]
         cmd += [f"--listen-peer-urls=http://{LOOPBACK}:{peer}", "--logger=zap"]
         cmd += [f"--initial-advertise-peer-urls=http://{LOOPBACK}:{peer}", "--log-level=error"]
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        procs.append(spawn(cmd, "etcd-server"))
         urls.append(url)
     deadline = time.monotonic() + 30
     for url in urls:
-        while True:
-            try:
-                request = urllib.request.Request(f"{url}/v3/kv/range", data=b'{"key":"eA=="}')
-                urllib.request.urlopen(request, timeout=2).read()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    for proc in procs:
-                        proc.kill()
-                    sys.exit("etcd did not start")
-                time.sleep(0.1)
+        request = urllib.request.Request(f"{url}/v3/kv/range", data=b'{"key":"eA=="}')
+        wait_ready(
+            lambda r=request: urllib.request.urlopen(r, timeout=2).read(), procs, "etcd", deadline
+        )
     return procs, urls
+
+
+def note_grant(
+    index: int,
+    sent: int,
+    yes: int,
+    fence: int,
+    window: tuple[float, float],
+    grants: list[tuple[Grant, int]],
+    waits: list[float],
+    counts: list[int],
+) -> None:
+    """Record one grant (the release is sent right after); count it if inside the window."""
+    grants.append((Grant(index, POOL, sent, yes, time.monotonic_ns(), fence), index))
+    if window[0] <= yes / 1e9 <= window[1]:
+        waits.append((yes - sent) / 1e9)
+        counts[index] += 1
+
+
+async def client_loop(
+    index: int,
+    base: str,
+    window: tuple[float, float],
+    grants: list[tuple[Grant, int]],
+    waits: list[float],
+    counts: list[int],
+) -> None:
+    connector = aiohttp.TCPConnector(limit=1)
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        wait = f"{base}/wait/?host=c{index}&pool={POOL}"
+        release = f"{base}/release/?host=c{index}&pool={POOL}"
+        while time.monotonic() < window[1]:
+            sent = time.monotonic_ns()
+            async with session.get(wait) as resp:
+                body = await resp.read()
+                fence = resp.headers.get("X-Distributex-Fence")
+            yes = time.monotonic_ns()
+            if body != b"YES" or fence is None:
+                continue
+            note_grant(index, sent, yes, int(fence), window, grants, waits, counts)
+            async with session.get(release) as resp:
+                await resp.read()
 
 
 async def etcd_lock_loop(
@@ -131,60 +214,65 @@ async def etcd_lock_loop(
             yes = time.monotonic_ns()
             if "key" not in answer:
                 continue
-            releasing = time.monotonic_ns()
             fence = int(answer["header"]["revision"])
-            grants.append((Grant(index, POOL, sent, yes, releasing, fence), index))
-            if window[0] <= yes / 1e9 <= window[1]:
-                waits.append((yes - sent) / 1e9)
-                counts[index] += 1
+            note_grant(index, sent, yes, fence, window, grants, waits, counts)
             async with session.post(f"{base}/v3/lock/unlock", json={"key": answer["key"]}) as resp:
                 await resp.read()
         async with session.post(f"{base}/v3/lease/revoke", json={"ID": lease}) as resp:
             await resp.read()
 
 
-async def client_loop(
+async def redis_lock_loop(
     index: int,
-    base: str,
+    client: Any,
     window: tuple[float, float],
     grants: list[tuple[Grant, int]],
     waits: list[float],
     counts: list[int],
+    *,
+    sleep: float,
+    fences: itertools.count[int],
 ) -> None:
-    connector = aiohttp.TCPConnector(limit=1)
-    timeout = aiohttp.ClientTimeout(total=60)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        wait = f"{base}/wait/?host=c{index}&pool={POOL}"
-        release = f"{base}/release/?host=c{index}&pool={POOL}"
-        while time.monotonic() < window[1]:
-            sent = time.monotonic_ns()
-            async with session.get(wait) as resp:
-                body = await resp.read()
-                fence = resp.headers.get("X-Distributex-Fence")
-            yes = time.monotonic_ns()
-            if body != b"YES" or fence is None:
-                continue
-            releasing = time.monotonic_ns()
-            grants.append((Grant(index, POOL, sent, yes, releasing, int(fence)), index))
-            if window[0] <= yes / 1e9 <= window[1]:
-                waits.append((yes - sent) / 1e9)
-                counts[index] += 1
-            async with session.get(release) as resp:
-                await resp.read()
+    """One contender on redis-py's own Lock: acquire (blocking), release, again."""
+    lock = client.lock(f"bench:{POOL}", timeout=30, sleep=sleep)
+    while time.monotonic() < window[1]:
+        sent = time.monotonic_ns()
+        await lock.acquire()
+        yes = time.monotonic_ns()
+        # No fencing token in redis-py's Lock: a counter shared by all contenders
+        # (one event loop) numbers the grants in the order they were taken.
+        note_grant(index, sent, yes, next(fences), window, grants, waits, counts)
+        await lock.release()
 
 
 async def load(
-    bases: list[str], clients: int, warmup: float, duration: float, loop: Any = None
+    targets: Sequence[Any], clients: int, warmup: float, duration: float, loop: Loop = client_loop
 ) -> dict[str, Any]:
+    """Client i runs ``loop`` against target i mod len(targets) for warmup + duration."""
     grants: list[tuple[Grant, int]] = []
     waits: list[float] = []
     counts = [0] * clients
     start = time.monotonic()
     window = (start + warmup, start + warmup + duration)
-    loop = loop or client_loop
-    tasks = [loop(i, bases[i % len(bases)], window, grants, waits, counts) for i in range(clients)]
+    tasks = [
+        loop(i, targets[i % len(targets)], window, grants, waits, counts) for i in range(clients)
+    ]
     await asyncio.gather(*tasks)
     return {"grants": grants, "waits": sorted(waits), "counts": counts}
+
+
+async def redis_lock_load(
+    port: int, clients: int, warmup: float, duration: float, sleep: float
+) -> dict[str, Any]:
+    """The same load on redis-py's own Lock, every contender on one client."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis(host=LOOPBACK, port=port, max_connections=clients + 4)
+    loop = functools.partial(redis_lock_loop, sleep=sleep, fences=itertools.count())
+    try:
+        return await load([client], clients, warmup, duration, loop)
+    finally:
+        await client.aclose()
 
 
 def handoffs(result: dict[str, Any], groups: int) -> tuple[list[float], list[float]]:
@@ -200,47 +288,88 @@ def handoffs(result: dict[str, Any], groups: int) -> tuple[list[float], list[flo
     return sorted(same), sorted(cross)
 
 
-def etcd_lock_api(urls: list[str], args: argparse.Namespace, pids: list[int]) -> dict[str, Any]:
-    """etcd's own lock API under the same load, on the same cluster."""
-    cpu0 = sum(proc_cpu_seconds(pid) for pid in pids)
-    result = asyncio.run(load(urls, args.clients, args.warmup, args.duration, etcd_lock_loop))
-    cpu = sum(proc_cpu_seconds(pid) for pid in pids) - cpu0
-    grants = [g for g, _ in result["grants"]]
-    same, cross = handoffs(result, len(urls))
-    every = sorted(same + cross)
+def summarize(result: dict[str, Any], duration: float, groups: int | None) -> dict[str, Any]:
+    """Figures of one run; hand-offs split by server (client i on i mod ``groups``) or not."""
     counts = result["counts"]
-    return {
-        "grants_per_s": sum(counts) / args.duration,
+    figures: dict[str, Any] = {
+        "grants_per_s": sum(counts) / duration,
         "wait_p50_s": percentile(result["waits"], 50),
         "wait_p99_s": percentile(result["waits"], 99),
         "fairness_jain": jain(counts),
         "grants_min_max": (min(counts), max(counts)),
-        "handoff_p50_s": percentile(every, 50),
-        "handoff_p99_s": percentile(every, 99),
-        "etcd_cpu_us_per_grant": cpu / max(1, len(grants)) * 1e6,
-        "violations": safety_violations(grants),
     }
+    same, cross = handoffs(result, groups or 1)
+    if groups is None:
+        figures |= {"handoff_p50_s": percentile(same, 50), "handoff_p99_s": percentile(same, 99)}
+    else:
+        figures |= {
+            "handoff_same_p50_s": percentile(same, 50),
+            "handoff_same_p99_s": percentile(same, 99),
+            "handoff_cross_p50_s": percentile(cross, 50),
+            "handoff_cross_p99_s": percentile(cross, 99),
+        }
+    figures["violations"] = safety_violations(g for g, _ in result["grants"])
+    return figures
+
+
+def per_grant(value: float, result: dict[str, Any]) -> float:
+    return value / max(1, len(result["grants"]))
+
+
+def rival_lock(
+    run: Coroutine[Any, Any, dict[str, Any]], pids: list[int], store: str, duration: float
+) -> dict[str, Any]:
+    """Another lock under the same load, on the same store; the store's CPU per grant."""
+    cpu0 = sum(proc_cpu_seconds(pid) for pid in pids)
+    result = asyncio.run(run)
+    cpu = sum(proc_cpu_seconds(pid) for pid in pids) - cpu0
+    figures = summarize(result, duration, None)
+    violations = figures.pop("violations")
+    return {
+        **figures,
+        f"{store}_cpu_us_per_grant": per_grant(cpu, result) * 1e6,
+        "violations": violations,
+    }
+
+
+def rival_table(title: str, api: dict[str, Any], store: str) -> list[tuple[str, str]]:
+    low, high = api["grants_min_max"]
+    return [
+        (f"{title}: grants/s", fmt_int(api["grants_per_s"])),
+        ("  wait p50 / p99", f"{fmt_ms(api['wait_p50_s'])} / {fmt_ms(api['wait_p99_s'])}"),
+        ("  fairness (Jain), grants min-max", f"{api['fairness_jain']:.4f}, {low}-{high}"),
+        (
+            "  hand-off p50 / p99",
+            f"{fmt_ms(api['handoff_p50_s'])} / {fmt_ms(api['handoff_p99_s'])}",
+        ),
+        (f"  CPU per grant: {store}", f"{api[f'{store}_cpu_us_per_grant']:.0f} µs"),
+        ("  safety violations", str(sum(api["violations"].values()))),
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--backend", choices=["memcache", "sqlite", "inmemory", "etcd"], default="memcache"
+        "--backend", choices=["memcache", "redis", "etcd", "sqlite", "inmemory"], default="memcache"
     )
-    parser.add_argument("--servers", type=int, default=None, help="memcache, etcd 2; sqlite 1")
+    parser.add_argument(
+        "--servers", type=int, default=None, help="memcache, etcd 2; redis 3; sqlite 1"
+    )
     parser.add_argument("--sync", choices=["full", "normal"], default="full", help="sqlite")
     parser.add_argument("--members", type=int, default=3, help="etcd cluster size")
+    parser.add_argument(
+        "--lock-sleep", type=float, default=0.1, help="redis: redis-py Lock's polling interval"
+    )
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 
-    memcached = None
-    etcd: list[subprocess.Popen[bytes]] = []
-    store_pids: list[int] = []
+    stores: list[subprocess.Popen[bytes]] = []  # the store's processes, for their CPU
     configs: list[str] = []
     state = tempfile.TemporaryDirectory()
+    store = STORE_PROCESS.get(args.backend, "store")
 
     def write_config(text: str) -> str:
         path = os.path.join(state.name, f"config-{len(configs)}.yaml")
@@ -249,20 +378,36 @@ def main(argv: list[str] | None = None) -> int:
         configs.append(path)
         return path
 
+    # The store's own lock, run after the servers' on the same store (redis, etcd).
+    rival: Callable[[], Coroutine[Any, Any, dict[str, Any]]] | None = None
+    rival_title = ""
     if args.backend == "memcache":
         memcached, mc_port = start_memcached()
-        store_pids = [memcached.pid]
+        stores = [memcached]
         servers_n = args.servers or 2
         text = f"backend: memcache\nmemcachehost: {LOOPBACK}\nmemcacheport: {mc_port}\n"
         paths = [write_config(text)] * servers_n
+    elif args.backend == "redis":
+        redis_server, redis_port = start_redis()
+        stores = [redis_server]
+        servers_n = args.servers or 3
+        text = f"backend: redis\nredis_url: redis://{LOOPBACK}:{redis_port}/0\n"
+        paths = [write_config(text)] * servers_n
+        rival_title = f"redis-py Lock (sleep {args.lock_sleep} s)"
+        rival = functools.partial(
+            redis_lock_load, redis_port, args.clients, args.warmup, args.duration, args.lock_sleep
+        )
     elif args.backend == "etcd":
-        etcd, urls = start_etcd(args.members, state.name)
-        store_pids = [p.pid for p in etcd]
+        stores, urls = start_etcd(args.members, state.name)
         servers_n = args.servers or 2
         paths = []
         for j in range(servers_n):  # server j asks member j first
             order = urls[j % len(urls) :] + urls[: j % len(urls)]
             paths.append(write_config(f"backend: etcd\netcd_endpoints: {','.join(order)}\n"))
+        rival_title = f"etcd's lock API ({args.members} members)"
+        rival = functools.partial(
+            load, urls, args.clients, args.warmup, args.duration, etcd_lock_loop
+        )
     elif args.backend == "sqlite":
         # On the disk the tests use (not a tmpfs): fsyncs cost what they cost there.
         path = os.path.join(state.name, "state.db")
@@ -272,9 +417,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         servers_n = 1
         paths = [write_config("backend: inmemory\n")]
-    servers = [Server(config=path).start() for path in paths]
+    store_pids = [p.pid for p in stores]
+    servers: list[Server] = []
     lock_api: dict[str, Any] | None = None
     try:
+        servers = [Server(config=path).start() for path in paths]
         cpu0 = [s.cpu_seconds() for s in servers]
         store0 = sum(proc_cpu_seconds(pid) for pid in store_pids)
         wall0 = time.monotonic()
@@ -285,61 +432,42 @@ def main(argv: list[str] | None = None) -> int:
         cpu = sum(s.cpu_seconds() - c for s, c in zip(servers, cpu0, strict=True))
         store_cpu = sum(proc_cpu_seconds(pid) for pid in store_pids) - store0
         for server in servers:
-            server.stop()
-        if etcd:
-            lock_api = etcd_lock_api(urls, args, store_pids)
+            server.stop()  # idle servers' heartbeats stay out of the rival's run
+        if rival is not None:
+            lock_api = rival_lock(rival(), store_pids, store, args.duration)
     finally:
         for server in servers:
             server.stop()
-        if memcached is not None:
-            memcached.terminate()
-            memcached.wait(10)
-        for proc in etcd:
+        for proc in stores:
             proc.terminate()
             proc.wait(10)
         state.cleanup()
 
-    grants = [g for g, _ in result["grants"]]
     counts = [
         (int(m.group(1)), int(m.group(2)))
         for s in servers
         for m in re.finditer(r": (\d+) commits since start, (\d+) fsync'd", s.final_log)
     ]
-    commits = sum(c for c, _ in counts)
-    fsyncs = sum(f for _, f in counts)
-    violations = safety_violations(grants)
-    same, cross = handoffs(result, servers_n)
-    counts = result["counts"]
-    total = sum(counts)
-    store = {"memcache": "memcached", "etcd": "etcd"}.get(args.backend, "store")
+    figures = summarize(result, args.duration, servers_n)
+    violations = figures.pop("violations")
     rows = {
         "backend": args.backend,
         "servers": servers_n,
         "clients": args.clients,
-        "grants_per_s": total / args.duration,
-        "wait_p50_s": percentile(result["waits"], 50),
-        "wait_p99_s": percentile(result["waits"], 99),
-        "fairness_jain": jain(counts),
-        "grants_min_max": (min(counts), max(counts)),
-        "handoff_same_p50_s": percentile(same, 50),
-        "handoff_same_p99_s": percentile(same, 99),
-        "handoff_cross_p50_s": percentile(cross, 50),
-        "handoff_cross_p99_s": percentile(cross, 99),
-        "server_cpu_us_per_grant": cpu / max(1, len(grants)) * 1e6,
-        f"{store}_cpu_us_per_grant": store_cpu / max(1, len(grants)) * 1e6,
+        **figures,
+        "server_cpu_us_per_grant": per_grant(cpu, result) * 1e6,
+        f"{store}_cpu_us_per_grant": per_grant(store_cpu, result) * 1e6,
         "server_cpu_pct": cpu / wall * 100,
-        "sqlite_commits_per_grant": commits / max(1, len(grants)),
-        "sqlite_fsyncs_per_grant": fsyncs / max(1, len(grants)),
+        "sqlite_commits_per_grant": per_grant(sum(c for c, _ in counts), result),
+        "sqlite_fsyncs_per_grant": per_grant(sum(f for _, f in counts), result),
         "violations": violations,
     }
+    low, high = rows["grants_min_max"]
     table = [
         ("backend, servers, clients", f"{args.backend}, {servers_n}, {args.clients}"),
         ("grants/s", fmt_int(rows["grants_per_s"])),
         ("wait p50 / p99", f"{fmt_ms(rows['wait_p50_s'])} / {fmt_ms(rows['wait_p99_s'])}"),
-        (
-            "fairness (Jain), grants min-max",
-            f"{rows['fairness_jain']:.4f}, {min(counts)}-{max(counts)}",
-        ),
+        ("fairness (Jain), grants min-max", f"{rows['fairness_jain']:.4f}, {low}-{high}"),
         (
             "hand-off same server p50 / p99",
             f"{fmt_ms(rows['handoff_same_p50_s'])} / {fmt_ms(rows['handoff_same_p99_s'])}",
@@ -357,34 +485,13 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if args.backend == "sqlite":
         label = f"commits / fsyncs per grant (sync {args.sync})"
-        per_grant = (
-            f"{rows['sqlite_commits_per_grant']:.2f} / {rows['sqlite_fsyncs_per_grant']:.2f}"
-        )
-        table.insert(-1, (label, per_grant))
-    bad = sum(violations.values())
+        ratios = f"{rows['sqlite_commits_per_grant']:.2f} / {rows['sqlite_fsyncs_per_grant']:.2f}"
+        table.insert(-1, (label, ratios))
     if lock_api is not None:
-        rows["etcd_lock_api"] = lock_api
-        api = lock_api
-        table += [
-            (f"etcd's lock API ({args.members} members): grants/s", fmt_int(api["grants_per_s"])),
-            (
-                "  wait p50 / p99",
-                f"{fmt_ms(api['wait_p50_s'])} / {fmt_ms(api['wait_p99_s'])}",
-            ),
-            (
-                "  fairness (Jain), grants min-max",
-                f"{api['fairness_jain']:.4f}, {api['grants_min_max'][0]}-"
-                f"{api['grants_min_max'][1]}",
-            ),
-            (
-                "  hand-off p50 / p99",
-                f"{fmt_ms(api['handoff_p50_s'])} / {fmt_ms(api['handoff_p99_s'])}",
-            ),
-            ("  CPU per grant: etcd", f"{api['etcd_cpu_us_per_grant']:.0f} µs"),
-            ("  safety violations", str(sum(api["violations"].values()))),
-        ]
+        rows["redis_py_lock" if args.backend == "redis" else "etcd_lock_api"] = lock_api
+        table += rival_table(rival_title, lock_api, store)
     emit(rows, table, "shared mutex fight", args.json)
-    return 1 if bad else 0
+    return 1 if sum(violations.values()) else 0
 
 
 if __name__ == "__main__":
