@@ -68,6 +68,21 @@ def queued(rs: RedisServer, pool: str, owner: str) -> bool:
 # -- configuration and start-up ------------------------------------------------------------
 
 
+def start_server(
+    tmp_path: Path, config: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run distributexd with this configuration until it exits (a refused start)."""
+    cfg = tmp_path / "start.yaml"
+    cfg.write_text(config)
+    return subprocess.run(
+        [sys.executable, "-m", "distributex", "-c", str(cfg), "-p", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+    )
+
+
 @pytest.mark.parametrize(
     ("url", "expected"),
     [
@@ -84,14 +99,7 @@ def queued(rs: RedisServer, pool: str, owner: str) -> bool:
     ],
 )
 def test_a_bad_redis_url_is_one_line(server_factory, tmp_path: Path, url: str, expected: str):
-    cfg = tmp_path / "bad.yaml"
-    cfg.write_text(f"backend: redis\nredis_url: '{url}'\n")
-    done = subprocess.run(
-        [sys.executable, "-m", "distributex", "-c", str(cfg), "-p", str(free_port())],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    done = start_server(tmp_path, f"backend: redis\nredis_url: '{url}'\n")
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
@@ -99,14 +107,7 @@ def test_a_bad_redis_url_is_one_line(server_factory, tmp_path: Path, url: str, e
 
 
 def test_the_password_is_not_shown(tmp_path: Path) -> None:
-    cfg = tmp_path / "bad.yaml"
-    cfg.write_text("backend: redis\nredis_url: 'redis://u:s3cret@h:6379/x'\n")
-    done = subprocess.run(
-        [sys.executable, "-m", "distributex", "-c", str(cfg), "-p", str(free_port())],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    done = start_server(tmp_path, "backend: redis\nredis_url: 'redis://u:s3cret@h:6379/x'\n")
     assert done.returncode == 2 and "s3cret" not in done.stderr and "***" in done.stderr
 
 
@@ -114,13 +115,9 @@ def test_without_redis_py_the_server_names_the_extra(tmp_path: Path) -> None:
     # A "redis" package that cannot be imported stands for one not installed.
     (tmp_path / "redis").mkdir()
     (tmp_path / "redis" / "__init__.py").write_text("raise ImportError('not installed')\n")
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text("backend: redis\nredis_url: redis://127.0.0.1:1/0\n")
-    done = subprocess.run(
-        [sys.executable, "-m", "distributex", "-c", str(cfg), "-p", str(free_port())],
-        capture_output=True,
-        text=True,
-        timeout=30,
+    done = start_server(
+        tmp_path,
+        "backend: redis\nredis_url: redis://127.0.0.1:1/0\n",
         env={**os.environ, "PYTHONPATH": str(tmp_path)},
     )
     assert done.returncode == 2
@@ -142,14 +139,7 @@ def test_a_cluster_node_is_refused_in_one_line(tmp_path: Path) -> None:
     )
     try:
         wait_for_port(port, node)
-        cfg = tmp_path / "c.yaml"
-        cfg.write_text(f"backend: redis\nredis_url: redis://127.0.0.1:{port}/0\n")
-        done = subprocess.run(
-            [sys.executable, "-m", "distributex", "-c", str(cfg), "-p", str(free_port())],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        done = start_server(tmp_path, f"backend: redis\nredis_url: redis://127.0.0.1:{port}/0\n")
         assert done.returncode == 1
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and "Redis Cluster" in lines[0], done.stderr
@@ -159,14 +149,7 @@ def test_a_cluster_node_is_refused_in_one_line(tmp_path: Path) -> None:
 
 
 def test_unreachable_at_start_is_one_line(tmp_path: Path) -> None:
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"backend: redis\nredis_url: redis://127.0.0.1:{free_port()}/0\n")
-    done = subprocess.run(
-        [sys.executable, "-m", "distributex", "-c", str(cfg), "-p", str(free_port())],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    done = start_server(tmp_path, f"backend: redis\nredis_url: redis://127.0.0.1:{free_port()}/0\n")
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "unreachable" in lines[0], done.stderr
@@ -517,15 +500,8 @@ def test_sentinel_fail_over_keeps_the_leases_redis_had_replicated(
 
 
 def test_no_sentinel_at_start_is_one_line(tmp_path: Path) -> None:
-    cfg = tmp_path / "c.yaml"
     url = f"redis+sentinel://127.0.0.1:{free_port()}/mymaster"
-    cfg.write_text(f"backend: redis\nredis_url: {url}\n")
-    done = subprocess.run(
-        [sys.executable, "-m", "distributex", "-c", str(cfg), "-p", str(free_port())],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    done = start_server(tmp_path, f"backend: redis\nredis_url: {url}\n")
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "no Sentinel answered" in lines[0], done.stderr
@@ -595,14 +571,7 @@ def test_tls_with_a_user_a_password_and_a_database(
         (url.replace("s3cret", "wrong"), "invalid username-password"),
         (url.replace(str(ca), str(tmp_path / "server.crt")), "certificate verify failed"),
     ]:
-        cfg = tmp_path / "bad.yaml"
-        cfg.write_text(f"backend: redis\nredis_url: '{bad}'\n")
-        done = subprocess.run(
-            [sys.executable, "-m", "distributex", "-c", str(cfg), "-p", str(free_port())],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        done = start_server(tmp_path, f"backend: redis\nredis_url: '{bad}'\n")
         lines = done.stderr.strip().splitlines()
         assert done.returncode == 1 and len(lines) == 1, done.stderr
         assert reason in lines[0].lower() and "s3cret" not in lines[0] and "wrong" not in lines[0]
