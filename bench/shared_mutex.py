@@ -30,6 +30,7 @@ is the revision the lock was taken at).
     .venv/bin/python bench/shared_mutex.py
         [--backend memcache|redis|etcd|sqlite|inmemory] [--servers N]
         [--clients 50] [--duration 10] [--members 3] [--lock-sleep 0.1] [--json]
+        [--client aiohttp|raw] [--profile FILE]
 """
 
 from __future__ import annotations
@@ -65,7 +66,10 @@ from _common import (
     percentile,
     proc_cpu_seconds,
     safety_violations,
+    start_py_spy,
+    summarize_profile,
 )
+from _loadgen import RawHTTP
 
 POOL = "fight"
 # The store's process(es) per backend, as named in the figures.
@@ -162,6 +166,31 @@ def note_grant(
     if window[0] <= yes / 1e9 <= window[1]:
         waits.append((yes - sent) / 1e9)
         counts[index] += 1
+
+
+async def raw_client_loop(
+    index: int,
+    base: str,
+    window: tuple[float, float],
+    grants: list[tuple[Grant, int]],
+    waits: list[float],
+    counts: list[int],
+) -> None:
+    """client_loop on the lean raw-socket client (``--client raw``)."""
+    client = RawHTTP(int(base.rsplit(":", 1)[1]))
+    wait = f"/wait/?host=c{index}&pool={POOL}"
+    release = f"/release/?host=c{index}&pool={POOL}"
+    try:
+        while time.monotonic() < window[1]:
+            sent = time.monotonic_ns()
+            body, fence = await client.get(wait)
+            yes = time.monotonic_ns()
+            if body != b"YES" or fence is None:
+                continue
+            note_grant(index, sent, yes, int(fence), window, grants, waits, counts)
+            await client.get(release)
+    finally:
+        await client.close()
 
 
 async def client_loop(
@@ -364,6 +393,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--client",
+        choices=["aiohttp", "raw"],
+        default="aiohttp",
+        help="the servers' clients: aiohttp, or a lean raw-socket HTTP/1.1 client",
+    )
+    parser.add_argument(
+        "--profile", metavar="FILE", help="py-spy samples server 0 in the window (perturbs it)"
+    )
     args = parser.parse_args(argv)
 
     stores: list[subprocess.Popen[bytes]] = []  # the store's processes, for their CPU
@@ -425,9 +463,16 @@ def main(argv: list[str] | None = None) -> int:
         cpu0 = [s.cpu_seconds() for s in servers]
         store0 = sum(proc_cpu_seconds(pid) for pid in store_pids)
         wall0 = time.monotonic()
+        spy = None
+        if args.profile:
+            spy = start_py_spy(servers[0].pid, args.warmup + args.duration, args.profile)
+        loop = raw_client_loop if args.client == "raw" else client_loop
         result = asyncio.run(
-            load([s.base for s in servers], args.clients, args.warmup, args.duration)
+            load([s.base for s in servers], args.clients, args.warmup, args.duration, loop)
         )
+        if spy is not None:
+            spy.wait(30)
+            print(summarize_profile(args.profile), file=sys.stderr)
         wall = time.monotonic() - wall0
         cpu = sum(s.cpu_seconds() - c for s, c in zip(servers, cpu0, strict=True))
         store_cpu = sum(proc_cpu_seconds(pid) for pid in store_pids) - store0
@@ -454,6 +499,7 @@ def main(argv: list[str] | None = None) -> int:
         "backend": args.backend,
         "servers": servers_n,
         "clients": args.clients,
+        "client": args.client,
         **figures,
         "server_cpu_us_per_grant": per_grant(cpu, result) * 1e6,
         f"{store}_cpu_us_per_grant": per_grant(store_cpu, result) * 1e6,
@@ -464,7 +510,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     low, high = rows["grants_min_max"]
     table = [
-        ("backend, servers, clients", f"{args.backend}, {servers_n}, {args.clients}"),
+        (
+            "backend, servers, clients",
+            f"{args.backend}, {servers_n}, {args.clients} ({args.client})",
+        ),
         ("grants/s", fmt_int(rows["grants_per_s"])),
         ("wait p50 / p99", f"{fmt_ms(rows['wait_p50_s'])} / {fmt_ms(rows['wait_p99_s'])}"),
         ("fairness (Jain), grants min-max", f"{rows['fairness_jain']:.4f}, {low}-{high}"),

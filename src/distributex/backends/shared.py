@@ -311,7 +311,6 @@ class Epoch:
 # -- the backend ---------------------------------------------------------------------------
 
 _NOTHING: Any = object()
-_LINGER: Any = object()
 
 
 @dataclass(eq=False)
@@ -665,13 +664,7 @@ class SharedStateBackend(LockBackend):
                 doubt: list[Any] = []  # results of a write whose outcome is unknown
                 try:
                     async with asyncio.timeout(STEP_TIMEOUT):
-                        lazy = all(r.lazy for r in batch)
-                        results = await self._step_once(spec, [r.op for r in batch], doubt, lazy)
-                        if results is _LINGER:
-                            await self._linger(spec)
-                            batch += [r for r in pending if not r.future.done()]
-                            pending.clear()
-                            results = await self._step_once(spec, [r.op for r in batch], doubt)
+                        results = await self._step_once(spec, batch, doubt)
                 except Exception as exc:
                     if not isinstance(exc, BackendUnavailable | TimeoutError):
                         log.exception("step on pool '%s' failed", spec.name)
@@ -703,27 +696,31 @@ class SharedStateBackend(LockBackend):
                 if not request.future.done():
                     request.future.set_exception(BackendUnavailable("server is shutting down"))
 
-    async def _linger(self, spec: PoolSpec) -> None:
-        """Wait up to LINGER for another request on the pool."""
-        if self._pending.get(spec.name):
-            return
-        arrived = self._arrived[spec.name] = asyncio.Event()
-        try:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(LINGER):
-                    await arrived.wait()
-        finally:
-            self._arrived.pop(spec.name, None)
+    async def _linger(self, spec: PoolSpec) -> list[_Request]:
+        """Wait up to LINGER for more requests on the pool; take them."""
+        pending = self._pending.setdefault(spec.name, [])
+        if not pending:
+            arrived = self._arrived[spec.name] = asyncio.Event()
+            try:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(LINGER):
+                        await arrived.wait()
+            finally:
+                self._arrived.pop(spec.name, None)
+        more = [r for r in pending if not r.future.done()]
+        pending.clear()
+        return more
 
-    async def _step_once(
-        self,
-        spec: PoolSpec,
-        ops: list[Callable[[LockEngine, float], Any]],
-        doubt: list[Any],
-        lazy: bool = False,
-    ) -> Any:
-        """One step: its results, or _LINGER (``lazy``: nothing written, nothing kept)."""
+    async def _step_once(self, spec: PoolSpec, batch: list[_Request], doubt: list[Any]) -> Any:
+        """One step for ``batch``: the results of its requests, in order.
+
+        A batch of waits that only queue (nothing to answer, nothing durable)
+        lingers for company first: requests that come meanwhile join the
+        batch (``batch`` grows) and run on the same engine.
+        """
         key = self.pool_key(spec.name)
+        ops = [r.op for r in batch]
+        lazy = all(r.lazy for r in batch)
         seen: Stored | None = None  # what a refused write said is stored now
         for attempt in range(MAX_ATTEMPTS):
             # The record this server wrote last, if the store told its version: a
@@ -770,6 +767,26 @@ class SharedStateBackend(LockBackend):
             engine.fill(spec.name, now)
             results = [op(engine, now) for op in ops]
             delivered = self._deliver_local(spec, engine, now)
+            if (
+                lazy
+                and not delivered
+                and all(r is None for r in results)
+                and _promises(engine, spec.name) == promised
+            ):
+                # Only queued so far: wait a moment for company and run it on
+                # this engine (nothing is written yet). Once per step: a redo
+                # after a refused write runs the whole batch at once.
+                lazy = False
+                if more := await self._linger(spec):
+                    batch += more
+                    ops += [r.op for r in more]
+                    now = self.store.now()
+                    engine.on_expire = expired.append
+                    engine.expire(now)
+                    engine.on_expire = None
+                    engine.fill(spec.name, now)
+                    results += [r.op(engine, now) for r in more]
+                    delivered = self._deliver_local(spec, engine, now)
             state = engine.state(spec.name)
             self._fence_floor[spec.name] = max(floor, engine.last_fence)
             if state is None:
@@ -797,12 +814,6 @@ class SharedStateBackend(LockBackend):
             # ended; a fence) must be durable before the answer; queue entries
             # need not be (waiters do not outlive a crash of their server).
             durable = _promises(engine, spec.name) != promised
-            if lazy and not durable and not delivered and all(r is None for r in results):
-                # Only queued: linger, then redo it with whatever came meanwhile
-                # (from the state read, not from this engine, which the ops changed).
-                if stored is not None:
-                    self._written[spec.name] = (stored, epoch, None)
-                return _LINGER
             doubt[:] = results
             extra: dict[str, Any] = {}
             if self.store.nudges_with_put:
