@@ -72,6 +72,8 @@ from _common import (
 from _loadgen import RawHTTP
 
 POOL = "fight"
+# The lease each /wait/ asks for: the `distributex` client's default.
+LEASE_TTL = 60
 # The store's process(es) per backend, as named in the figures.
 STORE_PROCESS = {"memcache": "memcached", "redis": "redis", "etcd": "etcd"}
 
@@ -178,7 +180,7 @@ async def raw_client_loop(
 ) -> None:
     """client_loop on the lean raw-socket client (``--client raw``)."""
     client = RawHTTP(int(base.rsplit(":", 1)[1]))
-    wait = f"/wait/?host=c{index}&pool={POOL}"
+    wait = f"/wait/?host=c{index}&pool={POOL}&ttl={LEASE_TTL}"
     release = f"/release/?host=c{index}&pool={POOL}"
     try:
         while time.monotonic() < window[1]:
@@ -204,7 +206,7 @@ async def client_loop(
     connector = aiohttp.TCPConnector(limit=1)
     timeout = aiohttp.ClientTimeout(total=60)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        wait = f"{base}/wait/?host=c{index}&pool={POOL}"
+        wait = f"{base}/wait/?host=c{index}&pool={POOL}&ttl={LEASE_TTL}"
         release = f"{base}/release/?host=c{index}&pool={POOL}"
         while time.monotonic() < window[1]:
             sent = time.monotonic_ns()

@@ -257,6 +257,30 @@ def test_a_killed_servers_waiters_are_dropped_and_its_grant_passed_on(
     assert time.monotonic() - released < 12  # heartbeat (8 s) + check interval
 
 
+def test_a_killed_servers_short_lease_grant_holds_until_it_expires(
+    rs: RedisServer, server_factory
+) -> None:
+    # A grant of a lease of 60 s or less is answered by the waiter's server on
+    # reading it, without a write: when that server dies, nobody can tell
+    # whether it answered, so the grant holds until its lease ends, not just
+    # until the dead server is noticed (8-12 s, as above for a long lease).
+    pools = "  - name: short\n    expire: 15\n"
+    first: Server = server_factory(config(rs, pools))
+    doomed: Server = server_factory(config(rs, pools))
+    assert first.call(q("get", "holder", "short")).body == "YES"
+    lost = ParkedWait(doomed, "on-doomed", "short")
+    wait_until(lambda: queued(rs, "short", "on-doomed"), 10, "first waiter queued")
+    survivor = ParkedWait(first, "survivor", "short")
+    wait_until(lambda: queued(rs, "short", "survivor"), 10, "second waiter queued")
+    doomed.stop(signal.SIGKILL)
+    lost.hang_up()
+    released = time.monotonic()
+    assert first.call(q("release", "holder", "short")).body == "OK"
+    status, _headers, body = survivor.answer(timeout=40)
+    assert (status, body) == (200, "YES")
+    assert 14 < time.monotonic() - released < 15 + 12
+
+
 # -- one clock: Redis's --------------------------------------------------------------------
 
 

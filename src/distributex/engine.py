@@ -484,13 +484,19 @@ class LockEngine:
         if state is None:
             return []
         queued = [w for waiters in state.queue.values() for w in waiters]
-        granted = [
+        return queued + self.granted_waiters(pool)
+
+    def granted_waiters(self, pool: str) -> list[Waiter]:
+        """The waiting requests of a pool that are granted and not yet delivered."""
+        state = self._pools.get(pool)
+        if state is None:
+            return []
+        return [
             lease.waiter
             for hold in state.holders.values()
             for lease in hold.leases.values()
             if lease.waiter is not None
         ]
-        return queued + granted
 
     def fill(self, pool: str, now: float) -> list[Waiter]:
         """Hand free slots to waiters (after a block ended); returns those granted."""

@@ -132,6 +132,18 @@ class Events:
 
 
 def _emit(event: str, **fields: Any) -> None:
+    """Log an event's line just after the current callback: the answer the
+    event is about goes out first (a line costs ~20 µs; on a busy mutex that is
+    on the way of every hand-off otherwise). Lines keep their order."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        _log_event(event, fields)
+    else:
+        loop.call_soon(_log_event, event, fields)
+
+
+def _log_event(event: str, fields: dict[str, Any]) -> None:
     text = " ".join(f"{key}={_show(value)}" for key, value in fields.items() if value is not None)
     log.info("%s %s", event, text, extra={"event": event, **fields})
 

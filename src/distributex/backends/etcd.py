@@ -28,8 +28,12 @@ clock judges that), and the server's queue entries are dropped by the next
 step. Leases of clients are judged by deadlines in the pool's record, on the
 servers' wall clocks (see docs/backends.md for why and the margin).
 
-Nudges: a server that grants a waiter of another server puts the pool's name
-under ``<prefix>nudge/<server id>``; every server watches its own key. A
+Nudges: a server that grants a waiter of another server puts, in the
+transaction that writes the grant, the pool's name and record under
+``<prefix>nudge/<server id>``; every server watches its own key, and answers
+its waiter from the record the watch brings (no read, no write of its own:
+see the shared layer's ``ANSWER_ON_READ_MAX_TTL``): a hand-off across
+servers costs one commit, as within one. A
 broken watch is made again from the last revision seen, so no nudge is
 missed; if that revision was compacted, the layer checks every pool it waits
 on.
@@ -97,6 +101,7 @@ class EtcdStore(Store):
 
     notifies = True
     nudges_with_put = True
+    compress = True
 
     def __init__(
         self,
@@ -288,7 +293,7 @@ class EtcdStore(Store):
         else:
             compare = {"key": _b64(key), "target": "MOD", "mod_revision": str(version)}
         compare["result"] = "EQUAL"
-        nudges = self._nudges(nudge, pool)
+        nudges = self._nudges(nudge, pool, value)
         for attempt in range(2):
             write: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
             if ttl > 0:
@@ -302,7 +307,7 @@ class EtcdStore(Store):
                     self._long.pop(ttl, None)
                     if nudges:  # our presence lease ended: the next beat makes one
                         self._presence = None
-                        nudges = self._nudges(nudge, pool)
+                        nudges = self._nudges(nudge, pool, value)
                     continue
                 raise BackendUnavailable(f"{self.description}: {exc.message}") from None
             if not data.get("succeeded"):
@@ -340,12 +345,20 @@ class EtcdStore(Store):
     def _nudge_key(self, server: str) -> str:
         return f"{self.prefix}nudge/{server}"
 
-    def _nudges(self, servers: Collection[str], pool: str) -> list[dict[str, Any]]:
-        """Txn operations that nudge ``servers`` to step ``pool``."""
+    def _nudges(
+        self, servers: Collection[str], pool: str, record: bytes | None = None
+    ) -> list[dict[str, Any]]:
+        """Txn operations that nudge ``servers`` to look at ``pool``.
+
+        The value is the pool's name, then (in the txn that writes it) a NUL
+        and the pool's record: its mod_revision is the txn's, so the servers
+        nudged have the record and its version without a read.
+        """
         # Bound to our presence, so the keys of servers long gone do not pile up.
+        message = pool.encode() if record is None else pool.encode() + b"\0" + record
         ops = []
         for server in sorted(servers):
-            write = {"key": _b64(self._nudge_key(server)), "value": _b64(pool)}
+            write = {"key": _b64(self._nudge_key(server)), "value": _b64(message)}
             if self._presence is not None:
                 write["lease"] = str(self._presence)
             ops.append({"request_put": write})
@@ -360,7 +373,7 @@ class EtcdStore(Store):
                 self._presence = None
             raise BackendUnavailable(f"{self.description}: {exc.message}") from None
 
-    async def listen(self, server: str, nudged: Callable[[str | None], None]) -> None:
+    async def listen(self, server: str, nudged: Callable[..., None]) -> None:
         key = _b64(self._nudge_key(server))
         revision: int | None = None  # the last revision seen: a new watch goes on from it
         index = self._current
@@ -395,7 +408,10 @@ class EtcdStore(Store):
                         kv = event.get("kv", {})
                         revision = max(revision or 0, int(kv.get("mod_revision", 0)))
                         if event.get("type") != "DELETE":
-                            nudged(_unb64(kv.get("value")).decode("utf-8", "replace"))
+                            name, sep, record = _unb64(kv.get("value")).partition(b"\0")
+                            pool = name.decode("utf-8", "replace")
+                            stored = Stored(record, int(kv["mod_revision"])) if sep else None
+                            nudged(pool, stored)
                 raise EtcdError(0, "watch stream ended")
             except asyncio.CancelledError:
                 raise

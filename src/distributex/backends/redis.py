@@ -21,8 +21,11 @@ sample (NTP slews it by at most 0.05 %: 1 ms over 2 s), so servers whose wall
 clocks disagree by minutes still agree on every deadline to about a
 millisecond on a LAN.
 
-Nudges: ``PUBLISH`` on ``<prefix>nudge/<server id>`` with the pool's name;
-each server subscribes to its own channel. After every (re)subscription the
+Nudges: ``PUBLISH`` on ``<prefix>nudge/<server id>`` with the pool's name
+and, from the script that writes a grant, the record it wrote; each server
+subscribes to its own channel and answers its waiter from that record (no
+read, and with a short lease no write either: the shared layer's
+``ANSWER_ON_READ_MAX_TTL``). After every (re)subscription the
 layer is told to look at every pool it waits on, so a nudge sent while the
 subscription was down is never lost, only late.
 
@@ -91,7 +94,8 @@ LISTEN_PING_EVERY = 5.0
 # KEYS[1]: the key. ARGV: the version read ("" = the key must not exist), the
 # new version, the value, the TTL in ms ("0" = none), then the pool and the
 # channels of the servers to nudge once it is written (the grant and its nudge
-# in one round trip; PUBLISH names no key). Returns the new version;
+# in one round trip; PUBLISH names no key): the message is the pool's name, a
+# NUL, then the record as stored, so the servers nudged need not read it. Returns the new version;
 # if the key is not at the version read, what it holds now ({current}: the
 # layer need not read it), or false if it does not exist. (16: VERSION_LENGTH.)
 CAS_SCRIPT = """
@@ -109,7 +113,7 @@ else
   redis.call('SET', KEYS[1], ARGV[2] .. ARGV[3])
 end
 for i = 6, #ARGV do
-  redis.call('PUBLISH', ARGV[i], ARGV[5])
+  redis.call('PUBLISH', ARGV[i], ARGV[5] .. '\0' .. ARGV[2] .. ARGV[3])
 end
 return ARGV[2]
 """
@@ -129,6 +133,15 @@ def describe_url(url: str) -> str:
     db = parts.path.strip("/") or "0"
     tls = " (TLS)" if parts.scheme == "rediss" else ""
     return f"redis {shown}:{parts.port or 6379}/{db}{tls}"
+
+
+def _nudge_message(data: bytes) -> tuple[str, Stored | None]:
+    """A nudge: the pool's name, and the record written with it if it came along."""
+    name, sep, raw = data.partition(b"\0")
+    pool = name.decode("utf-8", "replace")
+    if not sep or len(raw) < VERSION_LENGTH:
+        return pool, None  # from notify(): the name alone
+    return pool, Stored(raw[VERSION_LENGTH:], raw[:VERSION_LENGTH].decode())
 
 
 def _new_version() -> str:
@@ -335,7 +348,7 @@ class RedisStore(Store):
             except RedisError as exc:
                 raise _unavailable(self.description, exc) from None
 
-    async def listen(self, server: str, nudged: Callable[[str | None], None]) -> None:
+    async def listen(self, server: str, nudged: Callable[..., None]) -> None:
         delay = LISTEN_BACKOFF_MIN
         down: str | None = None  # the failure logged, so each outage is logged once
         while True:
@@ -363,7 +376,8 @@ class RedisStore(Store):
                     elif message["type"] == "pong":
                         pinged = False
                     elif message["type"] == "message":
-                        nudged(bytes(message["data"]).decode("utf-8", "replace"))
+                        pool, stored = _nudge_message(bytes(message["data"]))
+                        nudged(pool, stored)
             except Exception as exc:  # whatever broke it, subscribe again
                 reason = _reason(exc)
                 if down != reason:

@@ -50,6 +50,7 @@ import random
 import secrets
 import socket
 import time
+import zlib
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -83,10 +84,25 @@ CALL_TIMEOUT = 1.2
 STEP_TIMEOUT = 2.4
 MAX_ATTEMPTS = 50
 # A step that only queues waiters (nobody is answered, nothing durable) waits
-# this long for another request before it writes: under load the next release
-# comes a moment after a client's new /wait/, and the two then make one write
-# instead of two in a row (the second waiting for the first).
+# for company before it writes: under load the next release on this server
+# comes soon after a client's new /wait/, and the two then make one write
+# instead of two in a row (the second waiting for the first). It waits
+# LINGER, or LINGER_PER_WAITER for each waiter queued ahead (up to
+# LINGER_MAX): those are served first anyway, so the entry is in the store
+# long before its turn, and on a store with slow commits (etcd) most queue
+# entries ride on a release's write. Waits that come meanwhile and only queue
+# linger along; any other request ends the wait.
 LINGER = 0.002
+LINGER_PER_WAITER = 0.001
+LINGER_MAX = 0.05
+# A grant another server made to one of our waiters is answered as soon as we
+# read it, without a write of ours, if its lease ends within this many seconds
+# (the client's default lease is 60 s): one store write per hand-off across
+# servers, not two. The price: if the waiter's server dies before it could
+# answer, nobody can tell whether it did, so the grant holds until it
+# expires. Longer leases (and leases that never expire) are delivered by a
+# write first, so such a grant is undone within seconds of the death.
+ANSWER_ON_READ_MAX_TTL = 60.0
 # A pool with nothing held or queued keeps a small record (its fence) this long.
 IDLE_TTL = 24 * 3600
 # After a store loss, pools that never expire leases are held back this long.
@@ -133,6 +149,10 @@ class Store(abc.ABC):
     #: True if :meth:`put` takes ``nudge`` (server ids) and ``pool``, and tells
     #: them in the same write (one round trip and one commit less per hand-off).
     nudges_with_put: bool = False
+    #: True if pool records are stored zlib-compressed (about half the size):
+    #: for a store whose commits cost by the byte (etcd: a 4.7 KB value takes
+    #: 3.0 ms to commit on three members, 1.5 KB 2.2 ms, 100 B 1.9 ms).
+    compress: bool = False
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Connect (a first round trip may be made by the layer)."""
@@ -177,8 +197,11 @@ class Store(abc.ABC):
         """
         raise NotImplementedError
 
-    async def listen(self, server: str, nudged: Callable[[str | None], None]) -> None:
+    async def listen(self, server: str, nudged: Callable[..., None]) -> None:
         """Run until cancelled: ``nudged(pool)`` for each :meth:`notify` to ``server``.
+
+        A store that sends the record the nudge is about with it calls
+        ``nudged(pool, stored)``: the layer then need not read it.
 
         Calls ``nudged(None)`` whenever nudges may have been missed (after
         connecting, and after every reconnection): the layer then steps every
@@ -196,6 +219,7 @@ def encode_pool(
     fence: int,
     epoch: str,
     fragments: dict[str, str] | None = None,
+    compress: bool = False,
 ) -> bytes:
     """A pool's record: JSON, times as absolute seconds on the store's clock.
 
@@ -242,7 +266,9 @@ def encode_pool(
         "blocked": blocked,
         "holds": holds,
     }
-    return f'{_json(head)[:-1]},"queue":[{",".join(queue)}]}}'.encode()
+    record = f'{_json(head)[:-1]},"queue":[{",".join(queue)}]}}'.encode()
+    # A JSON record starts with "{"; a compressed one with zlib's header byte.
+    return zlib.compress(record, 1) if compress else record
 
 
 def _json(value: Any) -> str:
@@ -250,9 +276,9 @@ def _json(value: Any) -> str:
 
 
 def decode_pool(raw: bytes) -> tuple[PoolState, str]:
-    """The state in a record, and the epoch it was written in."""
+    """The state in a record (JSON, or JSON compressed), and the epoch it was written in."""
     try:
-        record = json.loads(raw)
+        record = json.loads(raw if raw[:1] == b"{" else zlib.decompress(raw))
         if not isinstance(record, dict) or "v" not in record:
             raise ValueError("not a distributex pool record")
         if record["v"] != RECORD_VERSION:
@@ -282,7 +308,7 @@ def decode_pool(raw: bytes) -> tuple[PoolState, str]:
         return state, str(record["epoch"])
     except StaleRecord:
         raise
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, zlib.error) as exc:
         raise StaleRecord(f"unreadable pool record ({exc})") from None
 
 
@@ -336,6 +362,7 @@ class _LocalWaiter:
     granted: bool = False  # granted, and not yet delivered by a step of ours
     lease: Lease | None = None  # granted and delivered by a step of ours
     missing: bool = False  # not in the stored state any more (dropped, or the store lost it)
+    cancelling: bool = False  # timed out: a step takes it off (no answering it on a read)
 
 
 class SharedStateBackend(LockBackend):
@@ -357,6 +384,9 @@ class SharedStateBackend(LockBackend):
         self._arrived: dict[str, asyncio.Event] = {}  # pool -> set by a request (lingering)
         self._runners: dict[str, asyncio.Task[None]] = {}
         self._local: dict[str, dict[str, _LocalWaiter]] = {}  # pool -> waiter id -> waiter
+        # pool -> ids of our waiters answered YES on another server's grant,
+        # without a write of ours: a later step of ours marks them delivered.
+        self._answered: dict[str, set[str]] = {}
         self._pollers: dict[str, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._epoch: Epoch | None = None
@@ -531,19 +561,18 @@ class SharedStateBackend(LockBackend):
         host, port = transport.get_extra_info("sockname")[:2]
         self._beat_value = json.dumps({"nudge": [host, port]}).encode()
 
-    def _granted_elsewhere(self, spec: PoolSpec, engine: LockEngine) -> set[str]:
-        """The other servers whose waiters hold a grant not yet delivered."""
+    def _granted_elsewhere(self, spec: PoolSpec, engine: LockEngine) -> dict[str, str]:
+        """Other servers' waiters that hold a grant not yet delivered: id -> server."""
         return {
-            w.server
-            for w in engine.waiters_of(spec.name)
-            if w.lease is not None and w.server and w.server != self.server_id
+            w.id: w.server
+            for w in engine.granted_waiters(spec.name)
+            if w.server and w.server != self.server_id
         }
 
-    def _nudge_others(self, spec: PoolSpec, engine: LockEngine) -> None:
+    def _nudge_others(self, spec: PoolSpec, servers: set[str]) -> None:
         """Tell servers whose waiters this step granted to look now (polling is the net)."""
         if self._nudge_transport is None and not self.store.notifies:
             return
-        servers = self._granted_elsewhere(spec, engine)
         if not servers:
             return
         if self.store.notifies:
@@ -560,15 +589,21 @@ class SharedStateBackend(LockBackend):
         with contextlib.suppress(BackendUnavailable):
             await self._call(self.store.notify(servers, pool), quiet=True)
 
-    def nudged(self, pool: str | None) -> None:
-        """Another server granted one of our waiters on ``pool`` (None: maybe any pool)."""
+    def nudged(self, pool: str | None, stored: Stored | None = None) -> None:
+        """Another server granted one of our waiters on ``pool`` (None: maybe any pool).
+
+        ``stored``: the record that other server wrote, if the nudge carried it.
+        """
         if pool is None:
             for event in self._nudged.values():
                 event.set()
             return
         # Another server wrote the pool since our last write: the version we
-        # kept is stale, so the next step reads instead of failing a write first.
+        # kept is stale. The record it wrote, if the nudge brought it, is as
+        # good as a read (a write on it fails if there was another since).
         self._written.pop(pool, None)
+        if stored is not None and self._epoch is not None:
+            self._written[pool] = (stored, self._epoch, None)
         event = self._nudged.get(pool)
         if event is not None:
             event.set()
@@ -696,14 +731,14 @@ class SharedStateBackend(LockBackend):
                 if not request.future.done():
                     request.future.set_exception(BackendUnavailable("server is shutting down"))
 
-    async def _linger(self, spec: PoolSpec) -> list[_Request]:
-        """Wait up to LINGER for more requests on the pool; take them."""
+    async def _linger(self, spec: PoolSpec, until: float) -> list[_Request]:
+        """Wait until ``until`` (loop clock) for more requests on the pool; take them."""
         pending = self._pending.setdefault(spec.name, [])
         if not pending:
             arrived = self._arrived[spec.name] = asyncio.Event()
             try:
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(LINGER):
+                    async with asyncio.timeout_at(until):
                         await arrived.wait()
             finally:
                 self._arrived.pop(spec.name, None)
@@ -760,6 +795,7 @@ class SharedStateBackend(LockBackend):
                         engine.block(spec, until)
             promised = _promises(engine, spec.name)
             await self._drop_stale(engine, spec, now)
+            granted_before = self._granted_elsewhere(spec, engine)
             expired: list[Lease] = []
             engine.on_expire = expired.append
             engine.expire(now)
@@ -767,17 +803,20 @@ class SharedStateBackend(LockBackend):
             engine.fill(spec.name, now)
             results = [op(engine, now) for op in ops]
             delivered = self._deliver_local(spec, engine, now)
-            if (
-                lazy
-                and not delivered
-                and all(r is None for r in results)
-                and _promises(engine, spec.name) == promised
-            ):
-                # Only queued so far: wait a moment for company and run it on
+            if lazy:
+                # Waits that only queue: wait for company (LINGER) and run it on
                 # this engine (nothing is written yet). Once per step: a redo
                 # after a refused write runs the whole batch at once.
                 lazy = False
-                if more := await self._linger(spec):
+                ahead = len(engine.waiters_of(spec.name)) - len(batch)
+                pause = min(LINGER_MAX, max(LINGER, ahead * LINGER_PER_WAITER))
+                until = asyncio.get_running_loop().time() + pause
+                while (
+                    not delivered
+                    and all(r is None for r in results)
+                    and _promises(engine, spec.name) == promised
+                    and (more := await self._linger(spec, until))
+                ):
                     batch += more
                     ops += [r.op for r in more]
                     now = self.store.now()
@@ -787,6 +826,8 @@ class SharedStateBackend(LockBackend):
                     engine.fill(spec.name, now)
                     results += [r.op(engine, now) for r in more]
                     delivered = self._deliver_local(spec, engine, now)
+                    if not all(r.lazy for r in more):
+                        break
             state = engine.state(spec.name)
             self._fence_floor[spec.name] = max(floor, engine.last_fence)
             if state is None:
@@ -800,6 +841,7 @@ class SharedStateBackend(LockBackend):
                 engine.last_fence,
                 epoch.id,
                 None if state is None else self._fragments.setdefault(spec.name, {}),
+                self.store.compress,
             )
             if (stored is None and state is None) or (
                 stored is not None and record == stored.value
@@ -815,9 +857,15 @@ class SharedStateBackend(LockBackend):
             # need not be (waiters do not outlive a crash of their server).
             durable = _promises(engine, spec.name) != promised
             doubt[:] = results
+            # Servers whose waiters this step granted: told to look now.
+            nudge = {
+                server
+                for waiter_id, server in self._granted_elsewhere(spec, engine).items()
+                if waiter_id not in granted_before
+            }
             extra: dict[str, Any] = {}
             if self.store.nudges_with_put:
-                extra = {"nudge": self._granted_elsewhere(spec, engine), "pool": spec.name}
+                extra = {"nudge": nudge, "pool": spec.name}
             written = await self._call(
                 self.store.put(
                     key, record, stored.version if stored else None, ttl, durable, **extra
@@ -829,7 +877,7 @@ class SharedStateBackend(LockBackend):
                     self._written[spec.name] = (Stored(record, written), epoch, engine)
                 self._after(spec, engine, delivered)
                 if not extra:
-                    self._nudge_others(spec, engine)
+                    self._nudge_others(spec, nudge)
                 self._report(expired, changed=True)
                 return results
             # Another server wrote first: redo the step on what it wrote. A write
@@ -862,12 +910,23 @@ class SharedStateBackend(LockBackend):
         local = self._local.get(spec.name, {})
         others = {w.server for w in waiters if w.server and w.server != self.server_id}
         dead = await self._dead_servers(others) if others else set()
+        answered = self._answered.get(spec.name, ())
         for waiter in waiters:
             if waiter.server in dead:
-                log.info("dropping a waiter of stopped server %s on '%s'", waiter.server, spec.name)
-                engine.cancel(waiter, now)
+                if waiter.lease is not None and _answered_on_read(waiter.lease):
+                    # It may have been answered YES (without a write): it holds
+                    # until it expires, like any lease of a client that went away.
+                    engine.deliver(waiter)
+                else:
+                    log.info(
+                        "dropping a waiter of stopped server %s on '%s'", waiter.server, spec.name
+                    )
+                    engine.cancel(waiter, now)
             elif waiter.server == self.server_id and waiter.id not in local:
-                engine.cancel(waiter, now)
+                if waiter.id in answered and waiter.lease is not None:
+                    engine.deliver(waiter)
+                else:
+                    engine.cancel(waiter, now)
 
     async def _dead_servers(self, servers: Iterable[str]) -> set[str]:
         clock = asyncio.get_running_loop().time()
@@ -910,11 +969,13 @@ class SharedStateBackend(LockBackend):
         delivered: dict[_LocalWaiter, Lease] = {}
         while local:
             changed = False
-            for waiter in engine.waiters_of(spec.name):
+            for waiter in engine.granted_waiters(spec.name):
                 mine = local.get(waiter.id)
-                if waiter.lease is None or mine is None or not mine.queued or mine in delivered:
+                if mine is None or not mine.queued or mine in delivered:
                     continue
-                if mine.still_wanted() and engine.deliver(waiter):
+                if mine.lease is not None:
+                    engine.deliver(waiter)  # answered already (_answer_granted): mark it
+                elif mine.still_wanted() and engine.deliver(waiter):
                     delivered[mine] = waiter.lease
                 else:
                     engine.cancel(waiter, now)
@@ -937,10 +998,18 @@ class SharedStateBackend(LockBackend):
         for waiter, lease in delivered.items():
             waiter.lease = lease
             waiter.wake.set()
+        answered = self._answered.get(spec.name)
         local = self._local.get(spec.name)
-        if not local:
+        if not local and not answered:
             return
         present = {w.id: w for w in engine.waiters_of(spec.name)}
+        if answered:
+            # Written as delivered (or ended) by now: nothing left to mark.
+            answered.intersection_update(present)
+            if not answered:
+                del self._answered[spec.name]
+        if not local:
+            return
         for waiter in local.values():
             if not waiter.queued or waiter in delivered:
                 continue
@@ -977,11 +1046,18 @@ class SharedStateBackend(LockBackend):
             if not self._local.get(spec.name):
                 break
             try:
-                if nudged:  # one of ours was granted: a step delivers it
-                    await self._step(spec, _no_change)
+                if nudged:  # one of ours was granted: answer it (a step if it takes one)
+                    kept = self._written.get(spec.name)
+                    if kept is not None and kept[2] is None:
+                        stored = kept[0]  # brought by the nudge: no read
+                    else:
+                        stored = (await self._call(self.store.get([key]))).get(key)
+                    if self._answer_granted(spec, stored):
+                        await self._step(spec, _no_change)
                 else:  # the safety net: a read, and a step only if something changed
                     got = await self._call(self.store.get([key]))
                     stored = got.get(key)
+                    self._answer_granted(spec, stored)
                     value = stored.value if stored is not None else None
                     if value is not None and value != last:
                         due_at, others = self._next_due(value)
@@ -1001,6 +1077,48 @@ class SharedStateBackend(LockBackend):
                 pause = min(POLL_BACKOFF_MAX, pause * 2)
         self._pollers.pop(spec.name, None)
         self._nudged.pop(spec.name, None)
+
+    def _answer_granted(self, spec: PoolSpec, stored: Stored | None) -> bool:
+        """Answer our waiters that another server's write granted, without a write.
+
+        The grant is in the store already (we read it), with a short lease
+        (ANSWER_ON_READ_MAX_TTL): it holds until it is released or runs out,
+        whatever becomes of this server, so the YES can go out now. (The
+        record still names the waiter; our next step marks it delivered.) A
+        longer lease, or one whose client has gone, takes a step of ours
+        (deliver, or undo): returns True if one is needed.
+        """
+        local = self._local.get(spec.name)
+        if stored is None or not local:
+            return stored is None and bool(local)
+        try:
+            state, _epoch = decode_pool(stored.value)
+        except StaleRecord:
+            return True
+        now = self.store.now()
+        needed = False
+        for hold in state.holds:
+            for lease in hold.leases.values():
+                waiter = lease.waiter
+                if waiter is None or waiter.server != self.server_id:
+                    continue
+                mine = local.get(waiter.id)
+                if mine is None or mine.lease is not None:
+                    needed |= mine is None and waiter.id not in self._answered.get(spec.name, ())
+                    continue
+                if (
+                    not _answered_on_read(lease)
+                    or lease.expires_at <= now
+                    or mine.cancelling
+                    or not mine.still_wanted()
+                ):
+                    needed = True
+                    continue
+                lease.delivered, lease.waiter = True, None
+                mine.lease = lease
+                self._answered.setdefault(spec.name, set()).add(waiter.id)
+                mine.wake.set()
+        return needed
 
     def _next_due(self, value: bytes) -> tuple[float, frozenset[str]]:
         """When (loop clock) a step would change this record by itself: a lease
@@ -1124,6 +1242,7 @@ class SharedStateBackend(LockBackend):
                 if local.granted:
                     return await self._deliver(spec, owner, local, still_wanted)
         except TimeoutError:
+            local.cancelling = True
             await self._cancel_waiter(spec, local.id)
             # A step may have delivered it just before the time ran out: then it is ours.
             return local.lease
@@ -1157,7 +1276,7 @@ class SharedStateBackend(LockBackend):
 
         def cancel(engine: LockEngine, now: float) -> None:
             waiter = engine.find_waiter(spec.name, waiter_id)
-            if waiter is not None:
+            if waiter is not None and waiter_id not in self._answered.get(spec.name, ()):
                 engine.cancel(waiter, now)
 
         delay = 0.1
@@ -1219,13 +1338,21 @@ class SharedStateBackend(LockBackend):
         )
 
 
+def _answered_on_read(lease: Lease) -> bool:
+    """May the waiter's server answer this grant on reading it (ANSWER_ON_READ_MAX_TTL)?"""
+    return 0 < lease.ttl <= ANSWER_ON_READ_MAX_TTL
+
+
 def _promises(engine: LockEngine, pool: str) -> set[tuple[str, float, int]]:
-    """The delivered leases of a pool (token, expiry, fence): what clients rely on."""
+    """What clients may rely on: a pool's leases (token, expiry, fence) that are
+    delivered, or granted with a lease the waiter's server answers on reading
+    it (:meth:`SharedStateBackend._answer_granted`).
+    """
     return {
         (lease.token, lease.expires_at, hold.fence)
         for hold in engine.holders(pool)
         for lease in hold.leases.values()
-        if lease.delivered
+        if lease.delivered or _answered_on_read(lease)
     }
 
 
