@@ -53,11 +53,14 @@ def make_events(server: Server) -> None:
     assert server.call(q("get", "intruder", "guarded")).status == 403
 
 
-def test_one_line_per_event(server_factory) -> None:
-    server = server_factory(CONFIG)
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_one_line_per_event(server_factory, loop: str) -> None:
+    # On either event loop (the rest of the suite runs on the default: uvloop).
+    server = server_factory(CONFIG, args=["--event-loop", loop])
     make_events(server)
     text = until_logged(server, "refuse")
     lines = text.splitlines()
+    assert f", {loop} loop)" in next(x for x in lines if " serving " in x)
 
     def line(event: str, pool: str = "p") -> str:
         found = [x for x in lines if f"distributex.events: {event} pool={pool} " in x]
@@ -90,6 +93,30 @@ def test_json_log_lines(server_factory) -> None:
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", grant["time"])
     assert by_event["refuse"]["status"] == 403
     assert any(r["message"].startswith("distributex ") for r in records)  # start-up line too
+
+
+def test_uvloop_asked_for_and_missing_is_one_line(tmp_path: Path) -> None:
+    # An importable "uvloop" that fails as an uninstalled one would.
+    fake = tmp_path / "uvloop"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ImportError('No module named uvloop')\n")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    cmd = [sys.executable, "-m", "distributex", "-p", "0", "--event-loop", "uvloop"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=30)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "distributexd: error: --event-loop uvloop: uvloop is not installed "
+        "(pip install 'distributex[uvloop]')"
+    ]
+    # auto falls back to asyncio's loop.
+    cmd[-1] = "auto"
+    with subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env) as proc:
+        assert proc.stderr is not None
+        try:
+            line = next(x for x in proc.stderr if " serving " in x)
+        finally:
+            proc.terminate()
+    assert line.rstrip().endswith(", asyncio loop)")
 
 
 def test_warning_level_logs_no_lock_events(server_factory) -> None:

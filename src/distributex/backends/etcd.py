@@ -55,7 +55,7 @@ from typing import Any
 import aiohttp
 
 from distributex.backends.base import BackendUnavailable
-from distributex.backends.shared import Store, Stored
+from distributex.backends.shared import Conflict, Store, Stored
 
 log = logging.getLogger("distributex.etcd")
 
@@ -285,7 +285,7 @@ class EtcdStore(Store):
         durable: bool = True,
         nudge: Collection[str] = (),
         pool: str = "",
-    ) -> int | bool:
+    ) -> int | Conflict | bool:
         # The nudges to servers whose waiters this write grants go in the same
         # transaction: no commit of their own, and the watch fires with it.
         if version is None:
@@ -298,7 +298,12 @@ class EtcdStore(Store):
             write: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
             if ttl > 0:
                 write["lease"] = str(await self._long_lease(ttl))
-            body = {"compare": [compare], "success": [{"request_put": write}, *nudges]}
+            body = {
+                "compare": [compare],
+                "success": [{"request_put": write}, *nudges],
+                # Refused: what is stored now comes back, so the layer need not read it.
+                "failure": [{"request_range": {"key": _b64(key)}}],
+            }
             try:
                 data = await self._request("/kv/txn", body, idempotent=False)
             except EtcdError as exc:
@@ -311,7 +316,7 @@ class EtcdStore(Store):
                     continue
                 raise BackendUnavailable(f"{self.description}: {exc.message}") from None
             if not data.get("succeeded"):
-                return False
+                return _current(data)
             return int(data["header"]["revision"])
         raise AssertionError("unreachable")
 
@@ -466,3 +471,12 @@ def _reason(exc: BaseException) -> str:
         if str(exc):
             return str(exc)
     return type(exc).__name__
+
+
+def _current(data: dict[str, Any]) -> Conflict | bool:
+    """What a refused write's failure branch read: the key as stored now (False: none)."""
+    for response in data.get("responses", []):
+        kvs = response.get("response_range", {}).get("kvs", [])
+        if kvs:
+            return Conflict(Stored(_unb64(kvs[0].get("value")), int(kvs[0]["mod_revision"])))
+    return False
