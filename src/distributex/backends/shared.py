@@ -828,6 +828,17 @@ class SharedStateBackend(LockBackend):
                     delivered = self._deliver_local(spec, engine, now)
                     if not all(r.lazy for r in more):
                         break
+                fresh = self._written.get(spec.name)
+                if (
+                    fresh is not None
+                    and fresh[2] is None
+                    and stored is not None
+                    and fresh[0].version != stored.version
+                ):
+                    # A nudge brought what another server wrote while we lingered
+                    # (it granted one of our waiters): redo the batch on that
+                    # record rather than have the store refuse our write.
+                    continue
             state = engine.state(spec.name)
             self._fence_floor[spec.name] = max(floor, engine.last_fence)
             if state is None:
