@@ -468,8 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--event-loop",
         default="auto",
         choices=["auto", "uvloop", "asyncio"],
-        help="uvloop if it is installed (auto, the default: 5-15%% more hand-offs a second "
-        "on a busy lock), or asyncio's own loop",
+        help="uvloop if it is installed (auto, the default: up to 15%% more hand-offs a "
+        "second on a busy lock), or asyncio's own loop",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
