@@ -69,7 +69,7 @@ from _common import (
     start_py_spy,
     summarize_profile,
 )
-from _loadgen import RawHTTP
+from _loadgen import make_client
 
 POOL = "fight"
 # The lease each /wait/ asks for: the `distributex` client's default.
@@ -170,16 +170,20 @@ def note_grant(
         counts[index] += 1
 
 
-async def raw_client_loop(
+async def client_loop(
     index: int,
     base: str,
     window: tuple[float, float],
     grants: list[tuple[Grant, int]],
     waits: list[float],
     counts: list[int],
+    kind: str = "aiohttp",
 ) -> None:
-    """client_loop on the lean raw-socket client (``--client raw``)."""
-    client = RawHTTP(int(base.rsplit(":", 1)[1]))
+    """One client on one keep-alive connection: /wait/ -> YES -> /release/, again.
+
+    ``kind``: aiohttp, or the lean raw-socket client (``--client raw``).
+    """
+    client = make_client(kind, int(base.rsplit(":", 1)[1]))
     wait = f"/wait/?host=c{index}&pool={POOL}&ttl={LEASE_TTL}"
     release = f"/release/?host=c{index}&pool={POOL}"
     try:
@@ -193,32 +197,6 @@ async def raw_client_loop(
             await client.get(release)
     finally:
         await client.close()
-
-
-async def client_loop(
-    index: int,
-    base: str,
-    window: tuple[float, float],
-    grants: list[tuple[Grant, int]],
-    waits: list[float],
-    counts: list[int],
-) -> None:
-    connector = aiohttp.TCPConnector(limit=1)
-    timeout = aiohttp.ClientTimeout(total=60)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        wait = f"{base}/wait/?host=c{index}&pool={POOL}&ttl={LEASE_TTL}"
-        release = f"{base}/release/?host=c{index}&pool={POOL}"
-        while time.monotonic() < window[1]:
-            sent = time.monotonic_ns()
-            async with session.get(wait) as resp:
-                body = await resp.read()
-                fence = resp.headers.get("X-Distributex-Fence")
-            yes = time.monotonic_ns()
-            if body != b"YES" or fence is None:
-                continue
-            note_grant(index, sent, yes, int(fence), window, grants, waits, counts)
-            async with session.get(release) as resp:
-                await resp.read()
 
 
 async def etcd_lock_loop(
@@ -468,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         spy = None
         if args.profile:
             spy = start_py_spy(servers[0].pid, args.warmup + args.duration, args.profile)
-        loop = raw_client_loop if args.client == "raw" else client_loop
+        loop = functools.partial(client_loop, kind=args.client)
         result = asyncio.run(
             load([s.base for s in servers], args.clients, args.warmup, args.duration, loop)
         )

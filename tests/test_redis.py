@@ -235,26 +235,33 @@ def test_lost_state_grants_nothing_while_an_old_lease_could_live(
     assert second.call(q("renew", "a", "p", f"&lease={token}")).status == 410
 
 
+def grant_to_a_killed_servers_waiter(rs: RedisServer, server_factory, expire: int) -> float:
+    """A release grants a waiter whose server was just killed: seconds until the
+    next waiter (on a live server) gets the slot."""
+    pools = f"  - name: dying\n    expire: {expire}\n"
+    first: Server = server_factory(config(rs, pools))
+    doomed: Server = server_factory(config(rs, pools))
+    assert first.call(q("get", "holder", "dying")).body == "YES"
+    # Kept open (an unreferenced socket would be closed: a hang-up) until its server dies.
+    lost = ParkedWait(doomed, "on-doomed", "dying")
+    wait_until(lambda: queued(rs, "dying", "on-doomed"), 10, "first waiter queued")
+    survivor = ParkedWait(first, "survivor", "dying")
+    wait_until(lambda: queued(rs, "dying", "survivor"), 10, "second waiter queued")
+    doomed.stop(signal.SIGKILL)
+    lost.hang_up()
+    released = time.monotonic()
+    assert first.call(q("release", "holder", "dying")).body == "OK"
+    status, _headers, body = survivor.answer(timeout=40)
+    assert (status, body) == (200, "YES")
+    return time.monotonic() - released
+
+
 def test_a_killed_servers_waiters_are_dropped_and_its_grant_passed_on(
     rs: RedisServer, server_factory
 ) -> None:
-    pools = "  - name: long\n    expire: 300\n"
-    first: Server = server_factory(config(rs, pools))
-    doomed: Server = server_factory(config(rs, pools))
-    assert first.call(q("get", "holder", "long")).body == "YES"
-    # Kept open (an unreferenced socket would be closed: a hang-up) until its server dies.
-    lost = ParkedWait(doomed, "on-doomed", "long")
-    wait_until(lambda: queued(rs, "long", "on-doomed"), 10, "first waiter queued")
-    survivor = ParkedWait(first, "survivor", "long")
-    wait_until(lambda: queued(rs, "long", "survivor"), 10, "second waiter queued")
-    doomed.stop(signal.SIGKILL)
-    lost.hang_up()
-    # The grant goes to the dead server's waiter first, is undone, and passed on.
-    released = time.monotonic()
-    assert first.call(q("release", "holder", "long")).body == "OK"
-    status, _headers, body = survivor.answer(timeout=30)
-    assert (status, body) == (200, "YES")
-    assert time.monotonic() - released < 12  # heartbeat (8 s) + check interval
+    # A long lease is delivered by a write before its YES: the grant to the dead
+    # server's waiter is undone once its heartbeat lapses, and passed on.
+    assert grant_to_a_killed_servers_waiter(rs, server_factory, 300) < 12  # heartbeat 8 s + check
 
 
 def test_a_killed_servers_short_lease_grant_holds_until_it_expires(
@@ -263,22 +270,8 @@ def test_a_killed_servers_short_lease_grant_holds_until_it_expires(
     # A grant of a lease of 60 s or less is answered by the waiter's server on
     # reading it, without a write: when that server dies, nobody can tell
     # whether it answered, so the grant holds until its lease ends, not just
-    # until the dead server is noticed (8-12 s, as above for a long lease).
-    pools = "  - name: short\n    expire: 15\n"
-    first: Server = server_factory(config(rs, pools))
-    doomed: Server = server_factory(config(rs, pools))
-    assert first.call(q("get", "holder", "short")).body == "YES"
-    lost = ParkedWait(doomed, "on-doomed", "short")
-    wait_until(lambda: queued(rs, "short", "on-doomed"), 10, "first waiter queued")
-    survivor = ParkedWait(first, "survivor", "short")
-    wait_until(lambda: queued(rs, "short", "survivor"), 10, "second waiter queued")
-    doomed.stop(signal.SIGKILL)
-    lost.hang_up()
-    released = time.monotonic()
-    assert first.call(q("release", "holder", "short")).body == "OK"
-    status, _headers, body = survivor.answer(timeout=40)
-    assert (status, body) == (200, "YES")
-    assert 14 < time.monotonic() - released < 15 + 12
+    # until the dead server is noticed.
+    assert 14 < grant_to_a_killed_servers_waiter(rs, server_factory, 15) < 15 + 12
 
 
 # -- one clock: Redis's --------------------------------------------------------------------
