@@ -16,7 +16,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +27,21 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def wait_until(
+    condition: Callable[[], object],
+    timeout: float = 20,
+    what: str = "condition",
+    every: float = 0.05,
+) -> float:
+    """Poll ``condition`` until it is true: the seconds it took (AssertionError at ``timeout``)."""
+    began = time.monotonic()
+    while time.monotonic() - began < timeout:
+        if condition():
+            return time.monotonic() - began
+        time.sleep(every)
+    raise AssertionError(f"{what}: not within {timeout}s")
 
 
 def wait_for_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 15) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import wait_until
 from tests.test_client_robustness import (  # noqa: F401 - fixtures used by name
     CLI,
     FakeServer,
@@ -38,15 +39,6 @@ from tests.test_client_robustness import (  # noqa: F401 - fixtures used by name
 Server = Any  # conftest.Server
 
 pytestmark = pytest.mark.timeout(90)
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"{what}: not within {timeout}s")
 
 
 def size(path: Path) -> int:

@@ -17,7 +17,7 @@ import uuid
 import pytest
 
 from distributex.config import ConfigError, load_config
-from tests.conftest import EtcdCluster, Server, start_etcd
+from tests.conftest import EtcdCluster, Server, start_etcd, wait_until
 from tests.test_http import ParkedWait, q
 
 pytestmark = pytest.mark.timeout(180)
@@ -26,15 +26,6 @@ pytestmark = pytest.mark.timeout(180)
 def config(endpoints: str, pools: str = "", extra: str = "") -> str:
     head = f"backend: etcd\netcd_endpoints: {endpoints}\n{extra}"
     return head + "autocreate: true\npools:\n  - name: p\n    expire: 3\n" + pools
-
-
-def wait_until(condition, timeout: float, what: str) -> float:
-    began = time.monotonic()
-    while time.monotonic() - began < timeout:
-        if condition():
-            return time.monotonic() - began
-        time.sleep(0.05)
-    raise AssertionError(f"{what}: not within {timeout}s")
 
 
 def b64(text: str) -> str:

@@ -16,20 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Answer, Server, free_port, wait_for_port
+from tests.conftest import Answer, Server, free_port, wait_for_port, wait_until
 
 
 def q(verb: str, **params: str) -> str:
     # Raw on purpose: the tests write the exact bytes a hostile client sends.
     return f"/{verb}/?" + "&".join(f"{key}={value}" for key, value in params.items())
-
-
-def wait_until(condition, timeout: float = 20, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def send(port: int, path: str) -> socket.socket:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import Memcached, Server, start_memcached
+from tests.conftest import Memcached, Server, start_memcached, wait_until
 from tests.test_http import ParkedWait, q
 
 pytestmark = pytest.mark.timeout(120)
@@ -30,15 +30,6 @@ def mc() -> Iterator[Memcached]:
 def config(mc: Memcached, pools: str = "") -> str:
     head = f"backend: memcache\nmemcachehost: 127.0.0.1\nmemcacheport: {mc.port}\n"
     return head + "autocreate: true\npools:\n  - name: p\n    expire: 3\n" + pools
-
-
-def wait_until(condition, timeout: float, what: str) -> float:
-    began = time.monotonic()
-    while time.monotonic() - began < timeout:
-        if condition():
-            return time.monotonic() - began
-        time.sleep(0.05)
-    raise AssertionError(f"{what}: not within {timeout}s")
 
 
 def test_stopped_memcached_is_a_bounded_503_and_service_resumes(

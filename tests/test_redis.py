@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.conftest import RedisServer, Server, free_port, start_redis, wait_for_port
+from tests.conftest import RedisServer, Server, free_port, start_redis, wait_for_port, wait_until
 from tests.test_http import ParkedWait, q
 
 pytestmark = pytest.mark.timeout(120)
@@ -45,15 +45,6 @@ def rs() -> Iterator[RedisServer]:
 def config(rs: RedisServer, pools: str = "") -> str:
     head = f"backend: redis\nredis_url: {rs.url}\n"
     return head + "autocreate: true\npools:\n  - name: p\n    expire: 3\n" + pools
-
-
-def wait_until(condition, timeout: float, what: str, every: float = 0.05) -> float:
-    began = time.monotonic()
-    while time.monotonic() - began < timeout:
-        if condition():
-            return time.monotonic() - began
-        time.sleep(every)
-    raise AssertionError(f"{what}: not within {timeout}s")
 
 
 def record_key(pool: str) -> str:
