@@ -39,6 +39,7 @@ import argparse
 import asyncio
 import atexit
 import base64
+import bisect
 import functools
 import itertools
 import os
@@ -267,7 +268,7 @@ async def load(
         loop(i, targets[i % len(targets)], window, grants, waits, counts) for i in range(clients)
     ]
     await asyncio.gather(*tasks)
-    return {"grants": grants, "waits": sorted(waits), "counts": counts}
+    return {"grants": grants, "waits": sorted(waits), "counts": counts, "window": window}
 
 
 async def redis_lock_load(
@@ -297,6 +298,22 @@ def handoffs(result: dict[str, Any], groups: int) -> tuple[list[float], list[flo
     return sorted(same), sorted(cross)
 
 
+def overtaken(result: dict[str, Any]) -> list[int]:
+    """For each wait granted in the window: how many waits sent after it were granted first.
+
+    A queue served strictly by arrival gives 0 everywhere; a wait passed by
+    others waits that many hand-offs longer (the tail of the wait times).
+    """
+    start, end = result["window"]
+    later_yes: list[int] = []  # grant times of the waits sent later, kept sorted
+    passed: list[int] = []
+    for grant in sorted((g for g, _ in result["grants"]), key=lambda g: -g.sent_ns):
+        if start <= grant.yes_ns / 1e9 <= end:
+            passed.append(bisect.bisect_left(later_yes, grant.yes_ns))
+        bisect.insort(later_yes, grant.yes_ns)
+    return sorted(passed)
+
+
 def summarize(result: dict[str, Any], duration: float, groups: int | None) -> dict[str, Any]:
     """Figures of one run; hand-offs split by server (client i on i mod ``groups``) or not."""
     counts = result["counts"]
@@ -306,6 +323,11 @@ def summarize(result: dict[str, Any], duration: float, groups: int | None) -> di
         "wait_p99_s": percentile(result["waits"], 99),
         "fairness_jain": jain(counts),
         "grants_min_max": (min(counts), max(counts)),
+    }
+    passed = overtaken(result)
+    figures |= {
+        "overtaken_share": sum(1 for n in passed if n) / max(1, len(passed)),
+        "overtaken_p99": percentile(passed, 99),
     }
     same, cross = handoffs(result, groups or 1)
     if groups is None:

@@ -7,8 +7,9 @@ step that:
 
 * a pool never has more than ``maxlocks`` holders (safety);
 * no slot is free while someone waits, and waiters are served in arrival
-  order (FIFO, no lost wake-up) — by comparing with a model that keeps plain
-  lists and dicts;
+  order (FIFO, no lost wake-up; a request written late, with an earlier
+  arrival time, takes its place by arrival) — by comparing with a model that
+  keeps plain lists and dicts;
 * a lease ends exactly when its time is up, not before and not later, and a
   holder keeps its slot while any of its leases lives;
 * one grant answers every parked request of its owner;
@@ -39,6 +40,8 @@ POOLS = {
 OWNERS = st.sampled_from(["a", "b", "c", "d", "e"])
 TTLS = st.sampled_from([None, None, 0.5, 2.0, 10.0])  # None: the pool's expire
 POOL_NAMES = st.sampled_from(sorted(POOLS))
+# How long before it is written a wait came (a step that lingered, or was redone).
+LATE = st.sampled_from([0.0, 0.0, 0.0, 0.1, 0.25, 1.0])
 INF = float("inf")
 
 
@@ -143,10 +146,16 @@ class EngineMachine(RuleBasedStateMachine):
         else:
             assert lease is None
 
-    @rule(target=waiters, pool=POOL_NAMES, owner=OWNERS, ttl=TTLS)
-    def wait(self, pool: str, owner: str, ttl: float | None) -> Waiter:
+    def came(self, pool: str, owner: str) -> float:
+        """When a queued owner came: when the earliest of its parked requests came."""
+        return min(w.since for w in self.parked[(pool, owner)])
+
+    @rule(target=waiters, pool=POOL_NAMES, owner=OWNERS, ttl=TTLS, late=LATE)
+    def wait(self, pool: str, owner: str, ttl: float | None, late: float) -> Waiter:
         model = self.model[pool]
-        waiter = self.engine.enqueue(POOLS[pool], owner, self.now, ttl)
+        since = self.now - late
+        waiter = self.engine.enqueue(POOLS[pool], owner, self.now, ttl, since=since)
+        assert waiter.since == since
         if owner in model.holders or model.free(self.paused):
             assert waiter.lease is not None
             model.holders.setdefault(owner, {})
@@ -154,7 +163,11 @@ class EngineMachine(RuleBasedStateMachine):
         else:
             assert waiter.lease is None
             if owner not in model.queue:
-                model.queue.append(owner)
+                # Behind the nearest owner (from the tail) that came no later.
+                place = len(model.queue)
+                while place and self.came(pool, model.queue[place - 1]) > since:
+                    place -= 1
+                model.queue.insert(place, owner)
             self.parked.setdefault((pool, owner), set()).add(waiter)
             self.asked[waiter] = ttl
         return waiter

@@ -5,7 +5,8 @@ from its stored record into a fresh engine, runs one request and encodes the
 result again. Hypothesis drives random requests through that path and
 through one long-lived engine side by side, and checks that both give the
 very same answers (grants, fences, tokens, expiries, queue order, who was
-woken) after every request. So the record format and ``restore``/``state``
+woken) after every request, also for waits written after they came (placed
+by arrival). So the record format and ``restore``/``state``
 lose nothing the rules depend on.
 """
 
@@ -50,7 +51,7 @@ def describe(engine: LockEngine, pool: str) -> tuple:
         )
         for h in engine.holders(pool)
     )
-    waiters = tuple((w.id, w.owner, w.ttl) for w in engine.waiters_of(pool))
+    waiters = tuple((w.id, w.owner, w.ttl, w.since) for w in engine.waiters_of(pool))
     return holds, tuple(engine.waiting(pool)), waiters
 
 
@@ -125,8 +126,11 @@ def test_restoring_from_the_record_at_every_step_changes_no_answer(
             wid = f"w{n}"
             waiter_ids.append(wid)
 
-            def op(e, owner=owner, ttl=ttl, wid=wid, now=now):
-                w = e.enqueue(spec, owner, now, ttl, server="s", waiter_id=wid)
+            # Half of them came ``dt`` before they are written (a step that lingered).
+            since = now - dt if pick % 2 else None
+
+            def op(e, owner=owner, ttl=ttl, wid=wid, now=now, since=since):
+                w = e.enqueue(spec, owner, now, ttl, server="s", waiter_id=wid, since=since)
                 return lease_view(w.lease)
         elif kind in ("deliver", "cancel"):
             if not waiter_ids:

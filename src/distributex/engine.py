@@ -9,8 +9,10 @@ driver knows whom to wake. Tests drive the engine directly with a fake clock.
 Rules kept here, whoever drives the engine:
 
 * A pool never has more than ``maxlocks`` holders.
-* Waiters are served first come, first served; a free slot is never left free
-  while someone waits, and :meth:`acquire` never jumps the queue.
+* Waiters are served first come, first served, by arrival time (a request
+  written into the queue late, after it waited for company, still takes its
+  place by when it came); a free slot is never left free while someone waits,
+  and :meth:`acquire` never jumps the queue.
 * A holder is identified by its *owner* (the legacy ``host``). An owner holds
   at most one slot of a pool: its :class:`Hold`. Every YES is a
   :class:`Lease` of its own (own token, own time-to-live); asking again while
@@ -168,6 +170,25 @@ class PoolState:
     blocked_until: float = -math.inf
 
 
+def _queue_by_arrival(queue: dict[str, list[Waiter]], owner: str, waiter: Waiter) -> None:
+    """Put a new owner in the queue behind everyone who came no later than ``waiter``.
+
+    An owner came when the earliest of its waiting requests came.
+    Usually that is the end. A late-written request passes only the few
+    owners at the tail that came after it: they are taken off and put back
+    behind it (dict order is the queue order), not the whole queue rebuilt.
+    """
+    passed: list[str] = []
+    for ahead in reversed(queue):
+        if min(w.since for w in queue[ahead]) <= waiter.since:
+            break
+        passed.append(ahead)
+    moved = [queue.popitem() for _ in passed]
+    queue[owner] = [waiter]
+    for ahead, waiters in reversed(moved):
+        queue[ahead] = waiters
+
+
 class LockEngine:
     """Lock state of every pool, and the rules that change it."""
 
@@ -285,6 +306,7 @@ class LockEngine:
         ttl: float | None = None,
         server: str = "",
         waiter_id: str | None = None,
+        since: float | None = None,
     ) -> Waiter:
         """Ask for a slot and wait for it (the ``/wait/`` verb).
 
@@ -293,9 +315,14 @@ class LockEngine:
         joins the queue and comes back from a later call's list of granted
         waiters. Either way the driver must end it with :meth:`deliver` or
         :meth:`cancel`.
+
+        ``since`` is when the request came (default ``now``): a new owner in
+        the queue goes behind every owner that came no later, ahead of those
+        that came after it. An owner already queued keeps its place.
         """
         state = self._pool(spec)
-        waiter = Waiter(spec.name, owner, spec.lease_ttl(ttl), now, server=server)
+        arrived = now if since is None else since
+        waiter = Waiter(spec.name, owner, spec.lease_ttl(ttl), arrived, server=server)
         if waiter_id is not None:
             waiter.id = waiter_id
         hold = state.holders.get(owner)
@@ -309,8 +336,10 @@ class LockEngine:
         if hold is not None:
             waiter.lease = self._lease(hold, waiter.ttl, now)
             waiter.lease.waiter = waiter
+        elif owner in state.queue:
+            state.queue[owner].append(waiter)
         else:
-            state.queue.setdefault(owner, []).append(waiter)
+            _queue_by_arrival(state.queue, owner, waiter)
         return waiter
 
     def deliver(self, waiter: Waiter) -> bool:

@@ -363,6 +363,8 @@ class _LocalWaiter:
     lease: Lease | None = None  # granted and delivered by a step of ours
     missing: bool = False  # not in the stored state any more (dropped, or the store lost it)
     cancelling: bool = False  # timed out: a step takes it off (no answering it on a read)
+    came: float = 0.0  # when the request came (store clock)
+    since: float | None = None  # its place in the queue, set when its entry is first made
 
 
 class SharedStateBackend(LockBackend):
@@ -1185,10 +1187,25 @@ class SharedStateBackend(LockBackend):
             # ours takes it for a stray entry.
             local = _LocalWaiter(spec, secrets.token_urlsafe(9), still_wanted)
             self._local.setdefault(spec.name, {})[local.id] = local
+            local.came = self.store.now()
 
             def enqueue(engine: LockEngine, now: float, local: _LocalWaiter = local) -> Any:
+                if local.since is None:
+                    # First run: the entry's place is by when the request came
+                    # (its write may linger, or be redone on a record another
+                    # server wrote meanwhile), but never ahead of an entry queued
+                    # now: servers whose clocks disagree move it past no more
+                    # than the entries written meanwhile.
+                    queued = (w.since for w in engine.waiters_of(spec.name))
+                    local.since = max(local.came, max(queued, default=local.came))
                 waiter = engine.enqueue(
-                    spec, owner, now, ttl, server=self.server_id, waiter_id=local.id
+                    spec,
+                    owner,
+                    now,
+                    ttl,
+                    server=self.server_id,
+                    waiter_id=local.id,
+                    since=local.since,
                 )
                 if waiter.lease is None:
                     local.queued = True  # later steps of this batch may grant and deliver it
