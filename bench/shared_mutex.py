@@ -314,6 +314,10 @@ def overtaken(result: dict[str, Any]) -> list[int]:
     return sorted(passed)
 
 
+def overtaken_text(rows: dict[str, Any]) -> str:
+    return f"{rows['overtaken_share'] * 100:.1f} %, {rows['overtaken_p99']:.0f}"
+
+
 def summarize(result: dict[str, Any], duration: float, groups: int | None) -> dict[str, Any]:
     """Figures of one run; hand-offs split by server (client i on i mod ``groups``) or not."""
     counts = result["counts"]
@@ -369,6 +373,7 @@ def rival_table(title: str, api: dict[str, Any], store: str) -> list[tuple[str, 
         (f"{title}: grants/s", fmt_int(api["grants_per_s"])),
         ("  wait p50 / p99", f"{fmt_ms(api['wait_p50_s'])} / {fmt_ms(api['wait_p99_s'])}"),
         ("  fairness (Jain), grants min-max", f"{api['fairness_jain']:.4f}, {low}-{high}"),
+        ("  waits passed by a later one, places p99", overtaken_text(api)),
         (
             "  hand-off p50 / p99",
             f"{fmt_ms(api['handoff_p50_s'])} / {fmt_ms(api['handoff_p99_s'])}",
@@ -519,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
         ("grants/s", fmt_int(rows["grants_per_s"])),
         ("wait p50 / p99", f"{fmt_ms(rows['wait_p50_s'])} / {fmt_ms(rows['wait_p99_s'])}"),
         ("fairness (Jain), grants min-max", f"{rows['fairness_jain']:.4f}, {low}-{high}"),
+        ("waits passed by a later one, places p99", overtaken_text(rows)),
         (
             "hand-off same server p50 / p99",
             f"{fmt_ms(rows['handoff_same_p50_s'])} / {fmt_ms(rows['handoff_same_p99_s'])}",
