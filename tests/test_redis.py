@@ -586,58 +586,91 @@ def test_tls_with_a_user_a_password_and_a_database(
         assert reason in lines[0].lower() and "s3cret" not in lines[0] and "wrong" not in lines[0]
 
 
+class TwoServers:
+    """Two shared-state backends in this process on one real Redis, for tests
+    that need to hold a step at a given point (a linger, a clock)."""
+
+    def __init__(self, rs: RedisServer, spec) -> None:
+        from distributex.backends.redis import RedisStore
+        from distributex.backends.shared import SharedStateBackend
+
+        self.rs, self.spec = rs, spec
+        self.a = SharedStateBackend(RedisStore(rs.url, PREFIX), key_prefix=PREFIX)
+        self.b = SharedStateBackend(RedisStore(rs.url, PREFIX), key_prefix=PREFIX)
+        self.served: list[str] = []  # owners in the order they were granted
+        self.tasks: list[asyncio.Task[None]] = []
+
+    async def __aenter__(self) -> TwoServers:
+        await self.a.start()
+        await self.b.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.a.close()
+        await self.b.close()
+
+    def wait(self, backend, owner: str) -> None:
+        """A /wait/ on ``backend`` that releases as soon as it is granted."""
+
+        async def run() -> None:
+            lease = await backend.wait(self.spec, owner, 60, 30, lambda: True)
+            assert lease is not None
+            self.served.append(owner)
+            await backend.release(self.spec, owner, lease.token)
+
+        self.tasks.append(asyncio.create_task(run()))
+
+    async def serve(self, backend, holder) -> list[str]:
+        """Release ``holder`` (on ``backend``): the owners waiting, in the order served."""
+        await backend.release(self.spec, holder.owner, holder.token)
+        async with asyncio.timeout(20):
+            await asyncio.gather(*self.tasks)
+        return self.served
+
+    @staticmethod
+    async def until(condition) -> None:
+        async with asyncio.timeout(20):
+            while not condition():
+                await asyncio.sleep(0.01)
+
+    def queued(self, owner: str) -> bool:
+        return queued(self.rs, self.spec.name, owner)
+
+    @staticmethod
+    def came(backend) -> bool:
+        """A wait on ``backend`` has run on the engine once (its place is set)."""
+        return any(
+            w.since is not None for waiters in backend._local.values() for w in waiters.values()
+        )
+
+
 def test_a_wait_written_late_takes_its_place_by_arrival(
     rs: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Two servers in this process on one real Redis: a queue entry that lingered
-    (written after a later request's entry on the other server) is served first."""
+    """A queue entry that lingered (written after a later request's entry on the
+    other server) is served first."""
     from distributex.backends import shared
-    from distributex.backends.redis import RedisStore
     from distributex.engine import PoolSpec
 
     # Steps that only queue linger until another request comes (not 2-50 ms),
     # so the order of events below does not depend on the machine's speed.
     monkeypatch.setattr(shared, "LINGER", 30.0)
     monkeypatch.setattr(shared, "LINGER_MAX", 30.0)
-    spec = PoolSpec("late", maxlocks=1, expire=60)
 
     async def scenario() -> list[str]:
-        a = shared.SharedStateBackend(RedisStore(rs.url, PREFIX), key_prefix=PREFIX)
-        b = shared.SharedStateBackend(RedisStore(rs.url, PREFIX), key_prefix=PREFIX)
-        await a.start()
-        await b.start()
-        served: list[str] = []
-
-        async def wait(backend: shared.SharedStateBackend, owner: str) -> None:
-            lease = await backend.wait(spec, owner, 60, 30, lambda: True)
-            assert lease is not None
-            served.append(owner)
-            await backend.release(spec, owner, lease.token)
-
-        async def until(condition) -> None:
-            async with asyncio.timeout(20):
-                while not condition():
-                    await asyncio.sleep(0.01)
-
-        try:
-            holder = await a.acquire(spec, "holder", 60)
+        async with TwoServers(rs, PoolSpec("late", maxlocks=1, expire=60)) as s:
+            holder = await s.a.acquire(s.spec, "holder", 60)
             assert holder is not None
-            early = asyncio.create_task(wait(a, "early"))  # lingers on server a
-            await until(lambda: any(w.since for w in a._local.get("late", {}).values()))
-            late = asyncio.create_task(wait(b, "late"))
-            await until(lambda: any(w.since for w in b._local.get("late", {}).values()))
-            assert await b.acquire(spec, "other", 60) is None  # ends b's linger: "late" written
-            await until(lambda: queued(rs, "late", "late"))
-            assert not queued(rs, "late", "early")
-            assert await a.acquire(spec, "other", 60) is None  # ends a's: "early" written
-            await until(lambda: queued(rs, "late", "early"))
-            await a.release(spec, "holder", holder.token)
-            async with asyncio.timeout(20):
-                await asyncio.gather(early, late)
-            return served
-        finally:
-            await a.close()
-            await b.close()
+            s.wait(s.a, "early")  # lingers on server a
+            await s.until(lambda: s.came(s.a))
+            s.wait(s.b, "late")
+            await s.until(lambda: s.came(s.b))
+            assert await s.b.acquire(s.spec, "other", 60) is None  # ends b's linger
+            await s.until(lambda: s.queued("late"))
+            assert not s.queued("early")
+            assert await s.a.acquire(s.spec, "other", 60) is None  # ends a's
+            await s.until(lambda: s.queued("early"))
+            return await s.serve(s.a, holder)
 
     assert asyncio.run(scenario()) == ["early", "late"]
 
@@ -647,44 +680,18 @@ def test_a_server_whose_clock_is_behind_passes_no_entry_queued_before_it(
 ) -> None:
     """Places by arrival compare clocks of different servers: a server whose clock
     is a minute behind still queues behind every entry already written."""
-    from distributex.backends import shared
-    from distributex.backends.redis import RedisStore
     from distributex.engine import PoolSpec
 
-    spec = PoolSpec("skew", maxlocks=1, expire=600)
-
     async def scenario() -> list[str]:
-        a = shared.SharedStateBackend(RedisStore(rs.url, PREFIX), key_prefix=PREFIX)
-        b = shared.SharedStateBackend(RedisStore(rs.url, PREFIX), key_prefix=PREFIX)
-        await a.start()
-        await b.start()
-        real = a.store.now
-        monkeypatch.setattr(a.store, "now", lambda: real() - 60)
-        served: list[str] = []
-
-        async def wait(backend: shared.SharedStateBackend, owner: str) -> None:
-            lease = await backend.wait(spec, owner, 600, 30, lambda: True)
-            assert lease is not None
-            served.append(owner)
-            await backend.release(spec, owner, lease.token)
-
-        try:
-            holder = await b.acquire(spec, "holder", 600)
+        async with TwoServers(rs, PoolSpec("skew", maxlocks=1, expire=600)) as s:
+            real = s.a.store.now
+            monkeypatch.setattr(s.a.store, "now", lambda: real() - 60)
+            holder = await s.b.acquire(s.spec, "holder", 600)
             assert holder is not None
-            first = asyncio.create_task(wait(b, "first"))
-            async with asyncio.timeout(20):
-                while not queued(rs, "skew", "first"):
-                    await asyncio.sleep(0.01)
-            second = asyncio.create_task(wait(a, "second"))
-            async with asyncio.timeout(20):
-                while not queued(rs, "skew", "second"):
-                    await asyncio.sleep(0.01)
-            await b.release(spec, "holder", holder.token)
-            async with asyncio.timeout(20):
-                await asyncio.gather(first, second)
-            return served
-        finally:
-            await a.close()
-            await b.close()
+            s.wait(s.b, "first")
+            await s.until(lambda: s.queued("first"))
+            s.wait(s.a, "second")
+            await s.until(lambda: s.queued("second"))
+            return await s.serve(s.b, holder)
 
     assert asyncio.run(scenario()) == ["first", "second"]
