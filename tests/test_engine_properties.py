@@ -294,6 +294,8 @@ class EngineMachine(RuleBasedStateMachine):
                 )
                 assert hold.expires_at > self.now  # nothing outlives its time
             assert self.engine.waiting(name) == model.queue
+            last = self.came(name, model.queue[-1]) if model.queue else None
+            assert self.engine.last_arrival(name) == last
             if model.queue and not self.paused:
                 assert len(holds) == spec.maxlocks  # no free slot while someone waits
 

@@ -231,6 +231,17 @@ class LockEngine:
         state = self._pools.get(pool)
         return list(state.queue) if state else []
 
+    def last_arrival(self, pool: str) -> float | None:
+        """When the owner at the end of the queue came (None: nobody waits).
+
+        A wait that says it came no earlier (``enqueue``'s ``since``) goes
+        behind everyone queued now.
+        """
+        state = self._pools.get(pool)
+        if state is None or not state.queue:
+            return None
+        return min(w.since for w in state.queue[next(reversed(state.queue))])
+
     @property
     def paused(self) -> bool:
         """True while new holds are not granted (see :meth:`pause`)."""

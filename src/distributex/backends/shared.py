@@ -1196,8 +1196,8 @@ class SharedStateBackend(LockBackend):
                     # server wrote meanwhile), but never ahead of an entry queued
                     # now: servers whose clocks disagree move it past no more
                     # than the entries written meanwhile.
-                    queued = (w.since for w in engine.waiters_of(spec.name))
-                    local.since = max(local.came, max(queued, default=local.came))
+                    last = engine.last_arrival(spec.name)
+                    local.since = local.came if last is None else max(local.came, last)
                 waiter = engine.enqueue(
                     spec,
                     owner,
