@@ -342,6 +342,7 @@ def summarize(result: dict[str, Any], duration: float, groups: int | None) -> di
             "handoff_same_p99_s": percentile(same, 99),
             "handoff_cross_p50_s": percentile(cross, 50),
             "handoff_cross_p99_s": percentile(cross, 99),
+            "handoff_cross_share": len(cross) / max(1, len(same) + len(cross)),
         }
     figures["violations"] = safety_violations(g for g, _ in result["grants"])
     return figures
@@ -530,8 +531,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{fmt_ms(rows['handoff_same_p50_s'])} / {fmt_ms(rows['handoff_same_p99_s'])}",
         ),
         (
-            "hand-off across servers p50 / p99",
-            f"{fmt_ms(rows['handoff_cross_p50_s'])} / {fmt_ms(rows['handoff_cross_p99_s'])}",
+            "hand-off across servers p50 / p99, share",
+            f"{fmt_ms(rows['handoff_cross_p50_s'])} / {fmt_ms(rows['handoff_cross_p99_s'])}, "
+            f"{rows['handoff_cross_share'] * 100:.0f} %",
         ),
         (
             f"CPU per grant: servers / {store}",
