@@ -275,8 +275,11 @@ def _json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
-def decode_pool(raw: bytes) -> tuple[PoolState, str]:
-    """The state in a record (JSON, or JSON compressed), and the epoch it was written in."""
+def decode_pool(raw: bytes, queue: bool = True) -> tuple[PoolState, str]:
+    """The state in a record (JSON, or JSON compressed), and the epoch it was written in.
+
+    ``queue`` False leaves the queue out (empty): for a look at the grants only.
+    """
     try:
         record = json.loads(raw if raw[:1] == b"{" else zlib.decompress(raw))
         if not isinstance(record, dict) or "v" not in record:
@@ -303,7 +306,7 @@ def decode_pool(raw: bytes) -> tuple[PoolState, str]:
                     lease.waiter = Waiter(name, owner, w_ttl, since, lease, id=w_id, server=server)
                 hold.leases[token] = lease
             state.holds.append(hold)
-        for w_id, server, owner, ttl, since in record["queue"]:
+        for w_id, server, owner, ttl, since in record["queue"] if queue else ():
             state.queue.append(Waiter(name, owner, ttl, since, id=w_id, server=server))
         return state, str(record["epoch"])
     except StaleRecord:
@@ -1105,7 +1108,7 @@ class SharedStateBackend(LockBackend):
         if stored is None or not local:
             return stored is None and bool(local)
         try:
-            state, _epoch = decode_pool(stored.value)
+            state, _epoch = decode_pool(stored.value, queue=False)  # grants are in the holds
         except StaleRecord:
             return True
         now = self.store.now()
