@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from distributex.backends.shared import decode_pool, encode_pool
-from distributex.engine import LockEngine, PoolSpec
+from distributex.engine import LockEngine, PoolSpec, PoolState
 
 SPECS = [
     PoolSpec("mutex", maxlocks=1, expire=3.0),
@@ -100,6 +100,15 @@ class Shared:
         again, _ = decode_pool(self.record)
         assert encode_pool(self.spec.name, again, again.fence, "e", compress=self.compress) == (
             self.record
+        )
+        # A look at the grants only (a nudged read) finds the same holds and no queue.
+        holds, _ = decode_pool(self.record, queue=False)
+        assert holds.queue == [] and holds.fence == again.fence
+        assert encode_pool(self.spec.name, holds, holds.fence, "e") == encode_pool(
+            self.spec.name,
+            PoolState(again.fence, again.holds, [], again.blocked_until),
+            again.fence,
+            "e",
         )
         return woken, result, engine
 
