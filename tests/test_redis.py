@@ -675,23 +675,65 @@ def test_a_wait_written_late_takes_its_place_by_arrival(
     assert asyncio.run(scenario()) == ["early", "late"]
 
 
+@pytest.mark.parametrize("holder_on", ["a", "b"])
 def test_a_server_whose_clock_is_behind_passes_no_entry_queued_before_it(
-    rs: RedisServer, monkeypatch: pytest.MonkeyPatch
+    rs: RedisServer, monkeypatch: pytest.MonkeyPatch, holder_on: str
 ) -> None:
     """Places by arrival compare clocks of different servers: a server whose clock
-    is a minute behind still queues behind every entry already written."""
+    is behind still queues behind every entry that came more than ARRIVAL_TRUST
+    (here 0) before the latest one queued, also when its first try ran on the
+    record it kept from its own last write (holder taken on it)."""
+    from distributex.backends import shared
     from distributex.engine import PoolSpec
+
+    monkeypatch.setattr(shared, "ARRIVAL_TRUST", 0.0)
 
     async def scenario() -> list[str]:
         async with TwoServers(rs, PoolSpec("skew", maxlocks=1, expire=600)) as s:
             real = s.a.store.now
-            monkeypatch.setattr(s.a.store, "now", lambda: real() - 60)
-            holder = await s.b.acquire(s.spec, "holder", 600)
+            monkeypatch.setattr(s.a.store, "now", lambda: real() - 20)
+            on = s.a if holder_on == "a" else s.b
+            holder = await on.acquire(s.spec, "holder", 600)
             assert holder is not None
             s.wait(s.b, "first")
             await s.until(lambda: s.queued("first"))
             s.wait(s.a, "second")
             await s.until(lambda: s.queued("second"))
-            return await s.serve(s.b, holder)
+            return await s.serve(on, holder)
 
     assert asyncio.run(scenario()) == ["first", "second"]
+
+
+def test_a_wait_held_up_behind_a_step_keeps_its_place(
+    rs: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A /wait/ that comes while its server's step is still writing runs on a
+    record that may already hold a later request of the other server: it still
+    goes first (it came within ARRIVAL_TRUST of that one)."""
+    from distributex.engine import PoolSpec
+
+    async def scenario() -> list[str]:
+        async with TwoServers(rs, PoolSpec("held", maxlocks=1, expire=60)) as s:
+            holder = await s.a.acquire(s.spec, "holder", 60)
+            assert holder is not None
+            gate = asyncio.Event()
+            put = s.a.store.put
+
+            async def held_put(*args, **kwargs):
+                await gate.wait()
+                return await put(*args, **kwargs)
+
+            monkeypatch.setattr(s.a.store, "put", held_put)
+            # A renewal: a step of a's that writes, held at its write.
+            busy = asyncio.create_task(s.a.renew(s.spec, "holder", holder.token, 60))
+            await s.until(lambda: "held" in s.a._runners)
+            s.wait(s.a, "early")  # waits for a's step
+            await s.until(lambda: any(s.a._local.get("held", {})))
+            s.wait(s.b, "late")
+            await s.until(lambda: s.queued("late"))
+            gate.set()
+            assert await busy is not None
+            await s.until(lambda: s.queued("early"))
+            return await s.serve(s.a, holder)
+
+    assert asyncio.run(scenario()) == ["early", "late"]

@@ -103,6 +103,13 @@ LINGER_MAX = 0.05
 # expires. Longer leases (and leases that never expire) are delivered by a
 # write first, so such a grant is undone within seconds of the death.
 ANSWER_ON_READ_MAX_TTL = 60.0
+# A queue entry takes its place by when its request came (on the store's
+# clock: Redis's own, else each server's), also when its write lingered or was
+# redone on a record another server wrote meanwhile. Servers' clocks may
+# disagree, so an arrival time is taken no earlier than this many seconds
+# before the latest one already queued: a server whose clock is behind (by
+# hours, say) moves its waits past at most that much of the queue.
+ARRIVAL_TRUST = 1.0
 # A pool with nothing held or queued keeps a small record (its fence) this long.
 IDLE_TTL = 24 * 3600
 # After a store loss, pools that never expire leases are held back this long.
@@ -367,7 +374,7 @@ class _LocalWaiter:
     missing: bool = False  # not in the stored state any more (dropped, or the store lost it)
     cancelling: bool = False  # timed out: a step takes it off (no answering it on a read)
     came: float = 0.0  # when the request came (store clock)
-    since: float | None = None  # its place in the queue, set when its entry is first made
+    since: float | None = None  # its place in the queue (see ARRIVAL_TRUST)
 
 
 class SharedStateBackend(LockBackend):
@@ -1193,14 +1200,14 @@ class SharedStateBackend(LockBackend):
             local.came = self.store.now()
 
             def enqueue(engine: LockEngine, now: float, local: _LocalWaiter = local) -> Any:
-                if local.since is None:
-                    # First run: the entry's place is by when the request came
-                    # (its write may linger, or be redone on a record another
-                    # server wrote meanwhile), but never ahead of an entry queued
-                    # now: servers whose clocks disagree move it past no more
-                    # than the entries written meanwhile.
-                    last = engine.last_arrival(spec.name)
-                    local.since = local.came if last is None else max(local.came, last)
+                # Its place: when it came, bounded by ARRIVAL_TRUST against each
+                # record it runs on (a redo runs on a newer one), never lowered.
+                last = engine.last_arrival(spec.name)
+                since = local.came if last is None else max(local.came, last - ARRIVAL_TRUST)
+                if local.since is None or since > local.since:
+                    if local.since is not None:  # its encoded entry holds the old time
+                        self._fragments.get(spec.name, {}).pop(local.id, None)
+                    local.since = since
                 waiter = engine.enqueue(
                     spec,
                     owner,
