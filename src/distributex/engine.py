@@ -170,17 +170,21 @@ class PoolState:
     blocked_until: float = -math.inf
 
 
+def _came(waiters: list[Waiter]) -> float:
+    """When an owner in the queue came: when the earliest of its waits came."""
+    return min(w.since for w in waiters)
+
+
 def _queue_by_arrival(queue: dict[str, list[Waiter]], owner: str, waiter: Waiter) -> None:
     """Put a new owner in the queue behind everyone who came no later than ``waiter``.
 
-    An owner came when the earliest of its waiting requests came.
     Usually that is the end. A late-written request passes only the few
     owners at the tail that came after it: they are taken off and put back
     behind it (dict order is the queue order), not the whole queue rebuilt.
     """
     passed: list[str] = []
     for ahead in reversed(queue):
-        if min(w.since for w in queue[ahead]) <= waiter.since:
+        if _came(queue[ahead]) <= waiter.since:
             break
         passed.append(ahead)
     moved = [queue.popitem() for _ in passed]
@@ -240,7 +244,7 @@ class LockEngine:
         state = self._pools.get(pool)
         if state is None or not state.queue:
             return None
-        return min(w.since for w in state.queue[next(reversed(state.queue))])
+        return _came(state.queue[next(reversed(state.queue))])
 
     @property
     def paused(self) -> bool:

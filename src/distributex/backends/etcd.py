@@ -55,7 +55,7 @@ from typing import Any
 import aiohttp
 
 from distributex.backends.base import BackendUnavailable
-from distributex.backends.shared import Conflict, Store, Stored
+from distributex.backends.shared import Conflict, Store, Stored, split_nudge
 
 log = logging.getLogger("distributex.etcd")
 
@@ -413,10 +413,9 @@ class EtcdStore(Store):
                         kv = event.get("kv", {})
                         revision = max(revision or 0, int(kv.get("mod_revision", 0)))
                         if event.get("type") != "DELETE":
-                            name, sep, record = _unb64(kv.get("value")).partition(b"\0")
-                            pool = name.decode("utf-8", "replace")
-                            stored = Stored(record, int(kv["mod_revision"])) if sep else None
-                            nudged(pool, stored)
+                            pool, record = split_nudge(_unb64(kv.get("value")))
+                            version = int(kv["mod_revision"])
+                            nudged(pool, None if record is None else Stored(record, version))
                 raise EtcdError(0, "watch stream ended")
             except asyncio.CancelledError:
                 raise

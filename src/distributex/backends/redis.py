@@ -57,7 +57,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from distributex.backends.base import BackendUnavailable
-from distributex.backends.shared import Conflict, Store, Stored
+from distributex.backends.shared import Conflict, Store, Stored, split_nudge
 from distributex.config import parse_sentinel_url
 
 try:
@@ -137,9 +137,8 @@ def describe_url(url: str) -> str:
 
 def _nudge_message(data: bytes) -> tuple[str, Stored | None]:
     """A nudge: the pool's name, and the record written with it if it came along."""
-    name, sep, raw = data.partition(b"\0")
-    pool = name.decode("utf-8", "replace")
-    if not sep or len(raw) < VERSION_LENGTH:
+    pool, raw = split_nudge(data)
+    if raw is None or len(raw) < VERSION_LENGTH:
         return pool, None  # from notify(): the name alone
     return pool, Stored(raw[VERSION_LENGTH:], raw[:VERSION_LENGTH].decode())
 

@@ -278,6 +278,13 @@ def encode_pool(
     return zlib.compress(record, 1) if compress else record
 
 
+def split_nudge(message: bytes) -> tuple[str, bytes | None]:
+    """A nudge a store carried: the pool's name, and what follows a NUL (the
+    record written with the grant, in the store's own framing) if anything does."""
+    name, sep, rest = message.partition(b"\0")
+    return name.decode("utf-8", "replace"), rest if sep else None
+
+
 def _json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
