@@ -263,3 +263,39 @@ def test_status_stream_and_metrics_behind_authentication(server_factory) -> None
     assert text.count("# TYPE distributex_refusals_total counter") == 1
     opened = server_factory(TOKENS + "status_public: true\n" + POOLS)
     assert stream_head(opened, "/status/events").startswith("HTTP/1.1 200")
+
+
+def _allowed_cpus(pid: int, tid: int | None = None) -> str:
+    status = Path(f"/proc/{pid}" + (f"/task/{tid}" if tid else "") + "/status").read_text()
+    line = next(x for x in status.splitlines() if x.startswith("Cpus_allowed_list:"))
+    return line.split(":", 1)[1].strip()
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux CPU affinity")
+def test_cpus_keeps_every_thread_on_them(server_factory, tmp_path: Path) -> None:
+    cpu = max(os.sched_getaffinity(0))  # one CPU this test may use
+    config = f"backend: sqlite\nsqlite_path: {tmp_path / 'state.db'}\nautocreate: true\n"
+    server = server_factory(config, args=["--cpus", str(cpu)])
+    assert server.call(q("get", "a", "p")).body == "YES"  # the SQLite thread runs by now
+    threads = [int(t) for t in os.listdir(f"/proc/{server.proc.pid}/task")]
+    assert len(threads) >= 2  # the event loop and the SQLite thread
+    assert {_allowed_cpus(server.proc.pid, t) for t in threads} == {str(cpu)}
+    line = next(x for x in server.log.read_text().splitlines() if " serving " in x)
+    if (os.cpu_count() or 1) > 1:  # the start-up line names them
+        assert line.endswith(f", CPU {cpu})")
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        ("x", "argument --cpus: 'x' is not a CPU list (numbers and ranges: 1 or 0,2-3)"),
+        ("0,", "argument --cpus: '0,' is not a CPU list (numbers and ranges: 1 or 0,2-3)"),
+        ("3-1", "argument --cpus: '3-1' is an empty range of CPUs"),
+        ("4096", "--cpus: CPU 4096 is not one this process may use (it may use "),
+    ],
+)
+def test_cpus_refused_in_one_line(value: str, error: str) -> None:
+    cmd = [sys.executable, "-m", "distributex", "-p", "0", "--cpus", value]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith(f"distributexd: error: {error}")

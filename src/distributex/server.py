@@ -471,8 +471,47 @@ def build_parser() -> argparse.ArgumentParser:
         help="uvloop if it is installed (auto, the default: up to 15%% more hand-offs a "
         "second on a busy lock), or asyncio's own loop",
     )
+    parser.add_argument(
+        "--cpus",
+        metavar="LIST",
+        type=cpu_list,
+        help="run on these CPUs only (Linux), e.g. 1 or 0,2-3; default: wherever the system "
+        "schedules it. On one CPU the sqlite backend's thread and the event loop hand work "
+        "to each other without waking another CPU",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
+
+
+def cpu_list(text: str) -> set[int]:
+    """A CPU list as taskset and systemd's CPUAffinity= take it: ``1``, ``0,2-3``."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        first, dash, last = part.strip().partition("-")
+        if not first.isdigit() or (dash and not last.isdigit()):
+            raise argparse.ArgumentTypeError(
+                f"'{text}' is not a CPU list (numbers and ranges: 1 or 0,2-3)"
+            )
+        low, high = int(first), int(last) if dash else int(first)
+        if high < low:
+            raise argparse.ArgumentTypeError(f"'{part.strip()}' is an empty range of CPUs")
+        cpus.update(range(low, high + 1))
+    return cpus
+
+
+def pin_to_cpus(cpus: set[int]) -> None:
+    """Keep this process (its threads, and those it starts later) on ``cpus``.
+
+    Raises ValueError with the reason if that cannot be done here.
+    """
+    if not hasattr(os, "sched_setaffinity"):
+        raise ValueError("this system cannot keep a process on given CPUs (Linux can)")
+    allowed = os.sched_getaffinity(0)
+    if not cpus <= allowed:
+        missing = ",".join(str(cpu) for cpu in sorted(cpus - allowed))
+        here = ",".join(str(cpu) for cpu in sorted(allowed))
+        raise ValueError(f"CPU {missing} is not one this process may use (it may use {here})")
+    os.sched_setaffinity(0, cpus)
 
 
 def resolve_config(args: argparse.Namespace, default_bind: str = DEFAULT_BIND) -> Config:
@@ -612,19 +651,30 @@ async def serve(
     loop.add_signal_handler(signal.SIGHUP, on_hangup)
     source = config.source or "built-in configuration"
     log.info(
-        "distributex %s serving %s on %s (%s backend, %s, %s loop)",
+        "distributex %s serving %s on %s (%s backend, %s, %s loop%s)",
         __version__,
         ", ".join(config.pools) or "pools made on first use",
         server_url(config.bind or DEFAULT_BIND, config.port, config.tls is not None),
         config.backend,
         source,
         type(loop).__module__.split(".")[0],
+        _cpus_note(),
     )
     sdnotify.ready(f"serving on {server_url(config.bind or DEFAULT_BIND, config.port)}")
     await stop.wait()
     log.info("stopping")
     sdnotify.stopping()
     await stop_server(runner, backend)
+
+
+def _cpus_note() -> str:
+    """ ", CPUs 1" for the start-up line when the process may run on some CPUs only."""
+    if not hasattr(os, "sched_getaffinity"):
+        return ""
+    mine = os.sched_getaffinity(0)
+    if len(mine) >= (os.cpu_count() or 0):
+        return ""
+    return f", CPU{'s' if len(mine) > 1 else ''} {','.join(str(cpu) for cpu in sorted(mine))}"
 
 
 def event_loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -657,6 +707,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.log_format == "json":
         for handler in logging.getLogger().handlers:
             handler.setFormatter(JsonFormatter())
+    if args.cpus is not None:
+        # Before any thread starts: threads take the process's CPUs when made.
+        try:
+            pin_to_cpus(args.cpus)
+        except (ValueError, OSError) as exc:
+            print(f"distributexd: error: --cpus: {exc}", file=sys.stderr)
+            return 2
     try:
         config = resolve_config(args)
     except ConfigError as exc:
