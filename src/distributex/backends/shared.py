@@ -233,7 +233,7 @@ def encode_pool(
     ``fragments`` (waiter id -> its queue entry's JSON), kept by the caller
     from one record of a pool to the next, saves encoding the same queue
     entries at every step (under load the queue is long and changes at its
-    ends only); it is refilled with the entries of this record.
+    ends only); this record's new entries are added to it.
     """
 
     def when(t: float) -> float | None:
@@ -252,17 +252,19 @@ def encode_pool(
                     [lease.token, lease.ttl, lease.granted_at, when(lease.expires_at), waiter]
                 )
             holds.append([hold.owner, hold.fence, hold.granted_at, leases])
-        known = {} if fragments is None else fragments
-        seen: dict[str, str] = {}
-        for w in state.queue:
-            entry = known.get(w.id)
-            if entry is None:
-                entry = _json([w.id, w.server, w.owner, w.ttl, w.since])
-            seen[w.id] = entry
-            queue.append(entry)
-        if fragments is not None:
-            fragments.clear()
-            fragments.update(seen)
+        known: dict[str, str] = {} if fragments is None else fragments
+
+        def entry(w: Waiter) -> str:
+            known[w.id] = text = _json([w.id, w.server, w.owner, w.ttl, w.since])
+            return text
+
+        queue = [known.get(w.id) or entry(w) for w in state.queue]
+        if len(known) > 2 * len(queue) + 64:
+            # Entries of waiters gone (granted, left): forgotten now and then,
+            # not at every step (ids are never used again).
+            current = {w.id for w in state.queue}
+            for gone in known.keys() - current:
+                del known[gone]
         if state.blocked_until != -math.inf:
             blocked = state.blocked_until
     head = {
@@ -937,11 +939,17 @@ class SharedStateBackend(LockBackend):
         waiters = engine.waiters_of(spec.name)
         if not waiters:
             return
+        # Set operations first: on a long queue of this server's own waiters
+        # (the usual case) nothing is looked at one by one.
         local = self._local.get(spec.name, {})
-        others = {w.server for w in waiters if w.server and w.server != self.server_id}
+        unknown = {w.id for w in waiters} - local.keys()  # others', or strays of ours
+        if not unknown:
+            return
+        suspects = [w for w in waiters if w.id in unknown]
+        others = {w.server for w in suspects if w.server and w.server != self.server_id}
         dead = await self._dead_servers(others) if others else set()
         answered = self._answered.get(spec.name, ())
-        for waiter in waiters:
+        for waiter in suspects:
             if waiter.server in dead:
                 if waiter.lease is not None and _answered_on_read(waiter.lease):
                     # It may have been answered YES (without a write): it holds
@@ -952,7 +960,7 @@ class SharedStateBackend(LockBackend):
                         "dropping a waiter of stopped server %s on '%s'", waiter.server, spec.name
                     )
                     engine.cancel(waiter, now)
-            elif waiter.server == self.server_id and waiter.id not in local:
+            elif waiter.server == self.server_id:
                 if waiter.id in answered and waiter.lease is not None:
                     engine.deliver(waiter)
                 else:
@@ -1032,7 +1040,7 @@ class SharedStateBackend(LockBackend):
         local = self._local.get(spec.name)
         if not local and not answered:
             return
-        present = {w.id: w for w in engine.waiters_of(spec.name)}
+        present = {w.id for w in engine.waiters_of(spec.name)}
         if answered:
             # Written as delivered (or ended) by now: nothing left to mark.
             answered.intersection_update(present)
@@ -1040,14 +1048,14 @@ class SharedStateBackend(LockBackend):
                 del self._answered[spec.name]
         if not local:
             return
-        for waiter in local.values():
-            if not waiter.queued or waiter in delivered:
-                continue
-            found = present.get(waiter.id)
-            if found is None:
+        for waiter_id in local.keys() - present:
+            waiter = local[waiter_id]
+            if waiter.queued and waiter not in delivered:
                 waiter.missing = True
                 waiter.wake.set()
-            elif found.lease is not None:
+        for found in engine.granted_waiters(spec.name):
+            waiter = local.get(found.id)
+            if waiter is not None and waiter.queued and waiter not in delivered:
                 waiter.granted = True
                 waiter.wake.set()
 
