@@ -291,6 +291,7 @@ def test_cpus_keeps_every_thread_on_them(server_factory, tmp_path: Path) -> None
         ("x", "argument --cpus: 'x' is not a CPU list (numbers and ranges: 1 or 0,2-3)"),
         ("0,", "argument --cpus: '0,' is not a CPU list (numbers and ranges: 1 or 0,2-3)"),
         ("3-1", "argument --cpus: '3-1' is an empty range of CPUs"),
+        ("0-99999999999", "argument --cpus: CPU 99999999999 is out of range (0-8191)"),
         ("4096", "--cpus: CPU 4096 is not one this process may use (it may use "),
     ],
 )

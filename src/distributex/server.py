@@ -483,6 +483,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Linux numbers CPUs below its build limit, NR_CPUS (at most 8192).
+MAX_CPU = 8191
+
+
 def cpu_list(text: str) -> set[int]:
     """A CPU list as taskset and systemd's CPUAffinity= take it: ``1``, ``0,2-3``."""
     cpus: set[int] = set()
@@ -495,6 +499,8 @@ def cpu_list(text: str) -> set[int]:
         low, high = int(first), int(last) if dash else int(first)
         if high < low:
             raise argparse.ArgumentTypeError(f"'{part.strip()}' is an empty range of CPUs")
+        if high > MAX_CPU:
+            raise argparse.ArgumentTypeError(f"CPU {high} is out of range (0-{MAX_CPU})")
         cpus.update(range(low, high + 1))
     return cpus
 
@@ -508,10 +514,15 @@ def pin_to_cpus(cpus: set[int]) -> None:
         raise ValueError("this system cannot keep a process on given CPUs (Linux can)")
     allowed = os.sched_getaffinity(0)
     if not cpus <= allowed:
-        missing = ",".join(str(cpu) for cpu in sorted(cpus - allowed))
-        here = ",".join(str(cpu) for cpu in sorted(allowed))
-        raise ValueError(f"CPU {missing} is not one this process may use (it may use {here})")
+        raise ValueError(
+            f"CPU {_cpus_text(cpus - allowed)} is not one this process may use "
+            f"(it may use {_cpus_text(allowed)})"
+        )
     os.sched_setaffinity(0, cpus)
+
+
+def _cpus_text(cpus: set[int]) -> str:
+    return ",".join(str(cpu) for cpu in sorted(cpus))
 
 
 def resolve_config(args: argparse.Namespace, default_bind: str = DEFAULT_BIND) -> Config:
@@ -668,13 +679,13 @@ async def serve(
 
 
 def _cpus_note() -> str:
-    """ ", CPUs 1" for the start-up line when the process may run on some CPUs only."""
+    """For the start-up line: the CPUs this process may use, if not all of them."""
     if not hasattr(os, "sched_getaffinity"):
         return ""
     mine = os.sched_getaffinity(0)
     if len(mine) >= (os.cpu_count() or 0):
         return ""
-    return f", CPU{'s' if len(mine) > 1 else ''} {','.join(str(cpu) for cpu in sorted(mine))}"
+    return f", CPU{'s' if len(mine) > 1 else ''} {_cpus_text(mine)}"
 
 
 def event_loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
