@@ -294,6 +294,9 @@ class EngineMachine(RuleBasedStateMachine):
                 )
                 assert hold.expires_at > self.now  # nothing outlives its time
             assert self.engine.waiting(name) == model.queue
+            waiters = self.engine.waiters_of(name)
+            assert self.engine.waiter_ids(name) == {w.id for w in waiters}
+            assert len(waiters) == len({w.id for w in waiters})  # ids are unique
             last = self.came(name, model.queue[-1]) if model.queue else None
             assert self.engine.last_arrival(name) == last
             if model.queue and not self.paused:

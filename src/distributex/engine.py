@@ -530,6 +530,15 @@ class LockEngine:
         queued = [w for waiters in state.queue.values() for w in waiters]
         return queued + self.granted_waiters(pool)
 
+    def waiter_ids(self, pool: str) -> set[str]:
+        """The ids of :meth:`waiters_of` (a long queue is compared by set operations)."""
+        state = self._pools.get(pool)
+        if state is None:
+            return set()
+        ids = {w.id for waiters in state.queue.values() for w in waiters}
+        ids.update(w.id for w in self.granted_waiters(pool))
+        return ids
+
     def granted_waiters(self, pool: str) -> list[Waiter]:
         """The waiting requests of a pool that are granted and not yet delivered."""
         state = self._pools.get(pool)

@@ -936,16 +936,13 @@ class SharedStateBackend(LockBackend):
         Those of servers that stopped beating, and this server's own that no
         parked request knows (left by a step whose write was in doubt).
         """
-        waiters = engine.waiters_of(spec.name)
-        if not waiters:
-            return
         # Set operations first: on a long queue of this server's own waiters
         # (the usual case) nothing is looked at one by one.
         local = self._local.get(spec.name, {})
-        unknown = {w.id for w in waiters} - local.keys()  # others', or strays of ours
+        unknown = engine.waiter_ids(spec.name) - local.keys()  # others', or strays of ours
         if not unknown:
             return
-        suspects = [w for w in waiters if w.id in unknown]
+        suspects = [w for w in engine.waiters_of(spec.name) if w.id in unknown]
         others = {w.server for w in suspects if w.server and w.server != self.server_id}
         dead = await self._dead_servers(others) if others else set()
         answered = self._answered.get(spec.name, ())
@@ -1040,7 +1037,7 @@ class SharedStateBackend(LockBackend):
         local = self._local.get(spec.name)
         if not local and not answered:
             return
-        present = {w.id for w in engine.waiters_of(spec.name)}
+        present = engine.waiter_ids(spec.name)
         if answered:
             # Written as delivered (or ended) by now: nothing left to mark.
             answered.intersection_update(present)
