@@ -114,6 +114,26 @@ def queue(server: Server, pool: str) -> list[str]:
     return [waiter["host"] for waiter in document["pools"][0]["waiters"]]
 
 
+def test_waiters_lost_with_the_store_queue_again_in_their_order(
+    mc: Memcached, server_factory
+) -> None:
+    server: Server = server_factory(config(mc, "  - name: long\n    expire: 300\n"))
+    assert server.call(q("get", "holder", "long")).body == "YES"
+    hosts = [f"w{i}" for i in range(6)]
+    waiters = []
+    for i, host in enumerate(hosts):
+        waiters.append(ParkedWait(server, host, "long"))
+        wait_until(lambda n=i + 1: len(queue(server, "long")) == n, 10, f"{host} queued")
+    assert queue(server, "long") == hosts
+    mc.start()  # restarted empty: every entry is gone; each waiter finds it and queues again
+    wait_until(lambda: len(queue(server, "long")) == len(hosts), 20, "all queued again")
+    # In the order they came (a shuffled queue would pass 1 time in 720).
+    assert queue(server, "long") == hosts
+    for waiter in waiters:
+        assert not waiter.answered()
+        waiter.hang_up()
+
+
 def test_fences_never_go_back_after_a_flush(mc: Memcached, server_factory) -> None:
     server: Server = server_factory(config(mc, "  - name: free\n    expire: 0.2\n"))
     before = int(server.call(q("get", "a", "free")).headers["X-Distributex-Fence"])

@@ -488,21 +488,26 @@ MAX_CPU = 8191
 
 
 def cpu_list(text: str) -> set[int]:
-    """A CPU list as taskset and systemd's CPUAffinity= take it: ``1``, ``0,2-3``."""
+    """A CPU list as taskset and systemd's CPUAffinity= take it: ``1``, ``0,2-3``
+    (numbers and ranges; not taskset's strides)."""
     cpus: set[int] = set()
     for part in text.split(","):
-        first, dash, last = part.strip().partition("-")
-        if not first.isdigit() or (dash and not last.isdigit()):
+        found = _CPU_RANGE.fullmatch(part.strip())
+        if found is None:
             raise argparse.ArgumentTypeError(
                 f"'{text}' is not a CPU list (numbers and ranges: 1 or 0,2-3)"
             )
-        low, high = int(first), int(last) if dash else int(first)
+        low = int(found[1])
+        high = low if found[2] is None else int(found[2])
         if high < low:
             raise argparse.ArgumentTypeError(f"'{part.strip()}' is an empty range of CPUs")
         if high > MAX_CPU:
             raise argparse.ArgumentTypeError(f"CPU {high} is out of range (0-{MAX_CPU})")
         cpus.update(range(low, high + 1))
     return cpus
+
+
+_CPU_RANGE = re.compile(r"([0-9]{1,20})(?:-([0-9]{1,20}))?")
 
 
 def pin_to_cpus(cpus: set[int]) -> None:
@@ -515,14 +520,21 @@ def pin_to_cpus(cpus: set[int]) -> None:
     allowed = os.sched_getaffinity(0)
     if not cpus <= allowed:
         raise ValueError(
-            f"CPU {_cpus_text(cpus - allowed)} is not one this process may use "
+            f"this process may not use CPU {_cpus_text(cpus - allowed)} "
             f"(it may use {_cpus_text(allowed)})"
         )
     os.sched_setaffinity(0, cpus)
 
 
 def _cpus_text(cpus: set[int]) -> str:
-    return ",".join(str(cpu) for cpu in sorted(cpus))
+    """``0-3,8``: runs of CPUs as ranges."""
+    runs: list[list[int]] = []
+    for cpu in sorted(cpus):
+        if runs and runs[-1][1] == cpu - 1:
+            runs[-1][1] = cpu
+        else:
+            runs.append([cpu, cpu])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def resolve_config(args: argparse.Namespace, default_bind: str = DEFAULT_BIND) -> Config:

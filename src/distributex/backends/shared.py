@@ -1045,11 +1045,12 @@ class SharedStateBackend(LockBackend):
                 del self._answered[spec.name]
         if not local:
             return
-        for waiter_id in local.keys() - present:
-            waiter = local[waiter_id]
-            if waiter.queued and waiter not in delivered:
-                waiter.missing = True
-                waiter.wake.set()
+        if local.keys() - present:
+            # Woken in arrival order: each queues again as it wakes.
+            for waiter in local.values():
+                if waiter.id not in present and waiter.queued and waiter not in delivered:
+                    waiter.missing = True
+                    waiter.wake.set()
         for found in engine.granted_waiters(spec.name):
             waiter = local.get(found.id)
             if waiter is not None and waiter.queued and waiter not in delivered:
