@@ -485,6 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Linux numbers CPUs below its build limit, NR_CPUS (at most 8192).
 MAX_CPU = 8191
+_CPU_RANGE = re.compile(r"([0-9]{1,20})(?:-([0-9]{1,20}))?")
 
 
 def cpu_list(text: str) -> set[int]:
@@ -505,9 +506,6 @@ def cpu_list(text: str) -> set[int]:
             raise argparse.ArgumentTypeError(f"CPU {high} is out of range (0-{MAX_CPU})")
         cpus.update(range(low, high + 1))
     return cpus
-
-
-_CPU_RANGE = re.compile(r"([0-9]{1,20})(?:-([0-9]{1,20}))?")
 
 
 def pin_to_cpus(cpus: set[int]) -> None:
