@@ -654,11 +654,15 @@ async def serve(
     load: Callable[[], Config] | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT; SIGHUP rereads the configuration with ``load``."""
-    runner, backend = await start_server(config, backend, access_log=access_log, tls=tls)
+    # Signals are ours before the port opens: one sent the moment it does
+    # must not find the default action (which ends the process).
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    early_hangups: list[int] = []  # a SIGHUP during start-up: reloaded once up
+    loop.add_signal_handler(signal.SIGHUP, early_hangups.append, signal.SIGHUP)
+    runner, backend = await start_server(config, backend, access_log=access_log, tls=tls)
     app = runner.app
     assert app is not None
 
@@ -670,6 +674,8 @@ async def serve(
             sdnotify.ready()
 
     loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    if early_hangups:
+        reload_config(app, load)  # before READY: nothing to tell systemd yet
     source = config.source or "built-in configuration"
     log.info(
         "distributex %s serving %s on %s (%s backend, %s, %s loop%s)",
