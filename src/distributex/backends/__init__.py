@@ -38,11 +38,14 @@ def make_backend(config: Config) -> LockBackend:
         advertise = config.bind or DEFAULT_BIND
         return SharedStateBackend(store, key_prefix=config.key_prefix, advertise=advertise)
     if config.backend == "etcd":
-        from distributex.backends.etcd import EtcdStore
+        from distributex.backends import etcd
         from distributex.backends.shared import SharedStateBackend
 
-        # The HTTP/JSON gateway through aiohttp: nothing more to install.
-        store = EtcdStore(
+        if etcd.grpc is None:
+            raise BackendUnavailable(
+                "backend 'etcd' needs aetcd (grpcio): pip install 'distributex[etcd]'"
+            )
+        store = etcd.EtcdStore(
             config.etcd_endpoints,
             config.key_prefix,
             cacert=config.etcd_cacert,
