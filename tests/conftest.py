@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -21,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from tests.pki import Pki
 
 
 def free_port() -> int:
@@ -200,10 +203,14 @@ class EtcdMember:
     data_dir: Path
     cluster: str  # the --initial-cluster value
     proc: subprocess.Popen | None = None
+    # Clients over https only, each with a certificate of this PKI's CA (``web1``'s for
+    # ours); etcd's own certificate is ``etcd`` (its gateway is its client too).
+    tls: Pki | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.client_port}"
+        scheme = "http" if self.tls is None else "https"
+        return f"{scheme}://127.0.0.1:{self.client_port}"
 
     def start(self) -> None:
         """Start it (again: its data dir keeps what it had)."""
@@ -222,6 +229,13 @@ class EtcdMember:
             "--log-outputs=stderr",
             "--log-level=warn",
         ]
+        if self.tls is not None:
+            cmd += [
+                f"--cert-file={self.tls.cert('etcd')}",
+                f"--key-file={self.tls.key('etcd')}",
+                f"--trusted-ca-file={self.tls.ca}",
+                "--client-cert-auth",
+            ]
         log = open(self.data_dir.parent / f"{self.name}.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=log)
         log.close()
@@ -237,7 +251,11 @@ class EtcdMember:
         request = urllib.request.Request(
             self.url + path, data=json.dumps(body).encode(), method="POST"
         )
-        with urllib.request.urlopen(request, timeout=timeout) as resp:
+        context = None
+        if self.tls is not None:
+            context = ssl.create_default_context(cafile=self.tls.ca)
+            context.load_cert_chain(self.tls.cert("web1"), self.tls.key("web1"))
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as resp:
             return json.loads(resp.read())
 
 
@@ -283,7 +301,7 @@ class EtcdCluster:
             member.stop()
 
 
-def start_etcd(tmp: Path, size: int = 1) -> EtcdCluster:
+def start_etcd(tmp: Path, size: int = 1, tls: Pki | None = None) -> EtcdCluster:
     if shutil.which("etcd") is None:
         pytest.skip("etcd is not installed (scripts/test.sh installs etcd-server)")
     tmp.mkdir(parents=True, exist_ok=True)
@@ -293,7 +311,7 @@ def start_etcd(tmp: Path, size: int = 1) -> EtcdCluster:
         f"{name}=http://127.0.0.1:{peer}" for name, (_c, peer) in zip(names, ports, strict=True)
     )
     members = [
-        EtcdMember(name, client, peer, tmp / name, initial)
+        EtcdMember(name, client, peer, tmp / name, initial, tls=tls)
         for name, (client, peer) in zip(names, ports, strict=True)
     ]
     cluster = EtcdCluster(members)

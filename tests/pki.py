@@ -42,12 +42,22 @@ class Pki:
         )  # fmt: skip
 
     def issue(
-        self, name: str, cn: str, sans: list[str] | None = None, ca: str = "ca", client: bool = True
+        self,
+        name: str,
+        cn: str,
+        sans: list[str] | None = None,
+        ca: str = "ca",
+        client: bool = True,
+        usage: str | None = None,
     ) -> None:
-        """A leaf certificate ``name``.crt/.key with CN ``cn`` and SANs, signed by ``ca``."""
+        """A leaf certificate ``name``.crt/.key with CN ``cn`` and SANs, signed by ``ca``.
+
+        ``usage``: its extended key usage (default: clientAuth, or serverAuth if not ``client``).
+        """
         ext = self.path / f"{name}.ext"
         lines = ["basicConstraints=CA:FALSE", "keyUsage=critical,digitalSignature"]
-        lines.append(f"extendedKeyUsage={'clientAuth' if client else 'serverAuth'}")
+        usage = usage or ("clientAuth" if client else "serverAuth")
+        lines.append(f"extendedKeyUsage={usage}")
         if sans:
             lines.append("subjectAltName=" + ",".join(sans))
         ext.write_text("\n".join(lines) + "\n")

@@ -18,6 +18,7 @@ import pytest
 
 from distributex.config import ConfigError, load_config
 from tests.conftest import EtcdCluster, Server, start_etcd, wait_until
+from tests.pki import make_pki
 from tests.test_http import ParkedWait, q
 
 pytestmark = pytest.mark.timeout(180)
@@ -204,6 +205,46 @@ def test_auth_with_user_and_password(tmp_path, server_factory) -> None:
         assert run.returncode == 1
         assert "authentication failed" in run.stderr
         assert len(run.stderr.strip().splitlines()) == 1
+    finally:
+        cluster.stop()
+
+
+def test_tls_with_a_client_certificate(tmp_path, server_factory) -> None:
+    # etcd serving https only and asking every client for a certificate of its CA.
+    pki = make_pki(tmp_path / "pki")
+    sans = ["DNS:localhost", "IP:127.0.0.1"]
+    pki.issue("etcd", "localhost", sans, usage="serverAuth,clientAuth")
+    cluster = start_etcd(tmp_path / "etcd-tls", tls=pki)
+    try:
+        url = cluster.members[0].url
+        assert url.startswith("https://")
+        files = (
+            f"etcd_cacert: {pki.ca}\netcd_cert: {pki.cert('web1')}\netcd_key: {pki.key('web1')}\n"
+        )
+        server: Server = server_factory(config(url, extra=files))
+        assert server.call(q("get", "a", "p")).body == "YES"
+        waiter = ParkedWait(server, "b", "p")
+        time.sleep(0.2)
+        assert server.call(q("release", "a", "p")).body == "OK"
+        assert waiter.answer(timeout=10)[2] == "YES"
+        assert keys_under(cluster, "distributex/pool/")  # the record, written over TLS
+        # Without a client certificate, or trusting another CA: refused, in one line.
+        for name, extra in (
+            ("no-cert", f"etcd_cacert: {pki.ca}\n"),
+            ("other-ca", f"etcd_cacert: {pki.path / 'foreign-ca.crt'}\n"),
+        ):
+            bad = tmp_path / f"{name}.yaml"
+            bad.write_text(config(url, extra=extra))
+            run = subprocess.run(
+                [sys.executable, "-m", "distributex", "-p", "0", "-c", str(bad)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert run.returncode == 1, (name, run.stderr)
+            assert len(run.stderr.strip().splitlines()) == 1, (name, run.stderr)
+            assert "etcd: no member answers" in run.stderr, (name, run.stderr)
+            assert "cannot connect" in run.stderr, (name, run.stderr)
     finally:
         cluster.stop()
 

@@ -49,6 +49,7 @@ import asyncio
 import logging
 import os
 import random
+import re
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
@@ -56,6 +57,10 @@ from typing import Any, TypeVar
 
 from distributex.backends.base import BackendUnavailable
 from distributex.backends.shared import Conflict, Store, Stored, split_nudge
+
+# gRPC's core logs to stderr on its own (a refused TLS handshake: three lines);
+# the store says what failed in its own words. GRPC_VERBOSITY=INFO shows them.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 try:  # the ``etcd`` extra
     import grpc
@@ -89,6 +94,7 @@ NO_LEADER = "etcdserver: no leader"
 AUTH_RETRY = ("etcdserver: invalid auth token", "etcdserver: user name is empty")
 # gRPC's words for a call that never reached a member.
 NOT_CONNECTED = "failed to connect to all addresses"
+_GRPC_PREFIX = re.compile(r"^[A-Z_]+: (?:(?:ipv4|ipv6|unix):\S+: )?")
 
 
 def _host(endpoint: str) -> str:
@@ -503,11 +509,12 @@ def _reason(problem: BaseException | str) -> str:
     if isinstance(problem, EtcdError):
         return problem.message
     text = problem if isinstance(problem, str) else str(problem)
-    if text.startswith(NOT_CONNECTED):  # gRPC's long form: keep the OS's words
-        for known in ("Connection refused", "Connection reset", "timed out", "No route to host"):
-            if known in text:
-                return known.lower()
-        return "cannot connect"
+    if text.startswith(NOT_CONNECTED):
+        # "...; last error: UNKNOWN: ipv4:10.0.0.5:2379: Failed to connect to remote
+        # host: Connection refused": the last words say what happened.
+        last = _GRPC_PREFIX.sub("", text.partition("last error: ")[2])
+        last = last.removeprefix("Failed to connect to remote host: ")
+        return f"cannot connect: {last.lower()}" if last else "cannot connect"
     return text or type(problem).__name__
 
 
