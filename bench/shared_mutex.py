@@ -23,13 +23,16 @@ With ``--backend etcd`` it starts an etcd cluster instead (Debian's
 etcd-server, ``--members`` of them on loopback, data in a temp dir); server
 *j* asks member *j* first. Then, in the same run and on the same cluster,
 the same number of clients fight for one lock through etcd's own v3 lock API
-(a lease each, then /v3/lock/lock and /v3/lock/unlock through the HTTP
-gateway, client *i* on member *i* mod M), measured the same way (its fence
-is the revision the lock was taken at).
+(a lease each, then Lock and Unlock, client *i* on member *i* mod M), measured
+the same way (its fence is the revision the lock was taken at): through the
+HTTP/JSON gateway (/v3/lock/lock, aiohttp, a connection per client) and over
+gRPC (a channel per member, as the servers have), one after the other
+(``--lock-api`` picks one).
 
     .venv/bin/python bench/shared_mutex.py
         [--backend memcache|redis|etcd|sqlite|inmemory] [--servers N]
         [--clients 50] [--duration 10] [--members 3] [--lock-sleep 0.1] [--json]
+        [--lock-api gateway|grpc|both]
         [--client aiohttp|raw] [--profile FILE]
 """
 
@@ -232,6 +235,100 @@ async def etcd_lock_loop(
             await resp.read()
 
 
+def v3lock_messages() -> tuple[Any, Any, Any, Any]:
+    """etcd's v3lock messages (LockRequest/Response, UnlockRequest/Response).
+
+    aetcd ships etcd's KV, lease and watch messages but not the lock service's;
+    its four small messages are described here at run time.
+    """
+    from aetcd import rpc  # noqa: F401 - registers etcdserverpb.ResponseHeader
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    pool = descriptor_pool.Default()
+    name = "distributex_bench_v3lock.proto"
+    try:
+        pool.FindFileByName(name)
+    except KeyError:
+        field = descriptor_pb2.FieldDescriptorProto
+        proto = descriptor_pb2.FileDescriptorProto(
+            name=name, package="v3lockpb", dependency=["rpc.proto"]
+        )
+        shapes = {
+            "LockRequest": [
+                ("name", 1, field.TYPE_BYTES, None),
+                ("lease", 2, field.TYPE_INT64, None),
+            ],
+            "LockResponse": [
+                ("header", 1, field.TYPE_MESSAGE, ".etcdserverpb.ResponseHeader"),
+                ("key", 2, field.TYPE_BYTES, None),
+            ],
+            "UnlockRequest": [("key", 1, field.TYPE_BYTES, None)],
+            "UnlockResponse": [("header", 1, field.TYPE_MESSAGE, ".etcdserverpb.ResponseHeader")],
+        }
+        for message, fields in shapes.items():
+            shape = proto.message_type.add(name=message)
+            for fname, number, ftype, type_name in fields:
+                added = shape.field.add(
+                    name=fname, number=number, type=ftype, label=field.LABEL_OPTIONAL
+                )
+                if type_name:
+                    added.type_name = type_name
+        pool.Add(proto)
+    return tuple(  # type: ignore[return-value]
+        message_factory.GetMessageClass(pool.FindMessageTypeByName(f"v3lockpb.{m}"))
+        for m in ("LockRequest", "LockResponse", "UnlockRequest", "UnlockResponse")
+    )
+
+
+async def etcd_grpc_lock_load(
+    urls: Sequence[str], clients: int, warmup: float, duration: float
+) -> dict[str, Any]:
+    """The same load on etcd's own lock API over gRPC: one channel per member."""
+    import grpc.aio
+
+    channels = [grpc.aio.insecure_channel(url.split("://", 1)[1]) for url in urls]
+    try:
+        return await load(channels, clients, warmup, duration, etcd_grpc_lock_loop)
+    finally:
+        for channel in channels:
+            await channel.close()
+
+
+async def etcd_grpc_lock_loop(
+    index: int,
+    channel: Any,
+    window: tuple[float, float],
+    grants: list[tuple[Grant, int]],
+    waits: list[float],
+    counts: list[int],
+) -> None:
+    """One contender on etcd's own lock API over gRPC: a lease, then Lock / Unlock in a loop."""
+    from aetcd import rpc
+
+    lock_request, lock_response, unlock_request, unlock_response = v3lock_messages()
+    lock = channel.unary_unary(
+        "/v3lockpb.Lock/Lock",
+        request_serializer=lock_request.SerializeToString,
+        response_deserializer=lock_response.FromString,
+    )
+    unlock = channel.unary_unary(
+        "/v3lockpb.Lock/Unlock",
+        request_serializer=unlock_request.SerializeToString,
+        response_deserializer=unlock_response.FromString,
+    )
+    leases = rpc.LeaseStub(channel)
+    lease = (await leases.LeaseGrant(rpc.LeaseGrantRequest(TTL=120), timeout=60)).ID
+    try:
+        while time.monotonic() < window[1]:
+            sent = time.monotonic_ns()
+            answer = await lock(lock_request(name=POOL.encode(), lease=lease), timeout=60)
+            yes = time.monotonic_ns()
+            note_grant(index, sent, yes, answer.header.revision, window, grants, waits, counts)
+            await unlock(unlock_request(key=answer.key), timeout=60)
+    finally:
+        await leases.LeaseRevoke(rpc.LeaseRevokeRequest(ID=lease), timeout=60)
+
+
 async def redis_lock_loop(
     index: int,
     client: Any,
@@ -397,6 +494,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--lock-sleep", type=float, default=0.1, help="redis: redis-py Lock's polling interval"
     )
+    parser.add_argument(
+        "--lock-api",
+        choices=["gateway", "grpc", "both"],
+        default="both",
+        help="etcd: how its own lock API is driven, after the servers' run",
+    )
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--warmup", type=float, default=1.0)
@@ -424,9 +527,9 @@ def main(argv: list[str] | None = None) -> int:
         configs.append(path)
         return path
 
-    # The store's own lock, run after the servers' on the same store (redis, etcd).
-    rival: Callable[[], Coroutine[Any, Any, dict[str, Any]]] | None = None
-    rival_title = ""
+    # The store's own lock, run after the servers' on the same store (redis, etcd):
+    # (title, key in the figures, the run).
+    rivals: list[tuple[str, str, Callable[[], Coroutine[Any, Any, dict[str, Any]]]]] = []
     if args.backend == "memcache":
         memcached, mc_port = start_memcached()
         stores = [memcached]
@@ -439,10 +542,10 @@ def main(argv: list[str] | None = None) -> int:
         servers_n = args.servers or 3
         text = f"backend: redis\nredis_url: redis://{LOOPBACK}:{redis_port}/0\n"
         paths = [write_config(text)] * servers_n
-        rival_title = f"redis-py Lock (sleep {args.lock_sleep} s)"
-        rival = functools.partial(
+        run = functools.partial(
             redis_lock_load, redis_port, args.clients, args.warmup, args.duration, args.lock_sleep
         )
+        rivals.append((f"redis-py Lock (sleep {args.lock_sleep} s)", "redis_py_lock", run))
     elif args.backend == "etcd":
         stores, urls = start_etcd(args.members, state.name)
         servers_n = args.servers or 2
@@ -450,10 +553,17 @@ def main(argv: list[str] | None = None) -> int:
         for j in range(servers_n):  # server j asks member j first
             order = urls[j % len(urls) :] + urls[: j % len(urls)]
             paths.append(write_config(f"backend: etcd\netcd_endpoints: {','.join(order)}\n"))
-        rival_title = f"etcd's lock API ({args.members} members)"
-        rival = functools.partial(
-            load, urls, args.clients, args.warmup, args.duration, etcd_lock_loop
-        )
+        title = f"etcd's lock API ({args.members} members"
+        if args.lock_api in ("gateway", "both"):
+            run = functools.partial(
+                load, urls, args.clients, args.warmup, args.duration, etcd_lock_loop
+            )
+            rivals.append((f"{title}, JSON gateway)", "etcd_lock_api", run))
+        if args.lock_api in ("grpc", "both"):
+            run = functools.partial(
+                etcd_grpc_lock_load, urls, args.clients, args.warmup, args.duration
+            )
+            rivals.append((f"{title}, gRPC)", "etcd_lock_api_grpc", run))
     elif args.backend == "sqlite":
         # On the disk the tests use (not a tmpfs): fsyncs cost what they cost there.
         path = os.path.join(state.name, "state.db")
@@ -465,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
         paths = [write_config("backend: inmemory\n")]
     store_pids = [p.pid for p in stores]
     servers: list[Server] = []
-    lock_api: dict[str, Any] | None = None
+    lock_apis: dict[str, dict[str, Any]] = {}
     try:
         servers = [Server(config=path).start() for path in paths]
         cpu0 = [s.cpu_seconds() for s in servers]
@@ -486,8 +596,8 @@ def main(argv: list[str] | None = None) -> int:
         store_cpu = sum(proc_cpu_seconds(pid) for pid in store_pids) - store0
         for server in servers:
             server.stop()  # idle servers' heartbeats stay out of the rival's run
-        if rival is not None:
-            lock_api = rival_lock(rival(), store_pids, store, args.duration)
+        for _title, key, run in rivals:
+            lock_apis[key] = rival_lock(run(), store_pids, store, args.duration)
     finally:
         for server in servers:
             server.stop()
@@ -546,9 +656,9 @@ def main(argv: list[str] | None = None) -> int:
         label = f"commits / fsyncs per grant (sync {args.sync})"
         ratios = f"{rows['sqlite_commits_per_grant']:.2f} / {rows['sqlite_fsyncs_per_grant']:.2f}"
         table.insert(-1, (label, ratios))
-    if lock_api is not None:
-        rows["redis_py_lock" if args.backend == "redis" else "etcd_lock_api"] = lock_api
-        table += rival_table(rival_title, lock_api, store)
+    for title, key, _run in rivals:
+        rows[key] = lock_apis[key]
+        table += rival_table(title, lock_apis[key], store)
     emit(rows, table, "shared mutex fight", args.json)
     return 1 if sum(violations.values()) else 0
 
