@@ -246,6 +246,15 @@ class EtcdMember:
             self.proc.wait(10)
         self.proc = None
 
+    def is_leader(self) -> bool:
+        """Whether it runs and says it is the leader."""
+        if self.proc is None:
+            return False
+        with contextlib.suppress(OSError, ValueError):
+            status = self.post("/v3/maintenance/status", {}, timeout=2)
+            return status.get("leader") == status["header"]["member_id"]
+        return False
+
     def post(self, path: str, body: dict, timeout: float = 5) -> dict:
         """A call to its v3 HTTP gateway (e.g. '/v3/maintenance/status')."""
         request = urllib.request.Request(
@@ -288,12 +297,8 @@ class EtcdCluster:
 
     def leader(self) -> EtcdMember:
         for member in self.members:
-            if member.proc is None:
-                continue
-            with contextlib.suppress(OSError, ValueError):
-                status = member.post("/v3/maintenance/status", {}, timeout=2)
-                if status.get("leader") == status["header"]["member_id"]:
-                    return member
+            if member.is_leader():
+                return member
         raise RuntimeError("no etcd member is the leader")
 
     def stop(self) -> None:

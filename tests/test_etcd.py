@@ -8,16 +8,18 @@ sharing it.
 from __future__ import annotations
 
 import base64
+import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 
 import pytest
 
 from distributex.config import ConfigError, load_config
-from tests.conftest import EtcdCluster, Server, start_etcd, wait_until
+from tests.conftest import EtcdCluster, EtcdMember, Server, start_etcd, wait_until
 from tests.pki import make_pki
 from tests.test_http import ParkedWait, q
 
@@ -40,10 +42,59 @@ def keys_under(cluster: EtcdCluster, prefix: str) -> list[str]:
     return [base64.b64decode(kv["key"]).decode() for kv in found.get("kvs", [])]
 
 
-def test_one_member_down_the_servers_go_on(etcd3: EtcdCluster, server_factory) -> None:
-    # The member every server asks first is killed: they go on through the others.
+def txns_served(member: EtcdMember) -> float:
+    """How many transactions ``member`` has answered (etcd's own metrics)."""
+    with urllib.request.urlopen(member.url + "/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    pattern = r'^grpc_server_handled_total\{grpc_code="OK",grpc_method="Txn".*\} (\S+)$'
+    return sum(float(m.group(1)) for m in re.finditer(pattern, text, re.MULTILINE))
+
+
+def test_requests_go_to_the_leader_and_follow_it(etcd3: EtcdCluster, server_factory) -> None:
+    # Endpoints listed followers first: the server still sends its writes to the leader.
     leader = etcd3.leader()
-    first = next(m for m in etcd3.members if m is not leader)
+    followers = [m for m in etcd3.members if m is not leader]
+    endpoints = ",".join(m.url for m in [*followers, leader])
+    server: Server = server_factory(config(endpoints))
+    before = {m.name: txns_served(m) for m in etcd3.members}
+    for i in range(20):
+        assert server.call(q("get", f"h{i}", f"pool{i}")).body == "YES"
+    served = {m.name: txns_served(m) - before[m.name] for m in etcd3.members}
+    assert served[leader.name] >= 20, served
+    assert all(served[m.name] == 0 for m in followers), served
+    # Leadership moved to a follower (the old leader lives on as a follower): the
+    # server notices by itself and sends its writes to the new leader.
+    new = followers[0]
+    member_id = int(new.post("/v3/maintenance/status", {})["header"]["member_id"])
+    subprocess.run(
+        ["etcdctl", f"--endpoints={leader.url}", "move-leader", f"{member_id:x}"],
+        check=True,
+        capture_output=True,
+        timeout=30,
+        env={"ETCDCTL_API": "3", "PATH": "/usr/bin:/bin"},
+    )
+    wait_until(new.is_leader, 30, "the move")
+    others = [m for m in etcd3.members if m is not new]
+
+    def on_new_leader() -> bool:
+        counts = {m.name: txns_served(m) for m in etcd3.members}
+        if server.call(q("get", "again", "again")).body != "YES":
+            return False
+        server.call(q("release", "again", "again"))
+        served = {m.name: txns_served(m) - counts[m.name] for m in etcd3.members}
+        return served[new.name] >= 2 and all(served[m.name] == 0 for m in others)
+
+    wait_until(on_new_leader, 30, "requests on the new leader", every=0.5)
+
+
+@pytest.mark.parametrize("lost", ["leader", "follower"])
+def test_one_member_down_the_servers_go_on(etcd3: EtcdCluster, server_factory, lost: str) -> None:
+    # The leader (where the servers send requests) or a follower (listed first) is
+    # killed: they go on through the others. With the leader gone, etcd answers
+    # nothing until it has elected another (a second or two): until then a 503, never
+    # a wrong answer.
+    leader = etcd3.leader()
+    first = leader if lost == "leader" else next(m for m in etcd3.members if m is not leader)
     order = [first] + [m for m in etcd3.members if m is not first]
     endpoints = ",".join(m.url for m in order)
     a: Server = server_factory(config(endpoints))
@@ -51,13 +102,22 @@ def test_one_member_down_the_servers_go_on(etcd3: EtcdCluster, server_factory) -
     assert a.call(q("get", "x", "p")).body == "YES"
     first.stop()
     began = time.monotonic()
-    assert b.call(q("get", "y", "p")).body == "NO"
+    answers = []
+
+    def answered() -> bool:
+        answers.append(b.call(q("get", "y", "p")))
+        return answers[-1].body == "NO"
+
+    wait_until(answered, 10, "service after the member's loss", every=0.1)
+    if lost == "follower":
+        assert len(answers) == 1, answers
+    assert all((r.status, r.body) == (503, "UNAVAILABLE") for r in answers[:-1]), answers
     waiter = ParkedWait(b, "y", "p", "&timeout=20")
     time.sleep(0.2)
     assert a.call(q("release", "x", "p")).body == "OK"
     status, _headers, body = waiter.answer(timeout=30)
     assert (status, body) == (200, "YES")
-    assert time.monotonic() - began < 5
+    assert time.monotonic() - began < (5 if lost == "follower" else 12)
     for i in range(10):  # every request is served, none answered 503
         server = (a, b)[i % 2]
         answer = server.call(q("get", f"h{i}", f"free{i}"))

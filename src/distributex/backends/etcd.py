@@ -16,8 +16,10 @@ etcd, and measured here a transaction through it cost etcd 820-860 us of CPU
 against 410-430 us over gRPC (one 600-byte write; the client's CPU was about
 the same). etcd 3.4, 3.5 and 3.6 are served; the tests run Debian's 3.4.
 
-Endpoints: one channel per member; a call goes to one member and moves on to
-the next when it cannot connect or says it has no leader (``hasleader``
+Endpoints: one channel per member; calls go to the leader first (each
+member's status, asked at start and every LEADER_CHECK_INTERVAL, says which
+it is; a follower would pass writes on to it), and move on to the next
+member when one cannot connect or says it has no leader (``hasleader``
 metadata: a member cut off from the quorum says so at once instead of
 hanging). A read also moves on when a member does not answer within
 READ_ATTEMPT_TIMEOUT; a write whose answer is lost is not sent again (it may
@@ -46,6 +48,7 @@ on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -76,6 +79,9 @@ T = TypeVar("T")
 # A read goes on to the next member if one does not answer in this time.
 READ_ATTEMPT_TIMEOUT = 0.5
 WATCH_BACKOFF_MAX = 1.0
+# How often the server checks that its requests go to the leader, and for how long.
+LEADER_CHECK_INTERVAL = 5.0
+LEADER_CHECK_TIMEOUT = 1.0
 # A channel that lost its member tries again at most this far apart (gRPC's
 # default grows to two minutes: too long to notice a quorum come back).
 RECONNECT_MAX_MS = 1000
@@ -123,6 +129,7 @@ class _Member:
         self.lease = rpc.LeaseStub(self.channel)
         self.watch = rpc.WatchStub(self.channel)
         self.auth = rpc.AuthStub(self.channel)
+        self.maintenance = rpc.MaintenanceStub(self.channel)
 
 
 def _ca_file(cacert: str | None) -> str | None:
@@ -186,6 +193,7 @@ class EtcdStore(Store):
         self._token: str | None = None
         self._current = 0  # the member requests go to first
         self._members: list[_Member] | None = None
+        self._leader_task: asyncio.Task[None] | None = None
         self._leases: dict[str, int] = {}  # key written with set(ttl) -> its etcd lease
         self._long: dict[int, tuple[int, float]] = {}  # ttl -> shared lease, when granted
         self._presence: int | None = None  # the lease of our heartbeat: nudge keys use it
@@ -200,8 +208,57 @@ class EtcdStore(Store):
 
     async def start(self) -> None:
         self._open()
+        await self._find_leader()
+        self._leader_task = asyncio.create_task(self._follow_leader())
+
+    async def _find_leader(self) -> bool:
+        """Send requests to the leader first, if a member says it is the leader.
+
+        A write sent to a follower is passed on to the leader, and a follower
+        learns of a commit one message later: measured here, a transaction
+        took 0.1 ms less at the leader (1.24-1.34 against 1.33-1.50 ms) and
+        cost the cluster less CPU; the two-server benchmark gained 7 %.
+        """
+        members = self._open()
+        if self._user is not None and self._token is None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(LEADER_CHECK_TIMEOUT):
+                    await self._authenticate(members[self._current])
+
+        async def status(member: _Member) -> Any:
+            async with asyncio.timeout(LEADER_CHECK_TIMEOUT):
+                return await member.maintenance.Status(
+                    rpc.StatusRequest(), metadata=self._metadata()
+                )
+
+        answers = await asyncio.gather(*(status(m) for m in members), return_exceptions=True)
+        for index, answer in enumerate(answers):
+            if isinstance(answer, BaseException):
+                continue
+            if answer.leader and answer.leader == answer.header.member_id:
+                self._current = index
+                return True
+        return False
+
+    async def _follow_leader(self) -> None:
+        """Every LEADER_CHECK_INTERVAL, go back to the leader if requests left it."""
+        while True:
+            await asyncio.sleep(LEADER_CHECK_INTERVAL)
+            with contextlib.suppress(Exception):  # requests fail over by themselves
+                member = self._open()[self._current]
+                async with asyncio.timeout(LEADER_CHECK_TIMEOUT):
+                    answer = await member.maintenance.Status(
+                        rpc.StatusRequest(), metadata=self._metadata()
+                    )
+                if answer.leader != answer.header.member_id:
+                    await self._find_leader()
 
     async def close(self) -> None:
+        task, self._leader_task = self._leader_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         members, self._members = self._members, None
         for member in members or ():
             await member.channel.close()
