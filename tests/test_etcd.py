@@ -15,6 +15,7 @@ import sys
 import time
 import urllib.request
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -40,6 +41,25 @@ def keys_under(cluster: EtcdCluster, prefix: str) -> list[str]:
     end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
     found = member.post("/v3/kv/range", {"key": b64(prefix), "range_end": b64(end)})
     return [base64.b64decode(kv["key"]).decode() for kv in found.get("kvs", [])]
+
+
+def hand_over(server: Server) -> None:
+    """A lock taken, a waiter parked behind it, the release handing it on."""
+    assert server.call(q("get", "a", "p")).body == "YES"
+    waiter = ParkedWait(server, "b", "p")
+    time.sleep(0.2)
+    assert server.call(q("release", "a", "p")).body == "OK"
+    assert waiter.answer(timeout=10)[2] == "YES"
+
+
+def refused_at_start(config_path: Path) -> subprocess.CompletedProcess[str]:
+    """A server started on ``config_path`` that is expected to stop at once."""
+    return subprocess.run(
+        [sys.executable, "-m", "distributex", "-p", "0", "-c", str(config_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def txns_served(member: EtcdMember) -> float:
@@ -248,20 +268,11 @@ def test_auth_with_user_and_password(tmp_path, server_factory) -> None:
             )
         good = "key_prefix: auth/\netcd_user: dx\netcd_password: dx-pw\n"
         server: Server = server_factory(config(url, extra=good))
-        assert server.call(q("get", "a", "p")).body == "YES"
-        waiter = ParkedWait(server, "b", "p")
-        time.sleep(0.2)
-        assert server.call(q("release", "a", "p")).body == "OK"
-        assert waiter.answer(timeout=10)[2] == "YES"
+        hand_over(server)
         # A wrong password: the server does not start, and says why in one line.
         bad = tmp_path / "bad.yaml"
         bad.write_text(config(url, extra="key_prefix: auth/\netcd_user: dx\netcd_password: no\n"))
-        run = subprocess.run(
-            [sys.executable, "-m", "distributex", "-p", "0", "-c", str(bad)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        run = refused_at_start(bad)
         assert run.returncode == 1
         assert "authentication failed" in run.stderr
         assert len(run.stderr.strip().splitlines()) == 1
@@ -282,11 +293,7 @@ def test_tls_with_a_client_certificate(tmp_path, server_factory) -> None:
             f"etcd_cacert: {pki.ca}\netcd_cert: {pki.cert('web1')}\netcd_key: {pki.key('web1')}\n"
         )
         server: Server = server_factory(config(url, extra=files))
-        assert server.call(q("get", "a", "p")).body == "YES"
-        waiter = ParkedWait(server, "b", "p")
-        time.sleep(0.2)
-        assert server.call(q("release", "a", "p")).body == "OK"
-        assert waiter.answer(timeout=10)[2] == "YES"
+        hand_over(server)
         assert keys_under(cluster, "distributex/pool/")  # the record, written over TLS
         # Without a client certificate, or trusting another CA: refused, in one line.
         for name, extra in (
@@ -295,12 +302,7 @@ def test_tls_with_a_client_certificate(tmp_path, server_factory) -> None:
         ):
             bad = tmp_path / f"{name}.yaml"
             bad.write_text(config(url, extra=extra))
-            run = subprocess.run(
-                [sys.executable, "-m", "distributex", "-p", "0", "-c", str(bad)],
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
+            run = refused_at_start(bad)
             assert run.returncode == 1, (name, run.stderr)
             assert len(run.stderr.strip().splitlines()) == 1, (name, run.stderr)
             assert "etcd: no member answers" in run.stderr, (name, run.stderr)
