@@ -8,6 +8,7 @@ sharing it.
 from __future__ import annotations
 
 import base64
+import json
 import re
 import signal
 import subprocess
@@ -76,12 +77,23 @@ def test_requests_go_to_the_leader_and_follow_it(etcd3: EtcdCluster, server_fact
     followers = [m for m in etcd3.members if m is not leader]
     endpoints = ",".join(m.url for m in [*followers, leader])
     server: Server = server_factory(config(endpoints))
-    before = {m.name: txns_served(m) for m in etcd3.members}
-    for i in range(20):
-        assert server.call(q("get", f"h{i}", f"pool{i}")).body == "YES"
-    served = {m.name: txns_served(m) - before[m.name] for m in etcd3.members}
-    assert served[leader.name] >= 20, served
-    assert all(served[m.name] == 0 for m in followers), served
+    rounds = iter(range(1000))
+
+    def all_on_the_leader() -> bool:
+        # (Polled: on a loaded machine the first status round may time out, or the
+        # young cluster may hold an election; the server finds the leader within 5 s.)
+        current = etcd3.leader()
+        before = {m.name: txns_served(m) for m in etcd3.members}
+        n = next(rounds)
+        for i in range(5):
+            assert server.call(q("get", f"h{n}-{i}", f"pool{n}-{i}")).body == "YES"
+        served = {m.name: txns_served(m) - before[m.name] for m in etcd3.members}
+        others = [m for m in etcd3.members if m is not current]
+        return served[current.name] >= 5 and all(served[m.name] == 0 for m in others)
+
+    wait_until(all_on_the_leader, 30, "writes on the leader", every=0.5)
+    leader = etcd3.leader()
+    followers = [m for m in etcd3.members if m is not leader]
     # Leadership moved to a follower (the old leader lives on as a follower): the
     # server notices by itself and sends its writes to the new leader.
     new = followers[0]
@@ -128,7 +140,7 @@ def test_one_member_down_the_servers_go_on(etcd3: EtcdCluster, server_factory, l
         answers.append(b.call(q("get", "y", "p")))
         return answers[-1].body == "NO"
 
-    wait_until(answered, 10, "service after the member's loss", every=0.1)
+    wait_until(answered, 20, "service after the member's loss", every=0.1)
     if lost == "follower":
         assert len(answers) == 1, answers
     assert all((r.status, r.body) == (503, "UNAVAILABLE") for r in answers[:-1]), answers
@@ -137,7 +149,7 @@ def test_one_member_down_the_servers_go_on(etcd3: EtcdCluster, server_factory, l
     assert a.call(q("release", "x", "p")).body == "OK"
     status, _headers, body = waiter.answer(timeout=30)
     assert (status, body) == (200, "YES")
-    assert time.monotonic() - began < (5 if lost == "follower" else 12)
+    assert time.monotonic() - began < (5 if lost == "follower" else 25)
     for i in range(10):  # every request is served, none answered 503
         server = (a, b)[i % 2]
         answer = server.call(q("get", f"h{i}", f"free{i}"))
@@ -248,25 +260,30 @@ def test_a_broken_watch_comes_back_and_a_compacted_one_checks_everything(
     assert time.monotonic() - released < 5
 
 
+def enable_auth(url: str) -> str:
+    """etcd auth on, a user ``dx`` with readwrite on ``auth/``: its settings for a server."""
+    for args in (
+        ["user", "add", "root:secret-pw"],
+        ["user", "add", "dx:dx-pw"],
+        ["role", "add", "dx"],
+        ["role", "grant-permission", "dx", "--prefix=true", "readwrite", "auth/"],
+        ["user", "grant-role", "dx", "dx"],
+        ["auth", "enable"],
+    ):
+        subprocess.run(
+            ["etcdctl", f"--endpoints={url}", *args],
+            check=True,
+            capture_output=True,
+            env={"ETCDCTL_API": "3", "PATH": "/usr/bin:/bin"},
+        )
+    return "key_prefix: auth/\netcd_user: dx\netcd_password: dx-pw\n"
+
+
 def test_auth_with_user_and_password(tmp_path, server_factory) -> None:
     cluster = start_etcd(tmp_path / "etcd-auth")
     try:
         url = cluster.members[0].url
-        for args in (
-            ["user", "add", "root:secret-pw"],
-            ["user", "add", "dx:dx-pw"],
-            ["role", "add", "dx"],
-            ["role", "grant-permission", "dx", "--prefix=true", "readwrite", "auth/"],
-            ["user", "grant-role", "dx", "dx"],
-            ["auth", "enable"],
-        ):
-            subprocess.run(
-                ["etcdctl", f"--endpoints={url}", *args],
-                check=True,
-                capture_output=True,
-                env={"ETCDCTL_API": "3", "PATH": "/usr/bin:/bin"},
-            )
-        good = "key_prefix: auth/\netcd_user: dx\netcd_password: dx-pw\n"
+        good = enable_auth(url)
         server: Server = server_factory(config(url, extra=good))
         hand_over(server)
         # A wrong password: the server does not start, and says why in one line.
@@ -276,6 +293,41 @@ def test_auth_with_user_and_password(tmp_path, server_factory) -> None:
         assert run.returncode == 1
         assert "authentication failed" in run.stderr
         assert len(run.stderr.strip().splitlines()) == 1
+    finally:
+        cluster.stop()
+
+
+def test_watches_come_back_with_a_new_token_after_etcd_restarts(tmp_path, server_factory) -> None:
+    # etcd's simple tokens live in its memory: restarted, it refuses the old one,
+    # also to a watch being made again. The servers authenticate again and their
+    # watches work: a hand-off across servers takes milliseconds, not the 1 s poll.
+    cluster = start_etcd(tmp_path / "etcd-auth")
+    try:
+        member = cluster.members[0]
+        good = enable_auth(member.url)
+        a: Server = server_factory(config(member.url, extra=good))
+        b: Server = server_factory(config(member.url, extra=good))
+
+        def across() -> float:
+            assert a.call(q("get", "a", "p")).body == "YES"
+            waiter = ParkedWait(b, "b", "p")
+            wait_until(lambda: "b" in a.call("/status?pool=p").body, 10, "b queued")
+            released = time.monotonic()
+            assert a.call(q("release", "a", "p")).body == "OK"
+            assert waiter.answer(timeout=10)[2] == "YES"
+            took = time.monotonic() - released
+            assert b.call(q("release", "b", "p")).body == "OK"
+            return took
+
+        assert across() < 5
+        member.stop()
+        member.start()  # (auth on: the fixture's readiness probe cannot read; the servers can)
+        wait_until(lambda: a.call(q("get", "probe", "q")).body == "YES", 30, "a back")
+        wait_until(lambda: b.call(q("get", "probe", "q2")).body == "YES", 30, "b back")
+        times = [across() for _ in range(4)]
+        # A dead watch leaves each hand-off to the poll (0-1 s): all four under
+        # 0.3 s then happens about once in 120 runs.
+        assert max(times) < 0.3, times
     finally:
         cluster.stop()
 
@@ -306,9 +358,26 @@ def test_tls_with_a_client_certificate(tmp_path, server_factory) -> None:
             assert run.returncode == 1, (name, run.stderr)
             assert len(run.stderr.strip().splitlines()) == 1, (name, run.stderr)
             assert "etcd: no member answers" in run.stderr, (name, run.stderr)
-            assert "cannot connect" in run.stderr, (name, run.stderr)
     finally:
         cluster.stop()
+
+
+def test_status_of_more_pools_than_an_etcd_transaction_may_read(
+    etcd: EtcdCluster, server_factory
+) -> None:
+    # etcd allows 128 operations per transaction (--max-txn-ops): 150 pools are read
+    # in two.
+    pools = "".join(f"  - name: s{i}\n" for i in range(150))
+    head = f"backend: etcd\netcd_endpoints: {etcd.endpoints}\nkey_prefix: t{uuid.uuid4().hex}/\n"
+    server: Server = server_factory(head + "pools:\n" + pools)
+    for i in range(0, 150, 7):
+        assert server.call(q("get", "h", f"s{i}")).body == "YES"
+    answer = server.call("/status")
+    assert answer.status == 200, answer.body
+    doc = json.loads(answer.body)
+    held = {p["name"] for p in doc["pools"] if p["holders"]}
+    assert len(doc["pools"]) == 150
+    assert held == {f"s{i}" for i in range(0, 150, 7)}
 
 
 @pytest.mark.parametrize(

@@ -79,6 +79,9 @@ T = TypeVar("T")
 # A read goes on to the next member if one does not answer in this time.
 READ_ATTEMPT_TIMEOUT = 0.5
 WATCH_BACKOFF_MAX = 1.0
+WATCH_CREATE_TIMEOUT = 2.0
+# etcd's default --max-txn-ops: a read of more keys is made of several transactions.
+MAX_TXN_OPS = 128
 # How often the server checks that its requests go to the leader, and for how long.
 LEADER_CHECK_INTERVAL = 5.0
 LEADER_CHECK_TIMEOUT = 1.0
@@ -89,9 +92,13 @@ CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", RECONNECT_MAX_MS),
-    # A member gone silent (no RST) is found by pings; etcd accepts one per 5 s.
+    # A member gone silent (no RST) is found by pings, also on an idle watch (gRPC
+    # stops after two pings without data unless told); etcd accepts one per 5 s.
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    # No 4 MiB cap on answers: a watch resumed after an outage may bring many records.
+    ("grpc.max_receive_message_length", -1),
 ]
 # A member cut off from the quorum answers "no leader" instead of waiting.
 HASLEADER = ("hasleader", "true")
@@ -194,6 +201,7 @@ class EtcdStore(Store):
         self._current = 0  # the member requests go to first
         self._members: list[_Member] | None = None
         self._leader_task: asyncio.Task[None] | None = None
+        self._status_refused = False  # said once in the log
         self._leases: dict[str, int] = {}  # key written with set(ttl) -> its etcd lease
         self._long: dict[int, tuple[int, float]] = {}  # ttl -> shared lease, when granted
         self._presence: int | None = None  # the lease of our heartbeat: nudge keys use it
@@ -208,8 +216,9 @@ class EtcdStore(Store):
 
     async def start(self) -> None:
         self._open()
-        await self._find_leader()
-        self._leader_task = asyncio.create_task(self._follow_leader())
+        if len(self.endpoints) > 1 and self._leader_task is None:
+            await self._find_leader()
+            self._leader_task = asyncio.create_task(self._follow_leader())
 
     async def _find_leader(self) -> bool:
         """Send requests to the leader first, if a member says it is the leader.
@@ -238,6 +247,18 @@ class EtcdStore(Store):
             if answer.leader and answer.leader == answer.header.member_id:
                 self._current = index
                 return True
+        refusals = [
+            a.details() or ""
+            for a in answers
+            if isinstance(a, grpc.aio.AioRpcError)
+            and a.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED)
+        ]
+        if refusals and not self._status_refused:
+            # etcd 3.6 shows a member's status to admins only.
+            log.info(
+                "etcd refuses this user its members' status (%s): no leader first", refusals[0]
+            )
+            self._status_refused = True
         return False
 
     async def _follow_leader(self) -> None:
@@ -374,11 +395,15 @@ class EtcdStore(Store):
             request = rpc.RangeRequest(key=keys[0].encode())
             ranges = [await self._call(lambda m, md: m.kv.Range(request, metadata=md))]
         else:
-            ops = [rpc.RequestOp(request_range=rpc.RangeRequest(key=k.encode())) for k in keys]
-            answer = await self._call(
-                lambda m, md: m.kv.Txn(rpc.TxnRequest(success=ops), metadata=md)
-            )
-            ranges = [r.response_range for r in answer.responses]
+            ranges = []
+            for first in range(0, len(keys), MAX_TXN_OPS):
+                ops = [
+                    rpc.RequestOp(request_range=rpc.RangeRequest(key=k.encode()))
+                    for k in keys[first : first + MAX_TXN_OPS]
+                ]
+                request = rpc.TxnRequest(success=ops)
+                answer = await self._call(lambda m, md, r=request: m.kv.Txn(r, metadata=md))
+                ranges += [r.response_range for r in answer.responses]
         return {
             kv.key.decode(): Stored(kv.value, kv.mod_revision)
             for answer in ranges
@@ -503,32 +528,36 @@ class EtcdStore(Store):
             where = _host(self.endpoints[index % len(self.endpoints)])
             start = 0 if revision is None else revision + 1
             try:
-                async for result in self._watch(member, key, start):
-                    if result.created:
-                        if revision is None and result.header.revision:
-                            revision = result.header.revision
-                        if failed:
-                            log.info("etcd watch at %s works again", where)
-                            failed = False
-                        delay = 0.05
-                        nudged(None)  # nudges may have been missed: check every pool
-                        continue
-                    if result.canceled:
-                        if result.compact_revision:
-                            log.info(
-                                "etcd watch: revision %s was compacted: checking every pool",
-                                revision,
-                            )
-                            revision = None  # a full check follows the new watch
-                        raise EtcdError(None, result.cancel_reason or "watch cancelled")
-                    for event in result.events:
-                        kv = event.kv
-                        revision = max(revision or 0, kv.mod_revision)
-                        if event.type != rpc.Event.DELETE:
-                            pool, record = split_nudge(kv.value)
-                            nudged(
-                                pool, None if record is None else Stored(record, kv.mod_revision)
-                            )
+                async with contextlib.aclosing(self._watch(member, key, start)) as results:
+                    async for result in results:
+                        # Before ``created``: etcd refuses a watch with created and canceled.
+                        if result.canceled:
+                            if result.compact_revision:
+                                log.info(
+                                    "etcd watch: revision %s was compacted: checking every pool",
+                                    revision,
+                                )
+                                revision = None  # a full check follows the new watch
+                            reason = result.cancel_reason or "watch cancelled"
+                            if "auth" in reason or "permission" in reason:
+                                self._token = None  # (a token that ended: ask for another)
+                            raise EtcdError(None, reason)
+                        if result.created:
+                            if revision is None and result.header.revision:
+                                revision = result.header.revision
+                            if failed:
+                                log.info("etcd watch at %s works again", where)
+                                failed = False
+                            delay = 0.05
+                            nudged(None)  # nudges may have been missed: check every pool
+                            continue
+                        for event in result.events:
+                            kv = event.kv
+                            revision = max(revision or 0, kv.mod_revision)
+                            if event.type != rpc.Event.DELETE:
+                                pool, record = split_nudge(kv.value)
+                                stored = None if record is None else Stored(record, kv.mod_revision)
+                                nudged(pool, stored)
                 raise EtcdError(None, "watch stream ended")
             except asyncio.CancelledError:
                 raise
@@ -541,24 +570,32 @@ class EtcdStore(Store):
             delay = min(WATCH_BACKOFF_MAX, delay * 2)
 
     async def _watch(self, member: _Member, key: bytes, start: int) -> AsyncIterator[Any]:
-        """The answers of one watch stream on ``key`` from revision ``start``, as they come."""
-        if self._user is not None and self._token is None:
-            await self._authenticate(member)
-        stream = member.watch.Watch(metadata=self._metadata())
+        """The answers of one watch stream on ``key`` from revision ``start``, as they come.
+
+        Made within WATCH_CREATE_TIMEOUT (a member that drops packets would
+        hold it for gRPC's 20 s connect timeout); then as long as it lasts.
+        """
+        stream = None
         try:
-            create = rpc.WatchCreateRequest(key=key, start_revision=start)
-            await stream.write(rpc.WatchRequest(create_request=create))
-            while True:
+            async with asyncio.timeout(WATCH_CREATE_TIMEOUT):
+                if self._user is not None and self._token is None:
+                    await self._authenticate(member)
+                stream = member.watch.Watch(metadata=self._metadata())
+                create = rpc.WatchCreateRequest(key=key, start_revision=start)
+                await stream.write(rpc.WatchRequest(create_request=create))
                 answer = await stream.read()
-                if answer is grpc.aio.EOF:
-                    return
+            while answer is not grpc.aio.EOF:
                 yield answer
+                answer = await stream.read()
+        except TimeoutError:
+            raise EtcdError(None, "timed out") from None
         except grpc.aio.AioRpcError as exc:
             if (exc.details() or "") in AUTH_RETRY:
                 self._token = None
             raise EtcdError(exc.code(), exc.details() or str(exc.code())) from None
         finally:
-            stream.cancel()
+            if stream is not None:
+                stream.cancel()
 
 
 def _reason(problem: BaseException | str) -> str:
@@ -572,7 +609,7 @@ def _reason(problem: BaseException | str) -> str:
         last = _GRPC_PREFIX.sub("", text.partition("last error: ")[2])
         last = last.removeprefix("Failed to connect to remote host: ")
         return f"cannot connect: {last.lower()}" if last else "cannot connect"
-    return text or type(problem).__name__
+    return text or (type(problem).__name__ if isinstance(problem, BaseException) else "unavailable")
 
 
 def _current(answer: Any) -> Conflict | bool:
