@@ -233,14 +233,7 @@ class EtcdStore(Store):
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(LEADER_CHECK_TIMEOUT):
                     await self._authenticate(members[self._current])
-
-        async def status(member: _Member) -> Any:
-            async with asyncio.timeout(LEADER_CHECK_TIMEOUT):
-                return await member.maintenance.Status(
-                    rpc.StatusRequest(), metadata=self._metadata()
-                )
-
-        answers = await asyncio.gather(*(status(m) for m in members), return_exceptions=True)
+        answers = await asyncio.gather(*(self._status(m) for m in members), return_exceptions=True)
         for index, answer in enumerate(answers):
             if isinstance(answer, BaseException):
                 continue
@@ -261,16 +254,17 @@ class EtcdStore(Store):
             self._status_refused = True
         return False
 
+    async def _status(self, member: _Member) -> Any:
+        """The member's own view of the cluster (its id, the leader's), within the bound."""
+        async with asyncio.timeout(LEADER_CHECK_TIMEOUT):
+            return await member.maintenance.Status(rpc.StatusRequest(), metadata=self._metadata())
+
     async def _follow_leader(self) -> None:
         """Every LEADER_CHECK_INTERVAL, go back to the leader if requests left it."""
         while True:
             await asyncio.sleep(LEADER_CHECK_INTERVAL)
             with contextlib.suppress(Exception):  # requests fail over by themselves
-                member = self._open()[self._current]
-                async with asyncio.timeout(LEADER_CHECK_TIMEOUT):
-                    answer = await member.maintenance.Status(
-                        rpc.StatusRequest(), metadata=self._metadata()
-                    )
+                answer = await self._status(self._open()[self._current])
                 if answer.leader != answer.header.member_id:
                     await self._find_leader()
 
