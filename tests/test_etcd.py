@@ -260,13 +260,15 @@ def test_a_broken_watch_comes_back_and_a_compacted_one_checks_everything(
     assert time.monotonic() - released < 5
 
 
-def enable_auth(url: str) -> str:
-    """etcd auth on, a user ``dx`` with readwrite on ``auth/``: its settings for a server."""
+def enable_auth(url: str, granted: tuple[str, ...] = ("auth/",)) -> str:
+    """etcd auth on, a user ``dx`` with readwrite on the ``granted`` prefixes: its
+    settings for a server (key prefix ``auth/``)."""
+    grants = [["role", "grant-permission", "dx", "--prefix=true", "readwrite", g] for g in granted]
     for args in (
         ["user", "add", "root:secret-pw"],
         ["user", "add", "dx:dx-pw"],
         ["role", "add", "dx"],
-        ["role", "grant-permission", "dx", "--prefix=true", "readwrite", "auth/"],
+        *grants,
         ["user", "grant-role", "dx", "dx"],
         ["auth", "enable"],
     ):
@@ -324,10 +326,30 @@ def test_watches_come_back_with_a_new_token_after_etcd_restarts(tmp_path, server
         member.start()  # (auth on: the fixture's readiness probe cannot read; the servers can)
         wait_until(lambda: a.call(q("get", "probe", "q")).body == "YES", 30, "a back")
         wait_until(lambda: b.call(q("get", "probe", "q2")).body == "YES", 30, "b back")
+        # b's watch is made again after a backoff of up to 1 s: wait for it, not a guess.
+        wait_until(lambda: "works again" in b.log.read_text(), 30, "b's watch back")
         times = [across() for _ in range(4)]
         # A dead watch leaves each hand-off to the poll (0-1 s): all four under
         # 0.3 s then happens about once in 120 runs.
         assert max(times) < 0.3, times
+    finally:
+        cluster.stop()
+
+
+def test_a_watch_etcd_refuses_is_not_taken_for_a_working_one(tmp_path, server_factory) -> None:
+    # The user may not read its nudge key: etcd answers the watch with "created"
+    # and "canceled" at once. The server says so in its log (and tries again), never
+    # that the watch works; its own locks are served meanwhile.
+    cluster = start_etcd(tmp_path / "etcd-auth")
+    try:
+        url = cluster.members[0].url
+        good = enable_auth(url, granted=("auth/epoch", "auth/pool/", "auth/server/"))
+        server: Server = server_factory(config(url, extra=good))
+        hand_over(server)
+        wait_until(lambda: "permission denied" in server.log.read_text(), 30, "the refusal")
+        log = server.log.read_text()
+        assert "etcd watch at" in log and "broke" in log, log
+        assert "works again" not in log, log
     finally:
         cluster.stop()
 

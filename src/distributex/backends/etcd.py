@@ -582,6 +582,10 @@ class EtcdStore(Store):
                 yield answer
                 answer = await stream.read()
         except TimeoutError:
+            # etcd 3.4 answers a watch with a token it no longer knows with silence:
+            # the next try asks for a new one.
+            if self._user is not None:
+                self._token = None
             raise EtcdError(None, "timed out") from None
         except grpc.aio.AioRpcError as exc:
             if (exc.details() or "") in AUTH_RETRY:
