@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
+import sqlite3
 import textwrap
 import time
 from pathlib import Path
 
 import pytest
 
+from distributex.backends.shared import SharedStateBackend
+from distributex.backends.sqlite import SqliteStore
+from distributex.engine import PoolSpec
 from tests.conftest import Server
 from tests.test_http import ParkedWait, q
 
@@ -191,3 +196,65 @@ def test_without_a_file_sighup_changes_nothing(server_factory) -> None:
         assert time.monotonic() < deadline
         time.sleep(0.02)
     assert s.call(q("get", "a", "p")).body == "YES"
+
+
+# -- a reload while a step of a shared-state backend is under way -----------------------
+# Two backends in this process on one real SQLite file, so the test can hold a
+# step at the point where the reload comes. CI met this through the server: a
+# waiter still waiting 10 s after maxlocks was raised.
+
+OLD = PoolSpec("p", maxlocks=1, expire=300)
+RAISED = PoolSpec("p", maxlocks=3, expire=300)
+
+
+async def _until(condition, *args) -> None:
+    async with asyncio.timeout(20):
+        while not await condition(*args):
+            await asyncio.sleep(0.005)
+
+
+def test_a_reload_during_a_step_hands_the_new_slots_on(tmp_path: Path) -> None:
+    """The reload's step queues behind a step that began under the old spec; it
+    must run under the new one. (The waiter is on the other server: no poller of
+    the reloaded server steps the pool again, and that server, not reloaded,
+    grants nothing over maxlocks 1.)"""
+
+    async def scenario() -> None:
+        path = str(tmp_path / "state.db")
+        reloaded = SharedStateBackend(SqliteStore(path))
+        other = SharedStateBackend(SqliteStore(path))
+        await reloaded.start()
+        await other.start()
+        locker = sqlite3.connect(path, isolation_level=None)  # another process's write lock
+
+        async def hosts(kind: str) -> list[str]:
+            pool = (await reloaded.status([RAISED]))[0]
+            return sorted(x.host for x in getattr(pool, kind))
+
+        async def waiting() -> bool:
+            return await hosts("waiters") == ["w"]
+
+        async def in_flight() -> bool:
+            return reloaded.store._in_flight is not None and "p" in reloaded._runners
+
+        try:
+            assert await reloaded.acquire(OLD, "h", None) is not None
+            waiter = asyncio.create_task(other.wait(OLD, "w", None, 30, lambda: True))
+            await _until(waiting)
+            # The step of a second lease for h writes; the lock holds it until
+            # the reload has come.
+            locker.execute("BEGIN IMMEDIATE")
+            again = asyncio.create_task(reloaded.acquire(OLD, "h", None))
+            await _until(in_flight)
+            reloaded.reconfigure({"p": RAISED})
+            locker.execute("ROLLBACK")
+            assert await again is not None
+            async with asyncio.timeout(5):
+                assert await waiter is not None
+            assert await hosts("holders") == ["h", "w"]
+        finally:
+            locker.close()
+            await reloaded.close()
+            await other.close()
+
+    asyncio.run(scenario())

@@ -821,8 +821,8 @@ class SharedStateBackend(LockBackend):
             engine.on_expire = expired.append
             engine.expire(now)
             engine.on_expire = None
-            engine.fill(spec.name, now)
-            results = [op(engine, now) for op in ops]
+            spec = self._reloaded.get(spec.name, spec)
+            results = self._apply(engine, spec, ops, now)
             delivered = self._deliver_local(spec, engine, now)
             if lazy:
                 # Waits that only queue: wait for company (LINGER) and run it on
@@ -844,8 +844,8 @@ class SharedStateBackend(LockBackend):
                     engine.on_expire = expired.append
                     engine.expire(now)
                     engine.on_expire = None
-                    engine.fill(spec.name, now)
-                    results += [r.op(engine, now) for r in more]
+                    spec = self._reloaded.get(spec.name, spec)
+                    results += self._apply(engine, spec, [r.op for r in more], now)
                     delivered = self._deliver_local(spec, engine, now)
                     if not all(r.lazy for r in more):
                         break
@@ -922,6 +922,26 @@ class SharedStateBackend(LockBackend):
             elif isinstance(written, Conflict):
                 seen = written.current
         raise BackendUnavailable(f"pool '{spec.name}': too many conflicting writes, try again")
+
+    @staticmethod
+    def _apply(
+        engine: LockEngine,
+        spec: PoolSpec,
+        ops: list[Callable[[LockEngine, float], Any]],
+        now: float,
+    ) -> list[Any]:
+        """Run ``ops`` on the engine under ``spec``, the pool's configuration in force.
+
+        A reload may come while a step is under way: the engine (kept from our
+        last write, or restored before the reload) and requests made before it
+        carry the old spec. Setting the spec in force before and after the ops
+        hands the slots of a raised ``maxlocks`` to the queue in this step;
+        otherwise nothing would step the pool again until its record changed.
+        """
+        engine.reconfigure(spec, now)  # also fills free slots (a block ended)
+        results = [op(engine, now) for op in ops]
+        engine.reconfigure(spec, now)
+        return results
 
     def _report(self, expired: list[Lease], changed: bool) -> None:
         """Tell the events of a step whose outcome is final."""
