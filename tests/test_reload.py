@@ -207,9 +207,9 @@ OLD = PoolSpec("p", maxlocks=1, expire=300)
 RAISED = PoolSpec("p", maxlocks=3, expire=300)
 
 
-async def _until(condition, *args) -> None:
+async def _until(condition) -> None:
     async with asyncio.timeout(20):
-        while not await condition(*args):
+        while not await condition():
             await asyncio.sleep(0.005)
 
 
@@ -225,7 +225,7 @@ def test_a_reload_during_a_step_hands_the_new_slots_on(tmp_path: Path) -> None:
         other = SharedStateBackend(SqliteStore(path))
         await reloaded.start()
         await other.start()
-        locker = sqlite3.connect(path, isolation_level=None)  # another process's write lock
+        locker = sqlite3.connect(path, isolation_level=None)  # as another process would
 
         async def hosts(kind: str) -> list[str]:
             pool = (await reloaded.status([RAISED]))[0]
@@ -241,8 +241,8 @@ def test_a_reload_during_a_step_hands_the_new_slots_on(tmp_path: Path) -> None:
             assert await reloaded.acquire(OLD, "h", None) is not None
             waiter = asyncio.create_task(other.wait(OLD, "w", None, 30, lambda: True))
             await _until(waiting)
-            # The step of a second lease for h writes; the lock holds it until
-            # the reload has come.
+            # The step of a second lease for h writes: the write lock holds it
+            # until the reload has come (well within the store's 1 s busy timeout).
             locker.execute("BEGIN IMMEDIATE")
             again = asyncio.create_task(reloaded.acquire(OLD, "h", None))
             await _until(in_flight)
