@@ -145,3 +145,25 @@ def test_paused_engine_grants_nothing_until_resumed() -> None:
     assert first.lease is None and engine.waiting("s") == ["a", "b", "c"]
     assert engine.resume(4) == [first, second]  # two slots, in arrival order
     assert engine.waiting("s") == ["c"] and third.lease is None
+
+
+def test_a_waiter_queued_before_expire_was_lowered_is_granted_the_new_bound() -> None:
+    engine = LockEngine()
+    engine.acquire(MUTEX, "a", 0)
+    default, asked = engine.enqueue(MUTEX, "b", 1), engine.enqueue(MUTEX, "b", 1, ttl=8)
+    engine.reconfigure(PoolSpec("m", maxlocks=1, expire=4), 2)
+    engine.release("m", "a", 3)
+    assert default.lease is not None and default.lease.expires_at == 7
+    assert asked.lease is not None and asked.lease.expires_at == 7
+
+
+def test_leases_that_never_ended_get_a_new_expire_at_their_renewal_or_grant() -> None:
+    engine = LockEngine()
+    lease = engine.acquire(SEM, "a", 0)
+    engine.acquire(SEM, "b", 0)
+    waiter = engine.enqueue(SEM, "c", 1)
+    engine.reconfigure(PoolSpec("s", maxlocks=2, expire=5), 2)
+    assert lease is not None and engine.renew("s", lease.token, 3) is lease
+    assert lease.expires_at == 8
+    engine.release("s", "b", 4)
+    assert waiter.lease is not None and waiter.lease.expires_at == 9

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import sqlite3
 import textwrap
@@ -12,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from distributex.backends import shared, sqlite
 from distributex.backends.shared import SharedStateBackend
 from distributex.backends.sqlite import SqliteStore
 from distributex.engine import PoolSpec
-from tests.conftest import Server
+from tests.conftest import Server, wait_until
 from tests.test_http import ParkedWait, q
 
 pytestmark = pytest.mark.timeout(120)
@@ -198,6 +200,29 @@ def test_without_a_file_sighup_changes_nothing(server_factory) -> None:
     assert s.call(q("get", "a", "p")).body == "YES"
 
 
+@pytest.mark.parametrize("backend_name", ["sqlite"])
+def test_a_store_lost_after_expire_was_lowered_grants_nothing_while_an_old_lease_could_live(
+    make, backend_name: str
+) -> None:
+    srv = make("pools:\n  - name: p\n    expire: 8\n")
+    s = srv.server
+    assert s.call(q("get", "a", "p")).body == "YES"  # may live 8 s
+    srv.reload("pools:\n  - name: p\n    expire: 2\n")
+    reloaded = time.monotonic()
+    path = re.search(r"sqlite_path: (.*)", srv.head).group(1)
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute("DELETE FROM kv")  # the store loses every record
+    conn.close()
+    answers = []
+    while time.monotonic() - reloaded < 5:  # past the new expire, before the old one
+        answers.append(s.call(q("get", "b", "p")).body)
+        time.sleep(0.1)
+    assert "YES" not in answers, "granted while a lease of the old expire could still be live"
+    wait_until(lambda: s.call(q("get", "b", "p")).body == "YES", 20, "granted later")
+    assert time.monotonic() - reloaded > 7.5
+
+
 # -- a reload while a step of a shared-state backend is under way -----------------------
 # Two backends in this process on one real SQLite file, so the test can hold a
 # step at the point where the reload comes. CI met this through the server: a
@@ -258,3 +283,95 @@ def test_a_reload_during_a_step_hands_the_new_slots_on(tmp_path: Path) -> None:
             await other.close()
 
     asyncio.run(scenario())
+
+
+def test_a_reload_whose_step_fails_is_stepped_again(tmp_path: Path) -> None:
+    """The store refuses the reload's own step: the waiter's poller steps the
+    pool again (before, it stepped only when the record changed)."""
+
+    async def scenario() -> None:
+        path = str(tmp_path / "state.db")
+        backend = SharedStateBackend(SqliteStore(path))
+        await backend.start()
+        locker = sqlite3.connect(path, isolation_level=None)
+
+        async def waiting() -> bool:
+            return [w.host for w in (await backend.status([OLD]))[0].waiters] == ["w"]
+
+        async def refused() -> bool:
+            return backend._last_error is not None and not backend._tasks
+
+        try:
+            assert await backend.acquire(OLD, "h", None) is not None
+            waiter = asyncio.create_task(backend.wait(OLD, "w", None, 30, lambda: True))
+            await _until(waiting)
+            locker.execute("BEGIN IMMEDIATE")  # the grant's write fails (busy)
+            backend.reconfigure({"p": RAISED})
+            await _until(refused)
+            locker.execute("ROLLBACK")
+            async with asyncio.timeout(5):
+                assert await waiter is not None
+        finally:
+            locker.close()
+            await backend.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_lowered_maxlocks_holds_in_a_step_begun_before_the_reload(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lease that ends in the next step of a runner begun before the reload
+    (maxlocks 2 -> 1) hands its slot to nobody while the other holder holds."""
+    # The write lock below is held past the lease's end: store calls wait for it.
+    monkeypatch.setattr(sqlite, "BUSY_TIMEOUT_MS", 60_000)
+    monkeypatch.setattr(shared, "CALL_TIMEOUT", 60.0)
+    monkeypatch.setattr(shared, "STEP_TIMEOUT", 60.0)
+    two, one = PoolSpec("p", maxlocks=2, expire=300), PoolSpec("p", maxlocks=1, expire=300)
+
+    async def scenario() -> None:
+        path = str(tmp_path / "state.db")
+        reloaded = SharedStateBackend(SqliteStore(path))
+        other = SharedStateBackend(SqliteStore(path))
+        await reloaded.start()
+        await other.start()
+        locker = sqlite3.connect(path, isolation_level=None)
+
+        async def pool():
+            return (await reloaded.status([one]))[0]
+
+        async def waiting() -> bool:
+            return [w.host for w in (await pool()).waiters] == ["w"]
+
+        async def in_flight() -> bool:
+            return reloaded.store._in_flight is not None and "p" in reloaded._runners
+
+        try:
+            assert await reloaded.acquire(two, "h", None) is not None
+            short = await reloaded.acquire(two, "s", 3)  # ends in 3 s
+            assert short is not None
+            waiter = asyncio.create_task(other.wait(two, "w", None, 30, lambda: True))
+            await _until(waiting)
+            locker.execute("BEGIN IMMEDIATE")
+            again = asyncio.create_task(reloaded.acquire(two, "h", None))
+            await _until(in_flight)  # read before s's lease ended
+            for backend in (other, reloaded):
+                backend.reconfigure({"p": one})
+            await asyncio.sleep(max(0.0, short.expires_at + 0.3 - reloaded.store.now()))
+            locker.execute("ROLLBACK")
+            assert await again is not None
+            await _until(lambda: _idle(reloaded, other))
+            after = await pool()
+            assert [h.host for h in after.holders] == ["h"]
+            assert [w.host for w in after.waiters] == ["w"]
+            assert not waiter.done()
+        finally:
+            locker.close()
+            await reloaded.close()
+            await other.close()
+
+    asyncio.run(scenario())
+
+
+async def _idle(*backends: SharedStateBackend) -> bool:
+    return not any(b._runners or b._tasks for b in backends)

@@ -170,6 +170,12 @@ class PoolState:
     blocked_until: float = -math.inf
 
 
+def _bounded(spec: PoolSpec, ttl: float) -> float:
+    """A time-to-live given under an earlier ``expire``, bounded by the pool's
+    current one (0, never ending, is the longest of all)."""
+    return spec.lease_ttl(ttl or None)
+
+
 def _came(waiters: list[Waiter]) -> float:
     """When an owner in the queue came: when the earliest of its waits came."""
     return min(w.since for w in waiters)
@@ -440,7 +446,7 @@ class LockEngine:
         if lease is None or lease.pool != pool or (owner is not None and lease.owner != owner):
             return None
         # Also without a ttl: a pool's expire lowered by a reload bounds the renewal.
-        lease.ttl = self._pools[pool].spec.lease_ttl(lease.ttl if ttl is None else ttl)
+        lease.ttl = _bounded(self._pools[pool].spec, lease.ttl if ttl is None else ttl)
         self._schedule(lease, now)
         return lease
 
@@ -463,11 +469,15 @@ class LockEngine:
         Holds never end for it: with a lowered ``maxlocks`` new grants wait
         until the pool is under it. Leases keep the time they were given.
         """
-        state = self._pools.get(spec.name)
-        if state is None:
-            return []
-        state.spec = spec
+        self.configure(spec)
         return self.fill(spec.name, now)
+
+    def configure(self, spec: PoolSpec) -> None:
+        """Put a pool's configuration in force without handing out slots (see
+        :meth:`reconfigure`): for a caller that ends what is due first."""
+        state = self._pools.get(spec.name)
+        if state is not None:
+            state.spec = spec
 
     # -- state kept outside the engine (shared-state backends) ---------------
 
@@ -641,6 +651,7 @@ class LockEngine:
             waiters = state.queue.pop(owner)
             hold = self._hold(state, owner, now)
             for waiter in waiters:
-                waiter.lease = self._lease(hold, waiter.ttl, now)
+                # Queued before a reload lowered ``expire``: the grant gets the new bound.
+                waiter.lease = self._lease(hold, _bounded(state.spec, waiter.ttl), now)
                 waiter.lease.waiter = waiter
                 yield waiter

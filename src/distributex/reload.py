@@ -7,7 +7,9 @@ What a reload changes at once:
 * **maxlocks lowered**: no holder loses its slot; new grants wait until the
   pool has fewer holders than the new ``maxlocks``.
 * **expire changed**: leases keep the time they were given; grants and
-  renewals from now on get the new ``expire`` (a renewal is never longer).
+  renewals from now on get the new ``expire`` (a renewal is never longer),
+  also the grants of waiters queued before. After it was lowered, a shared
+  store's loss blocks the pool until an old lease could have ended.
 * **servers changed**: the next request is checked against the new list;
   held slots and queued waiters of hosts no longer listed stay (they may
   release, and a waiter already queued is still served).
@@ -75,7 +77,9 @@ def apply(app: web.Application, new: Config) -> str:
     draining = app[DRAINING_KEY]
     in_use = set(backend.known_pools())
     specs: dict[str, PoolSpec] = {}
-    for name in in_use | old.pools.keys() | draining.keys():
+    # Every listed pool too: one may be in a first step here (not yet in use)
+    # under the spec its request made before the reload.
+    for name in in_use | old.pools.keys() | draining.keys() | new.pools.keys():
         spec = new.pool(name)
         if spec is not None:
             draining.pop(name, None)

@@ -416,6 +416,10 @@ class SharedStateBackend(LockBackend):
         # Specs set by a reload: they win over the spec a request (or a poller
         # started before the reload) carries.
         self._reloaded: dict[str, PoolSpec] = {}
+        self._reloads = 0  # reloads so far: a poller steps its pool after each
+        # pool -> until when (store clock) leases granted here before a reload
+        # shortened its expire may live: a loss of the store blocks grants until then.
+        self._longer_leases: dict[str, float] = {}
         # pool -> the record this server wrote last (with its version), its epoch,
         # and the engine that holds its state (no decoding it back)
         # (None: decode it from the record)
@@ -512,7 +516,18 @@ class SharedStateBackend(LockBackend):
         await self._call(self.store.get([self.epoch_key]))
 
     def reconfigure(self, specs: Mapping[str, PoolSpec]) -> None:
+        now = self.store.now()
+        for name, until in list(self._longer_leases.items()):
+            if until <= now:
+                del self._longer_leases[name]
+        for name, spec in specs.items():
+            before = self._reloaded.get(name) or self._specs.get(name)
+            if before is not None and _longest_lease(before) > _longest_lease(spec):
+                until = now + _longest_lease(before)
+                self._longer_leases[name] = max(self._longer_leases.get(name, until), until)
         self._reloaded = dict(specs)
+        # A poller steps its pool after a reload, also if this step fails.
+        self._reloads += 1
         for name, spec in specs.items():
             if name in self._specs:
                 self._specs[name] = spec
@@ -523,13 +538,13 @@ class SharedStateBackend(LockBackend):
         if self._closed:
             raise BackendUnavailable("server is shutting down")
 
-    async def _call(self, coro: Any, timeout: float = CALL_TIMEOUT, quiet: bool = False) -> Any:
-        """One store call, bounded in time; a failure becomes BackendUnavailable.
+    async def _call(self, coro: Any, timeout: float | None = None, quiet: bool = False) -> Any:
+        """One store call, bounded in time (CALL_TIMEOUT); a failure becomes BackendUnavailable.
 
         The first failure of a kind is logged once (``quiet``: not at all).
         """
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(CALL_TIMEOUT if timeout is None else timeout):
                 return await coro
         except BackendUnavailable as exc:
             self.store.reset()
@@ -698,7 +713,7 @@ class SharedStateBackend(LockBackend):
         nobody will answer must not stay held.
         """
         self._check_open()
-        spec = self._reloaded.get(spec.name, spec)
+        spec = self._in_force(spec)
         self._specs[spec.name] = spec
         request = _Request(op, undo, asyncio.get_running_loop().create_future(), lazy)
         self._pending.setdefault(spec.name, []).append(request)
@@ -783,9 +798,12 @@ class SharedStateBackend(LockBackend):
             # read saved. If another server wrote since, the compare-and-set
             # fails and the step is redone from a real read.
             cached = self._written.pop(spec.name, None)
+            # A reload may have come since the step began (or the engine was kept).
+            spec = self._in_force(spec)
             engine: LockEngine | None = None
             if cached is not None:
                 stored, epoch, engine = cached  # the engine holds that record's state
+                engine.configure(spec)
             elif seen is not None:
                 # Read by the refused write, in this step: as good as a read now.
                 # (A record gone is no Conflict: that takes a real read, epoch and all.)
@@ -811,7 +829,10 @@ class SharedStateBackend(LockBackend):
                 # starts) and above anything seen here, so fences never go back.
                 engine = LockEngine(first_fence=max(int(now * 1_000_000), floor) + 1)
                 if epoch.lost_at is not None:
-                    until = epoch.lost_at + (spec.expire or LOSS_HOLD_NEVER_EXPIRE)
+                    until = max(
+                        epoch.lost_at + _longest_lease(spec),
+                        self._longer_leases.get(spec.name, -math.inf),
+                    )
                     if now < until:
                         engine.block(spec, until)
             promised = _promises(engine, spec.name)
@@ -821,7 +842,6 @@ class SharedStateBackend(LockBackend):
             engine.on_expire = expired.append
             engine.expire(now)
             engine.on_expire = None
-            spec = self._reloaded.get(spec.name, spec)
             results = self._apply(engine, spec, ops, now)
             delivered = self._deliver_local(spec, engine, now)
             if lazy:
@@ -844,7 +864,7 @@ class SharedStateBackend(LockBackend):
                     engine.on_expire = expired.append
                     engine.expire(now)
                     engine.on_expire = None
-                    spec = self._reloaded.get(spec.name, spec)
+                    spec = self._in_force(spec)
                     results += self._apply(engine, spec, [r.op for r in more], now)
                     delivered = self._deliver_local(spec, engine, now)
                     if not all(r.lazy for r in more):
@@ -932,16 +952,17 @@ class SharedStateBackend(LockBackend):
     ) -> list[Any]:
         """Run ``ops`` on the engine under ``spec``, the pool's configuration in force.
 
-        A reload may come while a step is under way: the engine (kept from our
-        last write, or restored before the reload) and requests made before it
-        carry the old spec. Setting the spec in force before and after the ops
-        hands the slots of a raised ``maxlocks`` to the queue in this step;
-        otherwise nothing would step the pool again until its record changed.
+        A reload may come while a step lingers: the slots of a raised
+        ``maxlocks`` go to the queue in this step. (Free slots are filled
+        here also when a block ended.) The ops look the spec up themselves.
         """
-        engine.reconfigure(spec, now)  # also fills free slots (a block ended)
-        results = [op(engine, now) for op in ops]
         engine.reconfigure(spec, now)
-        return results
+        return [op(engine, now) for op in ops]
+
+    def _in_force(self, spec: PoolSpec) -> PoolSpec:
+        """The pool's configuration now: a reload's, over the one a request
+        (or a step begun before the reload) carries."""
+        return self._reloaded.get(spec.name, spec)
 
     def _report(self, expired: list[Lease], changed: bool) -> None:
         """Tell the events of a step whose outcome is final."""
@@ -1093,6 +1114,7 @@ class SharedStateBackend(LockBackend):
         last: bytes | None = None
         due_at, others = -math.inf, frozenset[str]()  # of ``last``: see _next_due
         nudge = self._nudged.setdefault(spec.name, asyncio.Event())
+        reloads = self._reloads  # stepped under the configuration of this many reloads
         while self._local.get(spec.name):
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0.0, min(pause, due_at - loop.time()))):
@@ -1117,14 +1139,16 @@ class SharedStateBackend(LockBackend):
                     value = stored.value if stored is not None else None
                     if value is not None and value != last:
                         due_at, others = self._next_due(value)
+                    reloaded = self._reloads
                     if (
                         value is None
                         or value != last
                         or loop.time() >= due_at
                         or self._maybe_dead(others)
+                        or reloaded != reloads
                     ):
                         await self._step(spec, _no_change)
-                        last = value
+                        last, reloads = value, reloaded
                         # A deadline the step did not see as due yet (clocks a hair
                         # apart): look again soon, not in a loop of reads.
                         due_at = max(due_at, loop.time() + POLL_INTERVAL)
@@ -1211,7 +1235,7 @@ class SharedStateBackend(LockBackend):
     async def acquire(self, spec: PoolSpec, owner: str, ttl: float | None) -> Lease | None:
         return await self._step(
             spec,
-            lambda engine, now: engine.acquire(spec, owner, now, ttl),
+            lambda engine, now: engine.acquire(self._in_force(spec), owner, now, ttl),
             undo=lambda lease: self._release_token(spec, owner, lease),
         )
 
@@ -1242,7 +1266,7 @@ class SharedStateBackend(LockBackend):
                         self._fragments.get(spec.name, {}).pop(local.id, None)
                     local.since = since
                 waiter = engine.enqueue(
-                    spec,
+                    self._in_force(spec),
                     owner,
                     now,
                     ttl,
@@ -1434,6 +1458,11 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror.lower()
     return str(exc) or type(exc).__name__
+
+
+def _longest_lease(spec: PoolSpec) -> float:
+    """How long a lease of the pool may live without a renewal (as a loss counts it)."""
+    return spec.expire or LOSS_HOLD_NEVER_EXPIRE
 
 
 def _no_change(engine: LockEngine, now: float) -> None:
