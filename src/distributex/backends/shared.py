@@ -803,7 +803,6 @@ class SharedStateBackend(LockBackend):
             engine: LockEngine | None = None
             if cached is not None:
                 stored, epoch, engine = cached  # the engine holds that record's state
-                engine.configure(spec)
             elif seen is not None:
                 # Read by the refused write, in this step: as good as a read now.
                 # (A record gone is no Conflict: that takes a real read, epoch and all.)
@@ -815,7 +814,7 @@ class SharedStateBackend(LockBackend):
             now = self.store.now()
             floor = self._fence_floor.get(spec.name, 0)
             if engine is not None:
-                pass  # the cached engine is the state of ``stored`` already
+                engine.configure(spec)  # the cached engine is the state of ``stored`` already
             elif stored is not None:
                 try:
                     state, _written_in = decode_pool(stored.value)
