@@ -238,6 +238,53 @@ async def _until(condition) -> None:
             await asyncio.sleep(0.005)
 
 
+class OneFile:
+    """Two backends on one SQLite file, and the test's own connection to take
+    the file's write lock as another process would."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.path = str(tmp_path / "state.db")
+        self.reloaded = SharedStateBackend(SqliteStore(self.path))
+        self.other = SharedStateBackend(SqliteStore(self.path))
+        self.locker = sqlite3.connect(self.path, isolation_level=None)
+
+    async def __aenter__(self) -> OneFile:
+        await self.reloaded.start()
+        await self.other.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.locker.close()
+        await self.reloaded.close()
+        await self.other.close()
+
+    async def hosts(self, kind: str) -> list[str]:
+        """The holders or waiters of pool p, as stored."""
+        pool = (await self.reloaded.status([OLD]))[0]
+        return sorted(x.host for x in getattr(pool, kind))
+
+    async def until_waiting(self, hosts: list[str]) -> None:
+        async def waiting() -> bool:
+            return await self.hosts("waiters") == hosts
+
+        await _until(waiting)
+
+    async def until_in_flight(self) -> None:
+        """A step of pool p on the reloaded server is with the store."""
+
+        async def in_flight() -> bool:
+            backend = self.reloaded
+            return backend.store._in_flight is not None and "p" in backend._runners
+
+        await _until(in_flight)
+
+    async def until_idle(self) -> None:
+        async def idle() -> bool:
+            return not any(b._runners or b._tasks for b in (self.reloaded, self.other))
+
+        await _until(idle)
+
+
 def test_a_reload_during_a_step_hands_the_new_slots_on(tmp_path: Path) -> None:
     """The reload's step queues behind a step that began under the old spec; it
     must run under the new one. (The waiter is on the other server: no poller of
@@ -245,42 +292,21 @@ def test_a_reload_during_a_step_hands_the_new_slots_on(tmp_path: Path) -> None:
     grants nothing over maxlocks 1.)"""
 
     async def scenario() -> None:
-        path = str(tmp_path / "state.db")
-        reloaded = SharedStateBackend(SqliteStore(path))
-        other = SharedStateBackend(SqliteStore(path))
-        await reloaded.start()
-        await other.start()
-        locker = sqlite3.connect(path, isolation_level=None)  # as another process would
-
-        async def hosts(kind: str) -> list[str]:
-            pool = (await reloaded.status([RAISED]))[0]
-            return sorted(x.host for x in getattr(pool, kind))
-
-        async def waiting() -> bool:
-            return await hosts("waiters") == ["w"]
-
-        async def in_flight() -> bool:
-            return reloaded.store._in_flight is not None and "p" in reloaded._runners
-
-        try:
-            assert await reloaded.acquire(OLD, "h", None) is not None
-            waiter = asyncio.create_task(other.wait(OLD, "w", None, 30, lambda: True))
-            await _until(waiting)
+        async with OneFile(tmp_path) as f:
+            assert await f.reloaded.acquire(OLD, "h", None) is not None
+            waiter = asyncio.create_task(f.other.wait(OLD, "w", None, 30, lambda: True))
+            await f.until_waiting(["w"])
             # The step of a second lease for h writes: the write lock holds it
             # until the reload has come (well within the store's 1 s busy timeout).
-            locker.execute("BEGIN IMMEDIATE")
-            again = asyncio.create_task(reloaded.acquire(OLD, "h", None))
-            await _until(in_flight)
-            reloaded.reconfigure({"p": RAISED})
-            locker.execute("ROLLBACK")
+            f.locker.execute("BEGIN IMMEDIATE")
+            again = asyncio.create_task(f.reloaded.acquire(OLD, "h", None))
+            await f.until_in_flight()
+            f.reloaded.reconfigure({"p": RAISED})
+            f.locker.execute("ROLLBACK")
             assert await again is not None
             async with asyncio.timeout(5):
                 assert await waiter is not None
-            assert await hosts("holders") == ["h", "w"]
-        finally:
-            locker.close()
-            await reloaded.close()
-            await other.close()
+            assert await f.hosts("holders") == ["h", "w"]
 
     asyncio.run(scenario())
 
@@ -290,30 +316,21 @@ def test_a_reload_whose_step_fails_is_stepped_again(tmp_path: Path) -> None:
     pool again (before, it stepped only when the record changed)."""
 
     async def scenario() -> None:
-        path = str(tmp_path / "state.db")
-        backend = SharedStateBackend(SqliteStore(path))
-        await backend.start()
-        locker = sqlite3.connect(path, isolation_level=None)
+        async with OneFile(tmp_path) as f:
+            backend = f.reloaded
 
-        async def waiting() -> bool:
-            return [w.host for w in (await backend.status([OLD]))[0].waiters] == ["w"]
+            async def refused() -> bool:
+                return backend._last_error is not None and not backend._tasks
 
-        async def refused() -> bool:
-            return backend._last_error is not None and not backend._tasks
-
-        try:
             assert await backend.acquire(OLD, "h", None) is not None
             waiter = asyncio.create_task(backend.wait(OLD, "w", None, 30, lambda: True))
-            await _until(waiting)
-            locker.execute("BEGIN IMMEDIATE")  # the grant's write fails (busy)
+            await f.until_waiting(["w"])
+            f.locker.execute("BEGIN IMMEDIATE")  # the grant's write fails (busy)
             backend.reconfigure({"p": RAISED})
             await _until(refused)
-            locker.execute("ROLLBACK")
+            f.locker.execute("ROLLBACK")
             async with asyncio.timeout(5):
                 assert await waiter is not None
-        finally:
-            locker.close()
-            await backend.close()
 
     asyncio.run(scenario())
 
@@ -330,48 +347,23 @@ def test_a_lowered_maxlocks_holds_in_a_step_begun_before_the_reload(
     two, one = PoolSpec("p", maxlocks=2, expire=300), PoolSpec("p", maxlocks=1, expire=300)
 
     async def scenario() -> None:
-        path = str(tmp_path / "state.db")
-        reloaded = SharedStateBackend(SqliteStore(path))
-        other = SharedStateBackend(SqliteStore(path))
-        await reloaded.start()
-        await other.start()
-        locker = sqlite3.connect(path, isolation_level=None)
-
-        async def pool():
-            return (await reloaded.status([one]))[0]
-
-        async def waiting() -> bool:
-            return [w.host for w in (await pool()).waiters] == ["w"]
-
-        async def in_flight() -> bool:
-            return reloaded.store._in_flight is not None and "p" in reloaded._runners
-
-        try:
-            assert await reloaded.acquire(two, "h", None) is not None
-            short = await reloaded.acquire(two, "s", 3)  # ends in 3 s
+        async with OneFile(tmp_path) as f:
+            assert await f.reloaded.acquire(two, "h", None) is not None
+            short = await f.reloaded.acquire(two, "s", 3)  # ends in 3 s
             assert short is not None
-            waiter = asyncio.create_task(other.wait(two, "w", None, 30, lambda: True))
-            await _until(waiting)
-            locker.execute("BEGIN IMMEDIATE")
-            again = asyncio.create_task(reloaded.acquire(two, "h", None))
-            await _until(in_flight)  # read before s's lease ended
-            for backend in (other, reloaded):
+            waiter = asyncio.create_task(f.other.wait(two, "w", None, 30, lambda: True))
+            await f.until_waiting(["w"])
+            f.locker.execute("BEGIN IMMEDIATE")
+            again = asyncio.create_task(f.reloaded.acquire(two, "h", None))
+            await f.until_in_flight()  # read before s's lease ended
+            for backend in (f.other, f.reloaded):
                 backend.reconfigure({"p": one})
-            await asyncio.sleep(max(0.0, short.expires_at + 0.3 - reloaded.store.now()))
-            locker.execute("ROLLBACK")
+            await asyncio.sleep(max(0.0, short.expires_at + 0.3 - f.reloaded.store.now()))
+            f.locker.execute("ROLLBACK")
             assert await again is not None
-            await _until(lambda: _idle(reloaded, other))
-            after = await pool()
-            assert [h.host for h in after.holders] == ["h"]
-            assert [w.host for w in after.waiters] == ["w"]
+            await f.until_idle()
+            assert await f.hosts("holders") == ["h"]
+            assert await f.hosts("waiters") == ["w"]
             assert not waiter.done()
-        finally:
-            locker.close()
-            await reloaded.close()
-            await other.close()
 
     asyncio.run(scenario())
-
-
-async def _idle(*backends: SharedStateBackend) -> bool:
-    return not any(b._runners or b._tasks for b in backends)
