@@ -114,12 +114,30 @@ ARRIVAL_TRUST = 1.0
 IDLE_TTL = 24 * 3600
 # After a store loss, pools that never expire leases are held back this long.
 LOSS_HOLD_NEVER_EXPIRE = DEFAULT_EXPIRE
+# A running server reads the epoch record this often, so that a store that
+# lost its state (restarted empty, flushed, a replaced file) has its loss
+# recorded within about this long, whether or not any request comes.
+EPOCH_CHECK_INTERVAL = 0.5
+# A server that starts on a store with no epoch record cannot tell a new store
+# from one that lost its state while other servers' clients hold leases. It
+# waits this long (several of their epoch checks) before calling the store
+# new: a live server records the loss meanwhile, and this one then holds
+# grants as the loss rule says. Spent before the port opens.
+NEW_STORE_SETTLE = 4 * EPOCH_CHECK_INTERVAL
 # /status reads pool records this many keys at a time.
 STATUS_BATCH = 200
 
 
 class StaleRecord(Exception):
     """A record this version cannot read (corrupt, or written by a newer version)."""
+
+
+class StoreReplaced(BackendUnavailable):
+    """The store is not the one this server served from (its file was deleted or replaced).
+
+    The store has moved on to what is there now; the layer records a loss of
+    state in it, as for a store that restarted empty.
+    """
 
 
 @dataclass
@@ -428,6 +446,12 @@ class SharedStateBackend(LockBackend):
         self._fragments: dict[str, dict[str, str]] = {}  # pool -> queue entries' JSON
         self._alive: dict[str, tuple[bool, float]] = {}
         self._heartbeat: asyncio.Task[None] | None = None
+        self._epoch_watch: asyncio.Task[None] | None = None
+        # The store said it was replaced under us (a new SQLite file at the
+        # path): whatever epoch it holds, its state is not the one we served.
+        self._replaced = False
+        # Why the last write of a pool record failed (None: it succeeded).
+        self._write_failure: str | None = None
         self._listener: asyncio.Task[None] | None = None
         self._closed = False
         self._last_error: str | None = None
@@ -454,11 +478,12 @@ class SharedStateBackend(LockBackend):
         await self.store.start()
         try:
             await self._call(self._beat(), quiet=True)
-            await self._call(self._current_epoch(), quiet=True)
+            await self._settle_epoch()
         except BackendUnavailable:
             await self.store.close()
             raise
         self._heartbeat = asyncio.create_task(self._heartbeat_loop())
+        self._epoch_watch = asyncio.create_task(self._epoch_watch_loop())
         if self.store.notifies:
             self._listener = asyncio.create_task(self.store.listen(self.server_id, self.nudged))
 
@@ -467,6 +492,8 @@ class SharedStateBackend(LockBackend):
         tasks = [*self._pollers.values(), *self._runners.values(), *self._tasks]
         if self._heartbeat is not None:
             tasks.append(self._heartbeat)
+        if self._epoch_watch is not None:
+            tasks.append(self._epoch_watch)
         if self._listener is not None:
             tasks.append(self._listener)
         for task in tasks:
@@ -508,12 +535,27 @@ class SharedStateBackend(LockBackend):
                     raise BackendUnavailable(f"pool '{spec.name}': {exc}") from None
                 engine.restore(spec, state)
                 engine.expire(now)
+            else:
+                self._block_after_loss(engine, spec, self._epoch, now)
             result.append(pool_status(engine, spec, now=now))
         return result
 
     async def check(self) -> None:
+        """Healthy if the store answers, and writes to it work.
+
+        A store that reads but refuses writes (a full disk, a read-only file)
+        grants nothing: after a failed write the server is unhealthy until a
+        write succeeds, a request's or the probe made here.
+        """
         self._check_open()
         await self._call(self.store.get([self.epoch_key]))
+        if self._write_failure is not None:
+            probe = f"{self.prefix}probe/{self.server_id}/{secrets.token_hex(4)}"
+            try:
+                await self._call(self.store.put(probe, b"{}", None, 60, True), quiet=True)
+            except BackendUnavailable as exc:
+                raise BackendUnavailable(f"writes fail: {exc}") from None
+            self._write_failure = None
 
     def reconfigure(self, specs: Mapping[str, PoolSpec]) -> None:
         now = self.store.now()
@@ -547,6 +589,8 @@ class SharedStateBackend(LockBackend):
             async with asyncio.timeout(CALL_TIMEOUT if timeout is None else timeout):
                 return await coro
         except BackendUnavailable as exc:
+            if isinstance(exc, StoreReplaced):
+                self._store_replaced()
             self.store.reset()
             if not quiet:
                 self._note_error(str(exc))
@@ -663,35 +707,96 @@ class SharedStateBackend(LockBackend):
 
     # -- the epoch -----------------------------------------------------------------------
 
+    async def _settle_epoch(self) -> None:
+        """At start: the store's epoch, waiting NEW_STORE_SETTLE before calling a store new.
+
+        An empty store may be new, or may have lost its state while other
+        servers' clients hold leases; those servers record the loss within an
+        epoch check of noticing it, so a store still without an epoch after
+        the wait had nobody left to tell.
+        """
+        got = await self._call(self.store.get([self.epoch_key]), quiet=True)
+        if self.epoch_key not in got:
+            log.info(
+                "%s holds no distributex state: waiting %.1f s for other servers to "
+                "record a loss before taking it as new",
+                self.store.description,
+                NEW_STORE_SETTLE,
+            )
+            await asyncio.sleep(NEW_STORE_SETTLE)
+        epoch = await self._call(self._current_epoch(), quiet=True)
+        if epoch.lost_at is not None and self.store.now() < epoch.lost_at + DEFAULT_EXPIRE:
+            log.warning(
+                "%s lost its state %.0f s ago: pools without a record grant nothing until "
+                "leases granted before could have ended",
+                self.store.description,
+                self.store.now() - epoch.lost_at,
+            )
+
+    async def _epoch_watch_loop(self) -> None:
+        """Notice a store that lost its state (and record the loss) while no request comes."""
+        while True:
+            await asyncio.sleep(EPOCH_CHECK_INTERVAL)
+            known = self._epoch
+            with contextlib.suppress(BackendUnavailable):
+                epoch = await self._call(self._current_epoch(), quiet=True)
+                if known is not None and epoch.id != known.id:
+                    # Announce ourselves in the new store at once (our beat is gone
+                    # with the rest), so no step drops our waiters as a dead server's.
+                    await self._call(self._beat(), quiet=True)
+
+    def _store_replaced(self) -> None:
+        """The store told us it is not the one we served from: record a loss in it."""
+        self._replaced = True
+        self._written.clear()
+
     async def _current_epoch(self, stored: Stored | None = None, read: bool = True) -> Epoch:
         """The store's epoch; makes a new one (recording a loss if we knew an old one)."""
         for _ in range(MAX_ATTEMPTS):
             if stored is None and read:
                 stored = (await self.store.get([self.epoch_key])).get(self.epoch_key)
             read = True
+            if self._replaced and stored is not None:
+                # A file put in place of ours may hold an epoch (a copy of an old
+                # one): its records are not what our clients were told. A new epoch.
+                lost = Epoch(secrets.token_hex(8), self.store.now(), self.store.now())
+                if not await self.store.put(self.epoch_key, lost.encode(), stored.version):
+                    stored = None
+                    continue
+                self._replaced = False
+                self._log_loss()
+                self._epoch = lost
+                return lost
+            self._replaced = False
             if stored is None:
                 lost_at = self.store.now() if self._epoch is not None else None
                 epoch = Epoch(secrets.token_hex(8), self.store.now(), lost_at)
                 if await self.store.put(self.epoch_key, epoch.encode(), None):
                     if lost_at is not None:
-                        log.warning(
-                            "%s lost its state (restarted, flushed or evicted): pools without "
-                            "a record grant nothing until leases granted before could have ended",
-                            self.store.description,
-                        )
+                        self._log_loss()
                     self._epoch = epoch
                     return epoch
                 continue
             epoch = Epoch.decode(stored.value)
-            if self._epoch is not None and epoch.id != self._epoch.id and epoch.lost_at is None:
-                # A server that never knew the old epoch made this one: record the loss.
-                epoch.lost_at = self.store.now()
-                if not await self.store.put(self.epoch_key, epoch.encode(), stored.version):
-                    stored = None
-                    continue
+            if self._epoch is not None and epoch.id != self._epoch.id:
+                self._written.clear()  # records of the old epoch's store
+                if epoch.lost_at is None:
+                    # A server that never knew the old epoch made this one: record the loss.
+                    epoch.lost_at = self.store.now()
+                    if not await self.store.put(self.epoch_key, epoch.encode(), stored.version):
+                        stored = None
+                        continue
+                    self._log_loss()
             self._epoch = epoch
             return epoch
         raise BackendUnavailable(f"{self.store.description}: cannot settle the epoch record")
+
+    def _log_loss(self) -> None:
+        log.warning(
+            "%s lost its state (restarted, flushed, evicted or replaced): pools without "
+            "a record grant nothing until leases granted before could have ended",
+            self.store.description,
+        )
 
     # -- one step ------------------------------------------------------------------------
 
@@ -827,13 +932,7 @@ class SharedStateBackend(LockBackend):
                 # A new record: above the wall clock in µs (as the inmemory backend
                 # starts) and above anything seen here, so fences never go back.
                 engine = LockEngine(first_fence=max(int(now * 1_000_000), floor) + 1)
-                if epoch.lost_at is not None:
-                    until = max(
-                        epoch.lost_at + _longest_lease(spec),
-                        self._longer_leases.get(spec.name, -math.inf),
-                    )
-                    if now < until:
-                        engine.block(spec, until)
+                self._block_after_loss(engine, spec, epoch, now)
             promised = _promises(engine, spec.name)
             await self._drop_stale(engine, spec, now)
             granted_before = self._granted_elsewhere(spec, engine)
@@ -917,11 +1016,16 @@ class SharedStateBackend(LockBackend):
             extra: dict[str, Any] = {}
             if self.store.nudges_with_put:
                 extra = {"nudge": nudge, "pool": spec.name}
-            written = await self._call(
-                self.store.put(
-                    key, record, stored.version if stored else None, ttl, durable, **extra
+            try:
+                written = await self._call(
+                    self.store.put(
+                        key, record, stored.version if stored else None, ttl, durable, **extra
+                    )
                 )
-            )
+            except BackendUnavailable as exc:
+                self._write_failure = str(exc)
+                raise
+            self._write_failure = None
             doubt.clear()
             if written:
                 if written is not True:
@@ -941,6 +1045,20 @@ class SharedStateBackend(LockBackend):
             elif isinstance(written, Conflict):
                 seen = written.current
         raise BackendUnavailable(f"pool '{spec.name}': too many conflicting writes, try again")
+
+    def _block_after_loss(
+        self, engine: LockEngine, spec: PoolSpec, epoch: Epoch | None, now: float
+    ) -> None:
+        """A pool with no record in a store that lost its state: no grant while
+        a lease granted before the loss could still be live."""
+        if epoch is None or epoch.lost_at is None:
+            return
+        until = max(
+            epoch.lost_at + _longest_lease(spec),
+            self._longer_leases.get(spec.name, -math.inf),
+        )
+        if now < until:
+            engine.block(spec, until)
 
     @staticmethod
     def _apply(

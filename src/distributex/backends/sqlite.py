@@ -55,7 +55,7 @@ from collections.abc import Callable
 from typing import Any
 
 from distributex.backends.base import BackendUnavailable
-from distributex.backends.shared import Store, Stored
+from distributex.backends.shared import Store, Stored, StoreReplaced
 
 log = logging.getLogger("distributex.sqlite")
 
@@ -104,6 +104,9 @@ class SqliteStore(Store):
         self.commits = 0  # transactions committed, for the bench
         self.synced = 0  # of which synced to disk (fsync)
         self._sync_now = ""
+        # (device, inode) of the file the connection has open: a path that
+        # names another file (deleted and made again, replaced) is noticed.
+        self._identity: tuple[int, int] | None = None
 
     # -- life (the connection lives in the one worker thread) ----------------------------
 
@@ -151,6 +154,36 @@ class SqliteStore(Store):
             conn.close()
             raise
         self._conn = conn
+        self._identity = self._file_identity()
+
+    def _file_identity(self) -> tuple[int, int] | None:
+        try:
+            found = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return found.st_dev, found.st_ino
+
+    def _check_identity(self) -> None:
+        """In the worker thread: the path still names the file we have open, else reopen it.
+
+        Two servers on one path must share one file. If it was deleted (or
+        another put in its place) one of them could serve from the unlinked
+        file while the other makes a new one: both would grant. The batch
+        that notices is refused (503) and the path is opened afresh; the
+        layer then records a loss of state there.
+        """
+        if self._file_identity() == self._identity:
+            return
+        gone = self._file_identity() is None
+        self._close()
+        self._sync_now = ""
+        self._open()
+        what = "deleted" if gone else "replaced by another file"
+        log.warning("%s was %s while in use: now using the file at that path", self.path, what)
+        raise StoreReplaced(
+            f"{self.description} was {what} while in use (lock state lost; "
+            "grants held back until leases could have ended)"
+        )
 
     def _check_file(self, conn: sqlite3.Connection) -> None:
         app_id = conn.execute("PRAGMA application_id").fetchone()[0]
@@ -258,9 +291,12 @@ class SqliteStore(Store):
 
     def _run_batch(self, ops: list[tuple[Any, ...]]) -> list[Any]:
         """In the worker thread: every op of the batch, writes in one transaction."""
+        if self._conn is None:
+            if self._executor is None:
+                raise BackendUnavailable(f"{self.description} is closed")
+            self._open()  # a reopen failed before: try again
+        self._check_identity()
         conn = self._conn
-        if conn is None:
-            raise BackendUnavailable(f"{self.description} is closed")
         now = time.time()
         writes = any(op[0] != "get" for op in ops) or now >= self._next_cleanup
         if not writes:
