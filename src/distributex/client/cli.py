@@ -106,13 +106,16 @@ lease, renewal and lost locks:
   a shorter TTL, grace is shortened to fit.
 
 process group and watchdog:
-  The lock covers the command's process group: when the command ends, what
-  it left running in its group (background jobs) gets SIGTERM, then SIGKILL
-  after --grace, before the lock is released. A watchdog process, fed the
-  lease's deadlines after each renewal, stops the group on the same schedule
-  if this client cannot (stopped with SIGSTOP, frozen, starved of CPU) or
-  dies; the client then exits 73. Anything that setsid()s away is beyond
-  reach. Ctrl-Z (SIGTSTP) is ignored: a stopped client would lose its lock.
+  The lock covers everything the command started: its process group, its
+  session, and (Linux: distributex adopts the command's orphans as a child
+  subreaper) every process it started, also with set -m or setsid. When the
+  command ends, or the lock is lost, what is left running gets SIGTERM,
+  then SIGKILL after --grace, before the lock is released; the exit status
+  stays the command's. A watchdog process, fed the lease's deadlines after
+  each renewal, stops the group on the same schedule if this client cannot
+  (stopped with SIGSTOP, frozen, starved of CPU) or dies; the client then
+  exits 73. Without prctl and /proc (BSD, macOS) only the process group is
+  reached. Ctrl-Z (SIGTSTP) is ignored: a stopped client would lose its lock.
 
 signals:
   SIGINT, SIGTERM and SIGHUP are forwarded to the command's process group;

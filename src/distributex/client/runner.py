@@ -9,21 +9,25 @@ Order of events:
    us from its queue).
 3. Run the command in its own session (so its whole process group can be
    signalled; its top process also gets SIGKILL if we die, PR_SET_PDEATHSIG),
-   then start a :class:`LeaseKeeper`: renewal every ttl/3, retries every
+   as a child subreaper (orphans of the command are adopted by us, so nothing
+   it starts gets out of reach: :mod:`distributex.client.processes`), then
+   start a :class:`LeaseKeeper`: renewal every ttl/3, retries every
    min(1, ttl/10) s, and the lease is declared lost ``grace + margin``
    seconds before it can run out at the server (margin = min(1, ttl/10)).
    The supervision loop checks that deadline itself every 50 ms as well.
 4. Supervise the command:
 
-   * lease lost: SIGTERM to the group; SIGKILL ``grace`` seconds later (never
-     later than ``margin`` before the lease's earliest possible expiry);
+   * lease lost: SIGTERM to all the command's processes; SIGKILL ``grace``
+     seconds later (never later than ``margin`` before the lease's earliest
+     possible expiry);
      exit :data:`EXIT_LOST`. So the command is dead before another host can
      be granted the lock.
    * SIGINT/SIGTERM/SIGHUP to us: forwarded to the group; a second signal
-     sends SIGKILL.
-   * the command's top process ended but its process group still has
-     members (background jobs): SIGTERM to the group, SIGKILL ``grace``
-     seconds later. The lock covers the whole group.
+     sends SIGKILL to all the command's processes.
+   * the command's top process ended but left processes running
+     (background jobs, in its group or not; daemons it started): SIGTERM to
+     all of them, SIGKILL ``grace`` seconds later, and the lock is released
+     once none runs. The lock covers everything the command started.
 
 5. ``--min-hold``: keep the lock (renewing) until that long after the grant,
    unless a signal came.
@@ -35,7 +39,6 @@ Order of events:
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
 import hashlib
@@ -50,7 +53,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TextIO
 from urllib.parse import quote
 
@@ -63,6 +65,13 @@ from distributex.client.errors import (
     LockTimeout,
     ServerUnavailable,
     TLSFailed,
+)
+from distributex.client.processes import (
+    CommandProcesses,
+    children,
+    parent_death_signal,
+    scan,
+    subreaper,
 )
 from distributex.client.sync import CancelToken, Client, Lease, LeaseKeeper, clock, one_line
 
@@ -82,9 +91,10 @@ EXIT_NOTFOUND = 127
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 POLL = 0.05
-# How long to wait for a process group to vanish after SIGKILL before giving up on it.
+# How long to wait for the command's processes to vanish after SIGKILL before giving up on them.
 KILL_WAIT = 5.0
-PR_SET_PDEATHSIG = 1
+# While the command runs, orphans it left that ended are reaped this often.
+REAP_EVERY = 1.0
 
 
 def kill_margin(ttl: float) -> float:
@@ -520,7 +530,7 @@ class Runner:
     ) -> subprocess.Popen[bytes]:
         s = self.s
         argv = s.argv if s.argv is not None else ["/bin/sh", "-c", s.shell_command or ""]
-        death = _parent_death_signal()
+        death = parent_death_signal()
 
         def preexec() -> None:  # in the child, between fork and exec
             if death is not None:
@@ -564,22 +574,25 @@ class Runner:
             )
         dog = WatchdogProcess()
         dog.start()
-        try:
-            # The child arms the watchdog itself before it runs the command: a
-            # client stopped right after the fork cannot leave it unwatched.
-            watch = dog.arm_in_child(*self._watchdog_deadlines(lease, grace), grace)
-            proc = self._spawn(self._environment(client, lease), watch)
-        except BaseException:
-            dog.finish()
-            raise
-        pgid = proc.pid
-        dog.feed(pgid, *self._watchdog_deadlines(lease, grace), grace)
-        if keeper is not None:
-            keeper.start()
-        try:
-            return self._watch(proc, dog, lease, keeper, grace, granted_at)
-        finally:
-            dog.kill()
+        with subreaper():
+            try:
+                spare = children(scan(), os.getpid())  # ours, not the command's
+                # The child arms the watchdog itself before it runs the command: a
+                # client stopped right after the fork cannot leave it unwatched.
+                watch = dog.arm_in_child(*self._watchdog_deadlines(lease, grace), grace)
+                proc = self._spawn(self._environment(client, lease), watch)
+            except BaseException:
+                dog.finish()
+                raise
+            dog.feed(proc.pid, *self._watchdog_deadlines(lease, grace), grace)
+            if keeper is not None:
+                keeper.start()
+            try:
+                return self._watch(
+                    proc, CommandProcesses(proc.pid, spare), dog, lease, keeper, grace, granted_at
+                )
+            finally:
+                dog.kill()
 
     def _watchdog_deadlines(self, lease: Lease | None, grace: float) -> tuple[float, float]:
         """When the watchdog stops the command if we have not: (SIGTERM, SIGKILL)."""
@@ -592,6 +605,7 @@ class Runner:
     def _watch(
         self,
         proc: subprocess.Popen[bytes],
+        tree: CommandProcesses,
         dog: WatchdogProcess,
         lease: Lease | None,
         keeper: LeaseKeeper | None,
@@ -602,14 +616,20 @@ class Runner:
         pgid = proc.pid
         rc: int | None = None
         lost = False  # the lease was lost while (part of) the command ran
-        draining = False  # the top process ended; the rest of its group is being stopped
+        draining = False  # the top process ended; what it left running is being stopped
         kill_at: float | None = None
         killed_at: float | None = None
+        reaped_at = clock()
         forwarded = 0
         while True:
             now = clock()
             if rc is None:
                 rc = proc.poll()
+            if lost or draining:
+                tree.follow_up()  # processes forked or adopted since the last signal
+            elif now - reaped_at >= REAP_EVERY:
+                tree.reap()
+                reaped_at = now
             if dog.fired() and not lost and lease is not None:
                 # We did not run while the lease ran out (stopped, frozen, starved):
                 # the watchdog stopped the command for us.
@@ -638,36 +658,36 @@ class Runner:
                         f"lock on pool '{s.pool}' lost ({keeper.lease.lost_reason}); "
                         "stopping the command"
                     )
-                _killpg(pgid, signal.SIGTERM)
+                tree.signal(signal.SIGTERM)
                 kill_at = min(kill_at or math.inf, self._kill_deadline(now, grace, lease))
             while self.signals:
                 sig = self.signals.pop(0)
                 forwarded += 1
                 if forwarded == 1:
                     self.debug(f"forwarding {signal.Signals(sig).name} to the command")
-                    _killpg(pgid, sig)
+                    tree.signal_group(sig)
                 else:
                     self.debug("second signal: killing the command")
-                    _killpg(pgid, signal.SIGKILL)
+                    tree.signal(signal.SIGKILL)
                     killed_at = killed_at or now
             if rc is not None and not draining and not lost:
-                if not _group_alive(pgid):
+                if not tree.running():
                     break
                 draining = True
                 self.say(
-                    "the command left processes running in its process group: "
-                    "terminating them (the lock covers the whole group)"
+                    "the command left processes running (in its process group, its session "
+                    "or started by it): terminating them before the lock is released"
                 )
-                _killpg(pgid, signal.SIGTERM)
+                tree.signal(signal.SIGTERM)
                 kill_at = min(kill_at or math.inf, self._kill_deadline(now, grace, lease))
             if kill_at is not None and killed_at is None and now >= kill_at:
-                _killpg(pgid, signal.SIGKILL)  # the whole group, not just its leader
+                tree.signal(signal.SIGKILL)  # all of them, not just the top process
                 killed_at = now
             if rc is not None and (draining or lost):
-                if not _group_alive(pgid):
+                if not tree.running():
                     break
                 if killed_at is not None and now - killed_at > KILL_WAIT:
-                    self.say("processes of the command's group survived SIGKILL; releasing anyway")
+                    self.say("processes of the command survived SIGKILL; releasing anyway")
                     break
             time.sleep(POLL)
         self.command_end = clock()
@@ -700,62 +720,3 @@ class Runner:
             if keeper is not None and keeper.check_deadline():
                 return  # reported after the release
             time.sleep(min(POLL, max(0.0, until - clock())))
-
-
-def _parent_death_signal() -> Callable[[], None] | None:
-    """A preexec_fn giving the command SIGKILL when we die (Linux); None elsewhere.
-
-    Only the command's top process gets it: the rest of its process group is
-    beyond reach once we are gone.
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-    prctl.restype = ctypes.c_int
-    parent = os.getpid()
-
-    def preexec() -> None:  # runs in the child, between fork and exec
-        prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent:  # we died before prctl took effect
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return preexec
-
-
-def _killpg(pgid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
-
-
-def _group_alive(pgid: int) -> bool:
-    """Does process group ``pgid`` still have a member that is not a zombie?"""
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # Zombies count for kill(); where /proc exists, look closer (a PID 1 that
-    # does not reap orphans would otherwise keep the group "alive" forever).
-    try:
-        if int(Path("/proc/self/stat").read_bytes().split()[0]) != os.getpid():
-            return True  # a /proc of another PID namespace
-        entries = os.listdir("/proc")
-    except (OSError, ValueError, IndexError):
-        return True
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        # fields: state, ppid, pgrp, ...
-        if len(fields) > 2 and fields[2] == str(pgid).encode() and fields[0] != b"Z":
-            return True
-    return False
