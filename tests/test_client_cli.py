@@ -287,6 +287,39 @@ def test_usage_errors_exit_2(args: list[str]) -> None:
     assert "error:" in result.stderr
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--token", "s3cr3t", "-r", "p", "true"],  # was taken for --token-file s3cr3t
+        ["--token=s3cr3t", "-r", "p", "-l", "true"],
+        ["-r", "p", "-l", "--tok", "s3cr3t", "true"],
+        ["status", "p", "--token", "s3cr3t"],  # echoed as an unrecognized argument
+        ["status", "--password=s3cr3t"],
+    ],
+)
+def test_a_token_on_the_command_line_is_refused_and_never_shown(args: list[str]) -> None:
+    result = run(args)
+    assert result.returncode == 2, result.stderr
+    assert "error:" in result.stderr
+    assert "s3cr3t" not in result.stderr + result.stdout, result.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["-r", "p", "-l", "--tok", "{token_file}", "true"],  # --token-file
+        ["-r", "p", "-l", "--no-w", "true"],  # --no-wait
+        ["status", "--js"],  # --json
+    ],
+)
+def test_abbreviated_options_are_refused(args: list[str], tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("t0ken\n")
+    result = run([arg.format(token_file=token_file) for arg in args])
+    assert result.returncode == 2, result.stderr
+    assert "unrecognized arguments" in result.stderr, result.stderr
+
+
 def test_help_documents_exit_codes() -> None:
     result = run(["--help"])
     assert result.returncode == 0

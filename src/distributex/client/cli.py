@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from distributex import __version__
+from distributex.client.argv import Parser
 from distributex.client.runner import (
     EXIT_CONFIG,
     EXIT_USAGE,
@@ -253,7 +254,7 @@ def _arg(convert: Callable[[str], object]) -> Callable[[str], object]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="distributex",
         usage="%(prog)s [options] -r POOL [-H SERVER] [-p PORT] [-l] (COMMAND | -- ARGV...)",
         description=DESCRIPTION,

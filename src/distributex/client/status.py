@@ -25,6 +25,7 @@ from typing import Any, TextIO
 from urllib.parse import quote
 
 from distributex import __version__
+from distributex.client.argv import Parser
 from distributex.client.runner import EXIT_CONFIG
 from distributex.client.sync import DEFAULT_PORT, parse_server
 
@@ -42,7 +43,7 @@ class StatusError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="distributex status",
         description="Show who holds each pool of a distributex server, and who waits.",
         epilog="exit status: 0 ok; 2 usage; 69 server unreachable or unavailable; "
