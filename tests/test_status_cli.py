@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -137,3 +139,65 @@ def test_watch_follows_changes(srv: Server) -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+# -- a hostile server -----------------------------------------------------------------------
+
+CLEAR, TITLE = "\x1b[2J", "\x1b]0;pwned\x07"
+FORGED = "\r\nroot  1/1  root  1  never"  # a forged table row
+
+
+@pytest.fixture
+def hostile() -> Iterator[int]:
+    """A small real HTTP server whose names carry terminal control sequences (its port)."""
+    pool = {
+        "name": f"deploy{CLEAR}",
+        "maxlocks": f"1{TITLE}",
+        "expire": 300,
+        "holders": [{"host": f"web1{FORGED}", "fence": f"7{CLEAR}", "ttl_left": 60}],
+        "waiters": [{"host": f"web2{TITLE}"}, {"host": "web3\x9b2J"}],
+    }
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if "pool=" in self.path:  # one pool: refused, with a hostile reason
+                body, code = {"error": f"no{CLEAR}such{FORGED}"}, 404
+            else:
+                body, code = {"pools": [pool]}, 200
+            data = json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+def no_control_characters(text: str) -> bool:
+    return all(ch.isprintable() for line in text.split("\n") for ch in line)
+
+
+def test_hostile_names_are_escaped_in_the_table(hostile: int) -> None:
+    done = status_cmd("-H", "127.0.0.1", "-p", str(hostile))
+    assert done.returncode == 0, done.stderr
+    assert no_control_characters(done.stdout), repr(done.stdout)
+    lines = done.stdout.splitlines()
+    assert len(lines) == 2, lines  # the header and the one holder: no forged row
+    assert lines[1].startswith("deploy\\x1b[2J")
+    assert "web1\\r\\nroot" in lines[1] and "web2\\x1b]0;pwned\\x07" in lines[1]
+
+
+def test_hostile_reason_is_escaped_in_the_error_line(hostile: int) -> None:
+    done = status_cmd("-H", "127.0.0.1", "-p", str(hostile), "deploy")
+    assert done.returncode == 77
+    assert no_control_characters(done.stderr), repr(done.stderr)
+    assert len(done.stderr.splitlines()) == 1, done.stderr

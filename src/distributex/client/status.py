@@ -7,6 +7,8 @@
 Reads the server's ``GET /status`` (``--watch``: follows ``GET /status/events``,
 printing again on every change until Ctrl-C). ``--json`` prints the
 server's document as it came (with ``--watch``: one document per line).
+Everything else the server sends (names, reasons) is shown with control
+characters escaped, so a hostile server cannot drive the terminal.
 Exit status: 0; 2 usage; 69 server unreachable or unavailable (503);
 77 the server refused the request (unknown pool); 78 bad client config file.
 """
@@ -27,13 +29,15 @@ from urllib.parse import quote
 from distributex import __version__
 from distributex.client.argv import Parser
 from distributex.client.runner import EXIT_CONFIG
-from distributex.client.sync import DEFAULT_PORT, parse_server
+from distributex.client.sync import DEFAULT_PORT, one_line, parse_server
 
 EXIT_UNAVAILABLE = 69
 EXIT_REFUSED = 77
 HTTP_TIMEOUT = 10.0
 # The server sends a keep-alive every 15 s on a quiet stream.
 STREAM_TIMEOUT = 45.0
+# Longest text of a table cell or message line, once control characters are escaped.
+MAX_SHOWN = 1000
 
 
 class StatusError(Exception):
@@ -119,14 +123,20 @@ def duration(seconds: float | None) -> str:
     return f"{d}d{h:02d}h"
 
 
+def shown(value: object) -> str:
+    """A value of the server's, safe for a terminal: control characters (ESC, CR,
+    LF, OSC...) escaped, so names cannot clear the screen or forge rows."""
+    return one_line(str(value), MAX_SHOWN)
+
+
 def table(doc: dict[str, Any]) -> str:
     """The document as a table: a row per holder, the queue in order on the pool's first row."""
     rows = [("POOL", "SLOTS", "HOLDER", "FENCE", "LEFT", "WAITERS")]
     for pool in doc.get("pools", []):
-        name = pool["name"] + (" (draining)" if pool.get("draining") else "")
-        slots = f"{len(pool['holders'])}/{pool['maxlocks']}"
+        name = shown(pool["name"]) + (" (draining)" if pool.get("draining") else "")
+        slots = f"{len(pool['holders'])}/{shown(pool['maxlocks'])}"
         queue = pool["waiters"]
-        waiting = ", ".join(w["host"] for w in queue) if queue else "-"
+        waiting = ", ".join(shown(w["host"]) for w in queue) if queue else "-"
         if len(queue) > 1:
             waiting = f"{len(queue)}: {waiting}"
         holders = pool["holders"] or [None]
@@ -136,8 +146,8 @@ def table(doc: dict[str, Any]) -> str:
                 (
                     name if first else "",
                     slots if first else "",
-                    holder["host"] if holder else "-",
-                    str(holder["fence"]) if holder else "",
+                    shown(holder["host"]) if holder else "-",
+                    shown(holder["fence"]) if holder else "",
                     duration(holder["ttl_left"]) if holder else "",
                     waiting if first else "",
                 )
@@ -182,7 +192,8 @@ def _print_event(kind: str, data: str, out: TextIO, as_json: bool, clear: bool) 
     if as_json:
         out.write(data + "\n")
     elif kind == "unavailable":
-        out.write(f"{time.strftime('%H:%M:%S')} backend unavailable: {json.loads(data)['error']}\n")
+        why = shown(json.loads(data)["error"])
+        out.write(f"{time.strftime('%H:%M:%S')} backend unavailable: {why}\n")
     else:
         if clear:
             out.write("\x1b[H\x1b[2J")  # home, clear screen
@@ -198,7 +209,7 @@ def main(argv: Sequence[str]) -> int:
         else:
             show_once(args, sys.stdout)
     except StatusError as exc:
-        print(f"distributex status: {exc}", file=sys.stderr)
+        print(f"distributex status: {shown(exc)}", file=sys.stderr)
         return exc.code
     except KeyboardInterrupt:
         return 0  # the way to end --watch
