@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
+import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from distributex.client import AsyncClient, Client, LockRefused
-from distributex.client.errors import AuthenticationFailed, CertificateMismatch, TLSFailed
+from distributex.client.errors import (
+    AuthenticationFailed,
+    CertificateMismatch,
+    ServerUnavailable,
+    TLSFailed,
+)
 from tests.conftest import Server
 from tests.pki import Pki, make_pki
 from tests.test_auth import DB1_TOKEN, POOLS, TOKENS, WEB1_TOKEN, WRONG_TOKEN, call, tls_keys
@@ -221,3 +229,66 @@ def test_the_library_over_tls(mtls_server: Server, pki: Pki) -> None:
 
     asyncio.run(main())
     assert not isinstance(CertificateMismatch("x"), AuthenticationFailed)
+
+
+# -- a server at its connection cap --------------------------------------------------------
+
+
+def park_over_tls(server: Server, pki: Pki, cert: str, source: str, pool: str) -> ssl.SSLSocket:
+    """A /wait/ parked on the server (a connection it may not close), from ``source``.
+
+    The /wait/ is pipelined behind a /get/ in one send: once the /get/ is
+    answered, the server has read the /wait/ too.
+    """
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    context.load_cert_chain(pki.cert(cert), pki.key(cert))
+    sock = socket.create_connection(("127.0.0.1", server.port), 20, source_address=(source, 0))
+    tls = context.wrap_socket(sock, server_hostname="localhost")
+    tls.sendall(
+        f"GET /get/?pool=sync-{cert} HTTP/1.1\r\nHost: localhost\r\n\r\n"
+        f"GET /wait/?pool={pool} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode()
+    )
+    assert tls.recv(4096).startswith(b"HTTP/1.1 200"), "the /get/ before the /wait/"
+    return tls
+
+
+@pytest.fixture
+def full_server(server_factory, pki: Pki) -> Iterator[Server]:
+    """A mutual-TLS server whose two connections hold parked /wait/s: it closes new ones."""
+    server = server_factory(
+        tls_keys(pki, client_ca=True) + "max_connections: 2\nautocreate: true\n"
+    )
+    # Each pool held by the other identity, so that each /wait/ parks.
+    assert call(server, "/get/?pool=held-by-db1", tls=pki, cert="db1").body == "YES"
+    assert call(server, "/get/?pool=held-by-web1", tls=pki, cert="web1").body == "YES"
+    # From two peer addresses and identities, so no cap per peer or identity is reached first.
+    parked = [
+        park_over_tls(server, pki, "web1", "127.0.0.2", "held-by-db1"),
+        park_over_tls(server, pki, "db1", "127.0.0.3", "held-by-web1"),
+    ]
+    yield server
+    for tls in parked:
+        tls.close()
+
+
+def test_a_server_at_its_connection_cap_is_not_blamed_on_the_certificate(
+    full_server: Server, pki: Pki, tmp_path: Path
+) -> None:
+    marker = tmp_path / "ran"
+    done = run_client([*tls_args(full_server, pki), "-r", "p", "--no-wait", f"touch {marker}"])
+    assert done.returncode == 69, done.stderr
+    assert "connection limit" in done.stderr, done.stderr
+    assert "certificate" not in done.stderr, done.stderr
+    assert not marker.exists()
+    creds = {"cacert": str(pki.ca), "cert": str(pki.cert("web1")), "key": str(pki.key("web1"))}
+    with pytest.raises(ServerUnavailable, match="connection limit") as raised:
+        Client(f"https://localhost:{full_server.port}", **creds).acquire("p", wait=False)
+    assert not isinstance(raised.value, TLSFailed)
+
+    async def main() -> None:
+        async with AsyncClient(f"https://localhost:{full_server.port}", **creds) as client:
+            with pytest.raises(ServerUnavailable, match="closed by the server") as raised:
+                await client.acquire("p", wait=False)
+            assert not isinstance(raised.value, TLSFailed)
+
+    asyncio.run(main())

@@ -71,7 +71,8 @@ exit status:
   N      the command's exit status (0 only if the command ran and exited 0)
   128+N  the command died of signal N; or we got signal N before it started
   2      usage error (bad option or option combination, text that is not UTF-8)
-  69     server unreachable, timed out, or answered 503 (command not run)
+  69     server unreachable, timed out, answered 503, or closed the connection
+         before answering (at its connection limit?) (command not run)
   70     internal error (command not run)
   71     the local lock file (-l) cannot be used (command not run)
   73     the lock was lost while the command ran; the command was stopped.

@@ -255,7 +255,13 @@ def tls_failure(exc: BaseException, address: str) -> TLSFailed | None:
 
 
 class HandshakeClosed(ConnectionError):
-    """The server closed the connection in the middle of our TLS handshake."""
+    """The server closed the connection in the middle of our TLS handshake, after its hello."""
+
+
+class ClosedBeforeAnswer(ConnectionError):
+    """The server closed (or reset) the connection before sending anything, not even
+    its TLS hello: what a server at its connection limit does. No TLS was spoken, so
+    it says nothing about certificates."""
 
 
 def _client_setup(
@@ -439,6 +445,13 @@ def describe(exc: BaseException) -> str:
     """A short human phrase for a network error."""
     if isinstance(exc, TimeoutError | socket.timeout):
         return "timed out"
+    if isinstance(exc, ClosedBeforeAnswer):
+        return (
+            "connection closed by the server before it answered (it may be at its connection limit)"
+        )
+    if isinstance(getattr(exc, "os_error", None), ConnectionResetError | ssl.SSLEOFError):
+        # aiohttp's connect failed so; it cannot tell when in the TLS handshake it came.
+        return "connection closed by the server while connecting, before it answered"
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused"
     if isinstance(exc, socket.gaierror):
@@ -695,16 +708,31 @@ class _Connection(http.client.HTTPConnection):
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self._context is not None:
-            try:
-                sock.settimeout(max(0.01, deadline - clock()))
-                sock = self._context.wrap_socket(sock, server_hostname=self.host)
-            except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionResetError) as exc:
-                sock.close()
-                raise HandshakeClosed(str(exc)) from exc
-            except BaseException:
-                sock.close()
-                raise
+            sock = self._handshake(sock, deadline)
         self.sock = sock
+
+    def _handshake(self, sock: socket.socket, deadline: float) -> ssl.SSLSocket:
+        assert self._context is not None
+        try:
+            sock.settimeout(max(0.01, deadline - clock()))
+            tls = self._context.wrap_socket(
+                sock, server_hostname=self.host, do_handshake_on_connect=False
+            )
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            tls.do_handshake()
+        except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionError) as exc:
+            # A cipher is chosen once the server's hello came: only then was it
+            # the TLS handshake (our certificate) that the server ended.
+            spoke_tls = tls.cipher() is not None
+            tls.close()
+            raise (HandshakeClosed if spoke_tls else ClosedBeforeAnswer)(str(exc)) from exc
+        except BaseException:
+            tls.close()
+            raise
+        return tls
 
 
 class Requeue:
