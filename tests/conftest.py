@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -146,6 +147,41 @@ def server_factory(tmp_path: Path) -> Iterator:
 def server(server_factory) -> Server:
     """A server on the built-in default configuration."""
     return server_factory()
+
+
+@pytest.fixture
+def skewed_factory(tmp_path: Path) -> Iterator:
+    """Start a distributexd whose clocks read ``skew`` seconds ahead (libfaketime).
+
+    The library is preloaded into the server itself (not through the
+    ``faketime`` wrapper, whose child would outlive a kill of the wrapper).
+    """
+    libraries = sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))
+    if not libraries:
+        pytest.skip("libfaketime is not installed (scripts/test.sh installs faketime)")
+    started: list[Server] = []
+
+    def factory(text: str, skew: int) -> Server:  # skew < 0: behind
+        port = free_port()
+        cfg = tmp_path / f"skewed-{port}.yaml"
+        cfg.write_text(text)
+        log = tmp_path / f"skewed-{port}.log"
+        env = {**os.environ, "LD_PRELOAD": libraries[0], "FAKETIME": f"{skew:+d}s"}
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "distributex", "-c", str(cfg), "-p", str(port)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        server = Server(proc, port, log)
+        started.append(server)
+        wait_for_port(port, proc)
+        return server
+
+    yield factory
+    for server in started:
+        server.stop(signal.SIGKILL)
 
 
 # -- shared backends: real memcached, several servers on one store ---------------------------

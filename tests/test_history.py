@@ -269,3 +269,90 @@ def test_history_redis_three_servers_no_faults(server_factory, redis_server: Red
     history.check(result, MAXLOCKS, CLIENTS)
     assert result.errors == 0
     assert len(result.leases) > 30
+
+
+def test_history_redis_a_server_started_after_the_store_lost_its_state(server_factory) -> None:
+    # A rolling restart as it goes wrong: a host holds a long lease through s1
+    # (idle otherwise); the clients' server s2 goes down, Redis restarts empty,
+    # and a new server starts in s2's place. It must not take the store for a
+    # new one and grant the held pool again.
+    rs: RedisServer = start_redis()
+    try:
+        pools = POOLS + "  - name: long\n    expire: 10\n"
+        maxlocks = {**MAXLOCKS, "long": 1}
+        config = f"backend: redis\nredis_url: {rs.url}\n" + pools
+        first, second = server_factory(config), server_factory(config)
+        addresses = [("127.0.0.1", second.port)]
+        switch = threading.Lock()  # held while the clients' server is replaced
+        holder = history.History()
+
+        def current() -> list[tuple[str, int]]:
+            with switch:
+                return list(addresses)
+
+        def faults() -> None:
+            time.sleep(SECONDS * 0.2)
+            name = f"c{CLIENTS}"
+            while True:  # a lease of 10 s on the pool, without renewals
+                sent = time.monotonic()
+                params = {"host": name, "pool": "long", "ttl": 10}
+                _status, body, headers = history.call(("127.0.0.1", first.port), "get", params, 10)
+                if body == "YES":
+                    break
+                time.sleep(0.02)
+            got = time.monotonic()
+            fence = int(headers["x-distributex-fence"])
+            token = headers["x-distributex-lease"]
+            holder.add(history.LeaseRecord(name, "long", fence, token, 10.0, sent, got, sent))
+            with switch:
+                second.stop(signal.SIGKILL)
+                rs.start()  # restarted: every key is gone
+                fresh = server_factory(config)
+                addresses[:] = [("127.0.0.1", fresh.port)]
+
+        injector = threading.Thread(target=faults, daemon=True)
+        injector.start()
+        result = history.run(current, list(maxlocks), CLIENTS, SECONDS, seed())
+        injector.join(60)
+        assert not injector.is_alive()
+        assert holder.leases, "the long lease was never granted"
+        result.leases += holder.leases
+        result.long_waits_refused.clear()  # waits refused while the loss holds grants
+        history.check(result, maxlocks, CLIENTS + 1, durable=False)
+        assert len(result.leases) > 20
+    finally:
+        rs.stop()
+
+
+def test_history_memcache_a_server_whose_clock_is_off(
+    server_factory, skewed_factory, memcached: Memcached
+) -> None:
+    # A third server joins with its clock 20 s ahead: on its clock every lease
+    # ended long ago. It must refuse rather than grant over them.
+    config = (
+        f"backend: memcache\nmemcachehost: 127.0.0.1\nmemcacheport: {memcached.port}\n"
+        f"key_prefix: hist{uuid.uuid4().hex}/\n" + POOLS
+    )
+    servers = [server_factory(config) for _ in range(2)]
+    addresses = [("127.0.0.1", s.port) for s in servers]
+    lock = threading.Lock()
+
+    def current() -> list[tuple[str, int]]:
+        with lock:
+            return list(addresses)
+
+    def faults() -> None:
+        time.sleep(SECONDS * 0.2)
+        ahead = skewed_factory(config, 20)
+        with lock:
+            addresses.append(("127.0.0.1", ahead.port))
+
+    injector = threading.Thread(target=faults, daemon=True)
+    injector.start()
+    result = history.run(current, list(MAXLOCKS), CLIENTS, SECONDS, seed())
+    injector.join(60)
+    assert not injector.is_alive()
+    result.long_waits_refused.clear()  # the server that refuses answers 503
+    history.check(result, MAXLOCKS, CLIENTS)
+    assert result.unavailable > 0, "the server with its clock off was never asked"
+    assert len(result.leases) > 20

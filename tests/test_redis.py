@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import glob
 import hashlib
 import os
 import shutil
@@ -267,41 +266,6 @@ def test_a_killed_servers_short_lease_grant_holds_until_it_expires(
 
 
 # -- one clock: Redis's --------------------------------------------------------------------
-
-
-@pytest.fixture
-def skewed_factory(tmp_path: Path) -> Iterator:
-    """Start a distributexd whose clocks read ``skew`` seconds ahead (libfaketime).
-
-    The library is preloaded into the server itself (not through the
-    ``faketime`` wrapper, whose child would outlive a kill of the wrapper).
-    """
-    libraries = sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))
-    if not libraries:
-        pytest.skip("libfaketime is not installed (scripts/test.sh installs faketime)")
-    started: list[Server] = []
-
-    def factory(text: str, skew: int) -> Server:
-        port = free_port()
-        cfg = tmp_path / f"skewed-{port}.yaml"
-        cfg.write_text(text)
-        log = tmp_path / f"skewed-{port}.log"
-        env = {**os.environ, "LD_PRELOAD": libraries[0], "FAKETIME": f"+{skew}s"}
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "distributex", "-c", str(cfg), "-p", str(port)],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
-        server = Server(proc, port, log)
-        started.append(server)
-        wait_for_port(port, proc)
-        return server
-
-    yield factory
-    for server in started:
-        server.stop(signal.SIGKILL)
 
 
 def test_servers_with_skewed_clocks_agree_on_every_lease(

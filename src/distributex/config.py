@@ -27,6 +27,9 @@ Top-level keys:
                   missing (its folder must exist).
 ``sqlite_sync``   sqlite backend: ``full`` (default; a YES survives a power
                   loss) or ``normal`` (survives a crash of the server only).
+``unsafe_store``  shared backends: ``refuse`` (default) stops the server on a
+                  store set up to lose locks (memcached that evicts items,
+                  started without ``-M``); ``warn`` runs anyway, logging it.
 ``bind``          address to listen on (default: ``127.0.0.1`` for
                   ``distributexd``; every interface under ``twistd``, as 0.7).
 ``port``          port to listen on (default 9889).
@@ -52,6 +55,11 @@ Limits (see the README's "Limits"):
                      > 0 (default 10).
 ``idle_timeout``     seconds a kept-alive connection may sit idle between
                      requests: > 0 (default 60).
+``max_connections_per_peer``  open connections from one peer address: a whole
+                     number >= 0 (default 0: half the connection cap).
+``max_requests_per_identity``  parked ``/wait/`` and status streams of one
+                     proven identity at once: >= 0 (default 0: half the cap).
+``max_status_streams``  ``/status/events`` viewers at once: >= 1 (default 100).
 
 Authentication and TLS (see :mod:`distributex.auth` and the README's
 "Running it securely"; off unless given):
@@ -106,6 +114,7 @@ DEFAULT_PORT = 9889
 DEFAULT_BIND = "127.0.0.1"
 BACKENDS = ("inmemory", "sqlite", "memcache", "redis", "etcd")
 SQLITE_SYNC = ("full", "normal")
+UNSAFE_STORE = ("refuse", "warn")
 
 # Bounds on what a file may hold (see the module doc). Seconds stop at 10**9
 # so every later sum stays a finite float; the rest are far beyond real use
@@ -134,6 +143,7 @@ _TOP_KEYS = (
     "redis_url",
     "sqlite_path",
     "sqlite_sync",
+    "unsafe_store",
     "bind",
     "port",
     "start_delay",
@@ -142,6 +152,9 @@ _TOP_KEYS = (
     "max_connections",
     "header_timeout",
     "idle_timeout",
+    "max_connections_per_peer",
+    "max_requests_per_identity",
+    "max_status_streams",
     "metrics",
     "pools",
     # Authentication, TLS and their limits (README "Running it securely").
@@ -216,6 +229,7 @@ class Config:
     redis_url: str = "redis://localhost:6379/0"
     sqlite_path: str | None = None
     sqlite_sync: str = "full"
+    unsafe_store: str = "refuse"
     bind: str | None = None  # None: the entry point's default
     port: int = DEFAULT_PORT
     start_delay: float = 0.0
@@ -228,6 +242,10 @@ class Config:
     max_connections: int = 0
     header_timeout: float = 10.0
     idle_timeout: float = 60.0
+    # No one client starves the others (distributex.fairness); 0: half the cap.
+    max_connections_per_peer: int = 0
+    max_requests_per_identity: int = 0
+    max_status_streams: int = 100
     metrics: bool = True  # GET /metrics and the counting behind it
     pools: dict[str, PoolSpec] = field(default_factory=dict)
     source: str | None = None
@@ -655,6 +673,9 @@ class _Checker:
             kwargs["sqlite_path"] = self.name(top["sqlite_path"][1], "sqlite_path")
         if "sqlite_sync" in top:
             kwargs["sqlite_sync"] = self.choice(top["sqlite_sync"][1], "sqlite_sync", SQLITE_SYNC)
+        if "unsafe_store" in top:
+            node = top["unsafe_store"][1]
+            kwargs["unsafe_store"] = self.choice(node, "unsafe_store", UNSAFE_STORE)
         if kwargs.get("backend") == "sqlite" and "sqlite_path" not in kwargs:
             raise self.fail(top["backend"][1], "backend sqlite needs sqlite_path: FILE")
         if "bind" in top:
@@ -680,6 +701,13 @@ class _Checker:
         if "max_connections" in top:
             node = top["max_connections"][1]
             kwargs["max_connections"] = self.whole(node, "max_connections", 0, MAX_CONNECTIONS)
+        for key, low in (
+            ("max_connections_per_peer", 0),
+            ("max_requests_per_identity", 0),
+            ("max_status_streams", 1),
+        ):
+            if key in top:
+                kwargs[key] = self.whole(top[key][1], key, low, MAX_CONNECTIONS)
         for key in ("header_timeout", "idle_timeout"):
             if key in top:
                 kwargs[key] = self.number(top[key][1], key, minimum=0, above=True)

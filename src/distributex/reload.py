@@ -53,6 +53,7 @@ RESTART_KEYS = (
     "key_prefix",
     "sqlite_path",
     "sqlite_sync",
+    "unsafe_store",
     "redis_url",
     "etcd_endpoints",
     "bind",

@@ -24,7 +24,9 @@ def make_backend(config: Config) -> LockBackend:
 
         assert config.sqlite_path is not None  # the loader requires it
         store = SqliteStore(config.sqlite_path, config.sqlite_sync)
-        return SharedStateBackend(store, advertise=config.bind or DEFAULT_BIND)
+        return SharedStateBackend(
+            store, advertise=config.bind or DEFAULT_BIND, unsafe_store=config.unsafe_store
+        )
     if config.backend == "memcache":
         from distributex.backends import memcache
         from distributex.backends.shared import SharedStateBackend
@@ -36,7 +38,12 @@ def make_backend(config: Config) -> LockBackend:
         store = memcache.MemcacheStore(config.memcachehost, config.memcacheport)
         # Nudges go to the address the server listens on (the same machine).
         advertise = config.bind or DEFAULT_BIND
-        return SharedStateBackend(store, key_prefix=config.key_prefix, advertise=advertise)
+        return SharedStateBackend(
+            store,
+            key_prefix=config.key_prefix,
+            advertise=advertise,
+            unsafe_store=config.unsafe_store,
+        )
     if config.backend == "etcd":
         from distributex.backends import etcd
         from distributex.backends.shared import SharedStateBackend
@@ -54,7 +61,9 @@ def make_backend(config: Config) -> LockBackend:
             user=config.etcd_user,
             password=config.etcd_password,
         )
-        return SharedStateBackend(store, key_prefix=config.key_prefix)
+        return SharedStateBackend(
+            store, key_prefix=config.key_prefix, unsafe_store=config.unsafe_store
+        )
     if config.backend == "redis":
         from distributex.backends import redis
         from distributex.backends.shared import SharedStateBackend
@@ -65,7 +74,9 @@ def make_backend(config: Config) -> LockBackend:
             )
         # Nudges go through Redis itself (pub/sub): no address to advertise.
         store = redis.RedisStore(config.redis_url, config.key_prefix)
-        return SharedStateBackend(store, key_prefix=config.key_prefix)
+        return SharedStateBackend(
+            store, key_prefix=config.key_prefix, unsafe_store=config.unsafe_store
+        )
     raise BackendUnavailable(
         f"backend '{config.backend}' is not available in this version of distributex"
     )

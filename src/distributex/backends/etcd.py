@@ -404,6 +404,13 @@ class EtcdStore(Store):
             for kv in answer.kvs
         }
 
+    async def beats(self, prefix: str) -> dict[str, bytes]:
+        start = prefix.encode()
+        # Every key with this prefix: up to the prefix with its last byte raised.
+        request = rpc.RangeRequest(key=start, range_end=start[:-1] + bytes([start[-1] + 1]))
+        answer = await self._call(lambda m, md: m.kv.Range(request, metadata=md))
+        return {kv.key.decode(): kv.value for kv in answer.kvs}
+
     async def put(
         self,
         key: str,

@@ -11,9 +11,15 @@ bounded by the layer; a call abandoned mid-answer leaves its connection out
 of step with the server, so every failure drops the whole connection pool
 (:meth:`MemcacheStore.reset`) and the next call connects afresh.
 
-Clock: memcached has none to offer, so leases are judged by the servers'
-wall clocks (keep them in sync with NTP; the client's kill margin absorbs
-skew below a fraction of a second).
+Clock: leases are judged by the servers' wall clocks (keep them in sync
+with NTP). Each server compares its clock with memcached's (``stats``, whole
+seconds) every heartbeat and steps no pool while it is more than
+:data:`~distributex.backends.clocks.MAX_CLOCK_SKEW` off (``503``).
+
+Evictions: a memcached that evicts items when full (the default, without
+``-M``) can drop a held pool's record, and the lock is then granted again.
+The server refuses such a memcached at start (and stops granting if one
+restarts so), unless ``unsafe_store: warn``.
 
 One memcached only: several would split the keys of the cluster between
 them, and the epoch record that detects a lost store would live on one of
@@ -101,6 +107,26 @@ class MemcacheStore(Store):
         except aiomcache.exceptions.ClientException as exc:
             # e.g. SERVER_ERROR out of memory (memcached -M), object too large
             raise BackendUnavailable(f"{self.description} refused a write: {exc}") from None
+
+    async def own_clock(self) -> tuple[float, float]:
+        # memcached's clock ticks in whole seconds.
+        return float(await self._stat(b"", b"time")), 1.0
+
+    async def unsafe_setting(self) -> str | None:
+        if await self._stat(b"settings", b"evictions") == b"on":
+            return (
+                f"{self.description} evicts items when its memory is full (started "
+                "without -M): a held pool's record could be evicted and its lock granted "
+                "twice; start memcached with -M (--disable-evictions)"
+            )
+        return None
+
+    async def _stat(self, group: bytes, name: bytes) -> bytes | None:
+        try:
+            stats = await self._connect().stats(group or None)
+        except aiomcache.exceptions.ClientException as exc:
+            raise BackendUnavailable(f"{self.description}: {exc}") from None
+        return stats.get(name)
 
     async def set(self, key: str, value: bytes, ttl: int = 0) -> None:
         try:

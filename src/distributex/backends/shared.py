@@ -55,6 +55,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from distributex.backends import clocks
 from distributex.backends.base import BackendUnavailable, LockBackend
 from distributex.config import DEFAULT_EXPIRE
 from distributex.engine import NEVER, Hold, Lease, LockEngine, PoolSpec, PoolState, Waiter
@@ -214,6 +215,21 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def set(self, key: str, value: bytes, ttl: int = 0) -> None:
         """Write unconditionally: only for keys a single server owns (its heartbeat)."""
+
+    async def own_clock(self) -> tuple[float, float] | None:
+        """The store's own clock and its resolution in seconds, if it has one
+        that is not already the clock of :meth:`now` (memcached's ``stats``)."""
+        return None
+
+    async def beats(self, prefix: str) -> dict[str, bytes] | None:
+        """Every key under ``prefix`` (servers' heartbeats) and its value, if the
+        store can list keys; None if it cannot."""
+        return None
+
+    async def unsafe_setting(self) -> str | None:
+        """A setting of the store that breaks mutual exclusion (memcached that
+        evicts items when full), or None."""
+        return None
 
     async def notify(self, servers: Collection[str], pool: str) -> None:
         """Tell each of ``servers`` (server ids) to step ``pool`` now (``notifies`` stores).
@@ -408,9 +424,16 @@ class SharedStateBackend(LockBackend):
     """Lock state in a :class:`Store` shared by any number of servers."""
 
     def __init__(
-        self, store: Store, key_prefix: str = "distributex/", advertise: str | None = None
+        self,
+        store: Store,
+        key_prefix: str = "distributex/",
+        advertise: str | None = None,
+        unsafe_store: str = "refuse",
     ) -> None:
         self.store = store
+        # "refuse" (the default) or "warn": a store setting that breaks mutual
+        # exclusion stops the server, or is only logged.
+        self.unsafe_store = unsafe_store
         self.prefix = key_prefix
         self.server_id = secrets.token_hex(8)
         # Where other servers send nudges (None: take none, they poll us only).
@@ -452,6 +475,10 @@ class SharedStateBackend(LockBackend):
         self._replaced = False
         # Why the last write of a pool record failed (None: it succeeded).
         self._write_failure: str | None = None
+        # Why no pool may be stepped here now (this server's clock is off, an
+        # unsafe store setting): every step is refused with it.
+        self._unsafe: str | None = None
+        self._clock_problem: str | None = None
         self._listener: asyncio.Task[None] | None = None
         self._closed = False
         self._last_error: str | None = None
@@ -478,7 +505,9 @@ class SharedStateBackend(LockBackend):
         await self.store.start()
         try:
             await self._call(self._beat(), quiet=True)
+            await self._check_store_settings(at_start=True)
             await self._settle_epoch()
+            await self._check_clock()
         except BackendUnavailable:
             await self.store.close()
             raise
@@ -549,6 +578,9 @@ class SharedStateBackend(LockBackend):
         """
         self._check_open()
         await self._call(self.store.get([self.epoch_key]))
+        refusal = self._refusal()
+        if refusal is not None:
+            raise BackendUnavailable(refusal)
         if self._write_failure is not None:
             probe = f"{self.prefix}probe/{self.server_id}/{secrets.token_hex(4)}"
             try:
@@ -614,7 +646,61 @@ class SharedStateBackend(LockBackend):
         task.add_done_callback(self._tasks.discard)
 
     async def _beat(self) -> None:
-        await self.store.set(self.server_key(self.server_id), self._beat_value, HEARTBEAT_TTL)
+        # Our clock goes with the beat: servers that judge leases by their own
+        # clocks compare them (backends/clocks.py).
+        beat = self._beat_value[:-1] + (b"," if len(self._beat_value) > 2 else b"")
+        beat += b'"t":%.3f}' % time.time()
+        await self.store.set(self.server_key(self.server_id), beat, HEARTBEAT_TTL)
+
+    def _refusal(self) -> str | None:
+        """Why this server steps no pool now, or None."""
+        return self._unsafe or self._clock_problem
+
+    async def _check_store_settings(self, at_start: bool = False) -> None:
+        """Refuse (or only log, ``unsafe_store: warn``) a store set up to lose locks."""
+        problem = await self._call(self.store.unsafe_setting(), quiet=at_start)
+        if problem is None or self.unsafe_store == "warn":
+            if problem is not None and problem != self._unsafe:
+                log.warning("%s (allowed by unsafe_store: warn)", problem)
+            if self._unsafe is not None and problem is None:
+                log.info("%s: its settings are safe again", self.store.description)
+            self._unsafe = None
+            return
+        message = f"{problem}; or set unsafe_store: warn to run anyway"
+        if at_start:
+            raise BackendUnavailable(message)
+        if message != self._unsafe:
+            log.error("%s: no grants until it is fixed", message)
+        self._unsafe = message
+
+    async def _check_clock(self) -> None:
+        """Compare our clock with the store's or the other servers' (clocks.py)."""
+        before = time.time()
+        store_clock = await self._call(self.store.own_clock(), quiet=True)
+        beats = await self._call(self.store.beats(self.server_key("")), quiet=True)
+        after = time.time()
+        readings = []
+        if store_clock is not None:
+            readings.append(
+                clocks.store_reading(self.store.description, *store_clock, before, after)
+            )
+        for key, value in (beats or {}).items():
+            server = key.rsplit("/", 1)[-1]
+            try:
+                beat_time = float(json.loads(value)["t"])
+            except (ValueError, KeyError, TypeError):
+                continue  # a server of an earlier version: no clock in its beat
+            if server != self.server_id:
+                readings.append(
+                    clocks.beat_reading(f"server {server}", beat_time, HEARTBEAT_TTL, before, after)
+                )
+        problem = clocks.clock_problem(readings)
+        if problem != self._clock_problem:
+            if problem is not None:
+                log.error("%s", problem)
+            else:
+                log.info("this server's clock agrees with the others' again")
+        self._clock_problem = problem
 
     # -- nudges: a hint to another server that one of its waiters was granted ----------
 
@@ -704,6 +790,7 @@ class SharedStateBackend(LockBackend):
                 if self._last_error is not None:
                     log.info("%s answers again", self.store.description)
                     self._last_error = None
+                await self._check_clock()
 
     # -- the epoch -----------------------------------------------------------------------
 
@@ -744,6 +831,8 @@ class SharedStateBackend(LockBackend):
                     # Announce ourselves in the new store at once (our beat is gone
                     # with the rest), so no step drops our waiters as a dead server's.
                     await self._call(self._beat(), quiet=True)
+                    # A store that restarted may have restarted with other settings.
+                    await self._check_store_settings()
 
     def _store_replaced(self) -> None:
         """The store told us it is not the one we served from: record a loss in it."""
@@ -818,6 +907,9 @@ class SharedStateBackend(LockBackend):
         nobody will answer must not stay held.
         """
         self._check_open()
+        refusal = self._refusal()
+        if refusal is not None:
+            raise BackendUnavailable(refusal)
         spec = self._in_force(spec)
         self._specs[spec.name] = spec
         request = _Request(op, undo, asyncio.get_running_loop().create_future(), lazy)
