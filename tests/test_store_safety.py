@@ -119,3 +119,20 @@ def test_on_etcd_the_server_whose_clock_is_off_the_others_grants_nothing(
     assert honest[1].call(q("get", "b", "p")).body == "NO"
     assert honest[1].call(q("release", "a", "p")).body == "OK"
     wait_until(lambda: honest[1].call(q("get", "b", "p")).body == "YES", 10, "granted")
+
+
+def test_two_servers_with_different_maxlocks_on_one_file_say_so(
+    tmp_path: Path, server_factory
+) -> None:
+    head = f"backend: sqlite\nsqlite_path: {tmp_path / 'state.db'}\npools:\n  - name: p\n"
+    one: Server = server_factory(head + "    maxlocks: 1\n")
+    two: Server = server_factory(head + "    maxlocks: 2\n")
+    assert one.call(q("get", "a", "p")).body == "YES"
+    assert two.call(q("get", "b", "p")).body == "YES"  # two holders where one says 1
+    assert one.call(q("get", "c", "p")).body == "NO"
+    for server, theirs in ((two, "maxlocks 1"), (one, "maxlocks 2")):
+        wait_until(
+            lambda s=server, t=theirs: f"another server runs it with {t}" in s.log.read_text(),
+            10,
+            "the mismatch logged",
+        )

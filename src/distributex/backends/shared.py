@@ -125,6 +125,9 @@ EPOCH_CHECK_INTERVAL = 0.5
 # new: a live server records the loss meanwhile, and this one then holds
 # grants as the loss rule says. Spent before the port opens.
 NEW_STORE_SETTLE = 4 * EPOCH_CHECK_INTERVAL
+# A pool's record says the settings it was written with; a server compares
+# them with its own this often per pool (a mismatch is logged).
+SETTINGS_CHECK_EVERY = 60.0
 # /status reads pool records this many keys at a time.
 STATUS_BATCH = 200
 
@@ -261,6 +264,7 @@ def encode_pool(
     epoch: str,
     fragments: dict[str, str] | None = None,
     compress: bool = False,
+    spec: PoolSpec | None = None,
 ) -> bytes:
     """A pool's record: JSON, times as absolute seconds on the store's clock.
 
@@ -309,9 +313,26 @@ def encode_pool(
         "blocked": blocked,
         "holds": holds,
     }
+    if spec is not None:
+        # The settings the writer ran the pool with: a server configured
+        # otherwise says so (two servers, two maxlocks: more holders than one allows).
+        head["spec"] = _settings(spec)
     record = f'{_json(head)[:-1]},"queue":[{",".join(queue)}]}}'.encode()
     # A JSON record starts with "{"; a compressed one with zlib's header byte.
     return zlib.compress(record, 1) if compress else record
+
+
+def _settings(spec: PoolSpec) -> list[Any]:
+    return [spec.maxlocks, spec.expire]
+
+
+def record_settings(raw: bytes) -> list[Any] | None:
+    """The pool settings a record was written with (None: not said)."""
+    try:
+        record = json.loads(raw if raw[:1] == b"{" else zlib.decompress(raw))
+        return record.get("spec") if isinstance(record, dict) else None
+    except (ValueError, zlib.error):
+        return None
 
 
 def split_nudge(message: bytes) -> tuple[str, bytes | None]:
@@ -479,6 +500,7 @@ class SharedStateBackend(LockBackend):
         # unsafe store setting): every step is refused with it.
         self._unsafe: str | None = None
         self._clock_problem: str | None = None
+        self._settings_checked: dict[str, float] = {}  # pool -> when (monotonic)
         self._listener: asyncio.Task[None] | None = None
         self._closed = False
         self._last_error: str | None = None
@@ -1020,6 +1042,7 @@ class SharedStateBackend(LockBackend):
                 engine = LockEngine(first_fence=max(state.fence, floor) + 1)
                 if state.holds or state.queue or state.blocked_until != -math.inf:
                     engine.restore(spec, state)
+                self._compare_settings(spec, stored.value)
             else:
                 # A new record: above the wall clock in µs (as the inmemory backend
                 # starts) and above anything seen here, so fences never go back.
@@ -1084,6 +1107,7 @@ class SharedStateBackend(LockBackend):
                 epoch.id,
                 None if state is None else self._fragments.setdefault(spec.name, {}),
                 self.store.compress,
+                spec,
             )
             if (stored is None and state is None) or (
                 stored is not None and record == stored.value
@@ -1137,6 +1161,24 @@ class SharedStateBackend(LockBackend):
             elif isinstance(written, Conflict):
                 seen = written.current
         raise BackendUnavailable(f"pool '{spec.name}': too many conflicting writes, try again")
+
+    def _compare_settings(self, spec: PoolSpec, raw: bytes) -> None:
+        """Warn (once a minute per pool) if another server writes the pool with
+        other settings: each grants by its own maxlocks."""
+        clock = time.monotonic()
+        if clock < self._settings_checked.get(spec.name, -math.inf) + SETTINGS_CHECK_EVERY:
+            return
+        self._settings_checked[spec.name] = clock
+        theirs = record_settings(raw)
+        if theirs is not None and theirs != _settings(spec):
+            log.warning(
+                "pool '%s': another server runs it with maxlocks %s, expire %s (here: maxlocks "
+                "%s, expire %s); give every server the same configuration (each grants by its "
+                "own maxlocks)",
+                spec.name,
+                *theirs,
+                *_settings(spec),
+            )
 
     def _block_after_loss(
         self, engine: LockEngine, spec: PoolSpec, epoch: Epoch | None, now: float
