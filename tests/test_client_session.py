@@ -3,7 +3,9 @@
 ``set -m`` puts a background job in a process group of its own, ``setsid``
 in a session of its own (and forks, so the job is an orphan at once). Both
 must end before the lock is released: when the command ends, and when the
-lock is lost. Real servers, real clients, real shells.
+lock is lost. A client killed with SIGKILL leaves it to the watchdog, which
+reaches the command's group and session (not a job that left the session).
+Real servers, real clients, real shells.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from tests.test_client_robustness import (  # noqa: F401 - fixtures used by name
     alive,
     srv,
     start,
+    wait_dead,
     wait_for_file,
 )
 
@@ -89,3 +92,13 @@ def test_jobs_out_of_the_group_end_when_the_lock_is_lost(server: Server, tmp_pat
     assert server.call(f"/release/?host=A&pool=p&lease={token}").body == "OK"
     assert a.wait(20) == 73, a.stderr.read() if a.stderr else ""
     assert not any(alive(pid) for pid in pids), "a job ran on after the lock was lost"
+
+
+def test_a_set_m_job_ends_when_the_client_is_killed(server: Server, tmp_path: Path) -> None:
+    short = ["--ttl", "6", "--grace", "1"]
+    a = start([*srv(server.port), "-r", "p", *short, *jobs_then(tmp_path, "exec sleep 30")])
+    group_job, _session_job = job_pids(tmp_path)
+    a.kill()
+    a.wait()
+    # The watchdog: SIGTERM at once to the command's group and session.
+    assert wait_dead(group_job, 5), "a set -m job ran on, unlocked, after the client died"

@@ -114,10 +114,11 @@ process group and watchdog:
   command ends, or the lock is lost, what is left running gets SIGTERM,
   then SIGKILL after --grace, before the lock is released; the exit status
   stays the command's. A watchdog process, fed the lease's deadlines after
-  each renewal, stops the group on the same schedule if this client cannot
-  (stopped with SIGSTOP, frozen, starved of CPU) or dies; the client then
-  exits 73. Without prctl and /proc (BSD, macOS) only the process group is
-  reached. Ctrl-Z (SIGTSTP) is ignored: a stopped client would lose its lock.
+  each renewal, stops the group and session on the same schedule if this
+  client cannot (stopped with SIGSTOP, frozen, starved of CPU) or dies; the
+  client then exits 73. Without prctl and /proc (BSD, macOS) only the
+  process group is reached. Ctrl-Z (SIGTSTP) is ignored: a stopped client
+  would lose its lock.
 
 signals:
   SIGINT, SIGTERM and SIGHUP are forwarded to the command's process group;

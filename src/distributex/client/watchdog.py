@@ -7,8 +7,9 @@ host when the lease runs out. This small process, in a session of its own
 (so Ctrl-Z and signals to the client's process group do not reach it),
 holds the deadlines the client last fed it and acts on them alone:
 
-* ``term_at`` passed: SIGTERM to the command's process group;
-* ``kill_at`` passed: SIGKILL to the group (repeated for a moment, for
+* ``term_at`` passed: SIGTERM to the command's process group and session
+  (a shell's ``set -m`` jobs leave its group, not its session);
+* ``kill_at`` passed: SIGKILL to the group and session (repeated for a moment, for
   processes forked meanwhile). ``kill_at`` lies before the earliest moment
   the server may end the lease, so the command is dead before anyone else
   can be granted the lock, and a stopped command is never resumed;
@@ -27,7 +28,8 @@ clock in every process of the machine)::
 
 It answers ``ready`` on stdout once it reads its input. It is run as a
 script (``python -I -S watchdog.py``) and imports only the standard library,
-so it starts in a few milliseconds.
+so it starts in a few milliseconds; :mod:`processes` (stdlib only too) is
+loaded from beside it when it first signals.
 
 Limits: it shares the machine with the client; if the whole machine is
 frozen (or the watchdog itself is SIGSTOPped or starved as well), it cannot
@@ -38,12 +40,15 @@ it has to work in.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
 import os
 import select
 import signal
 import sys
 import time
+from pathlib import Path
+from types import ModuleType
 
 FIRED = 3
 # Never sleep longer than this: sleeps stand still during a suspend of the machine.
@@ -64,12 +69,38 @@ def clock() -> float:
     return time.monotonic()
 
 
+def _processes() -> ModuleType | None:
+    """:mod:`distributex.client.processes`, loaded from beside this script (no package here)."""
+    name = "distributex_watchdog_processes"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("processes.py"))
+    if spec is None or spec.loader is None:
+        return None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+    except Exception:  # never let this stop the group's signal
+        del sys.modules[name]
+        return None
+    return module
+
+
 def _killpg(pgid: int, sig: int) -> bool:
-    """Signal the group; False if it has no member left."""
+    """Signal the group and the session it leads; False if neither has a member left."""
+    found = False
+    processes = _processes()
+    table = processes.scan() if processes is not None else None
+    for process in (table or {}).values():
+        if process.session == pgid and process.pgrp != pgid and not process.zombie:
+            found = True
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(process.pid, sig)
     try:
         os.killpg(pgid, sig)
     except ProcessLookupError:
-        return False
+        return found
     except PermissionError:
         pass
     return True
