@@ -529,7 +529,8 @@ class SharedStateBackend(LockBackend):
             await self._call(self._beat(), quiet=True)
             await self._check_store_settings(at_start=True)
             await self._settle_epoch()
-            await self._check_clock()
+            with contextlib.suppress(BackendUnavailable):  # checked again every beat
+                await self._check_clock()
         except BackendUnavailable:
             await self.store.close()
             raise
