@@ -22,7 +22,6 @@ the same holders and waiters for them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
 from importlib import resources
@@ -45,12 +44,6 @@ from distributex.status import PoolStatus
 
 OPERATOR_PATHS = ("/", "/status", "/status/", "/status/events", "/metrics", "/healthz")
 HEALTH_TIMEOUT = 5.0
-# A status stream looks again this often even without a change seen here (other
-# servers sharing the store change it too), sends at most this often, and sends a
-# comment line as a keep-alive when nothing changed for KEEPALIVE seconds.
-STREAM_REFRESH = 1.0
-STREAM_MIN_GAP = 0.1
-KEEPALIVE = 15.0
 _JSON = "application/json"
 
 
@@ -131,47 +124,6 @@ async def status(request: web.Request) -> web.Response:
     except BackendUnavailable as exc:
         return _json({"error": str(exc)}, 503)
     return _json(status_document(request.app, pools))
-
-
-async def status_events(request: web.Request) -> web.StreamResponse:
-    """Server-sent events: a ``status`` event with the whole document on every change."""
-    app = request.app
-    events = app[EVENTS_KEY]
-    try:
-        only = _only(request)
-        _specs(app, only)
-    except Invalid as exc:
-        return _json({"error": exc.reason}, exc.status)
-    response = web.StreamResponse(
-        headers={
-            "Content-Type": "text/event-stream",
-            "Cache-Control": "no-cache",
-            "X-Accel-Buffering": "no",  # proxies must not hold the stream back
-        }
-    )
-    await response.prepare(request)
-    loop = asyncio.get_running_loop()
-    last: Any = None
-    last_sent = -KEEPALIVE
-    with contextlib.suppress(ConnectionError):  # the viewer went away
-        while not events.closed:
-            version = events.version
-            try:
-                pools = await read_status(app, only)
-                kind, doc, key = "status", status_document(app, pools), pools
-            except (BackendUnavailable, Invalid) as exc:
-                reason = exc.reason if isinstance(exc, Invalid) else str(exc)
-                kind, doc, key = "unavailable", {"error": reason}, reason
-            if key != last:
-                data = json.dumps(doc, ensure_ascii=False)
-                await response.write(f"event: {kind}\ndata: {data}\n\n".encode())
-                last, last_sent = key, loop.time()
-            elif loop.time() - last_sent >= KEEPALIVE:
-                await response.write(b": keep-alive\n\n")
-                last_sent = loop.time()
-            await events.wait_changed(version, STREAM_REFRESH)
-            await asyncio.sleep(STREAM_MIN_GAP)  # a burst of changes makes one event
-    return response
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -258,6 +210,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/", dashboard)
     app.router.add_get("/status", status)
     app.router.add_get("/status/", status)
+    from distributex.statusfeed import status_events  # one shared snapshot per change
+
     app.router.add_get("/status/events", status_events)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
