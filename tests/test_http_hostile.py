@@ -310,7 +310,10 @@ def call_when_admitted(srv: Server, path: str) -> Answer:
 def test_connection_cap_refuses_when_nothing_is_idle(
     server_factory, open_sockets: list[socket.socket]
 ) -> None:
-    srv = server_factory("max_connections: 6\nautocreate: true\npools:\n  - name: p\n")
+    # All from one address: the per-peer share (half the cap) must not come first here.
+    srv = server_factory(
+        "max_connections: 6\nmax_connections_per_peer: 6\nautocreate: true\npools:\n  - name: p\n"
+    )
     assert srv.call(q("get", host="holder", pool="p")).body == "YES"
     waiters = [park(srv.port, f"w{i}", "p") for i in range(6)]
     open_sockets += waiters

@@ -22,9 +22,11 @@ idle connections a client (or an attack) leaves open:
   seconds of opening (or of starting a later request), and a kept-alive one
   is closed after ``idle_timeout`` seconds without a request;
 * at most ``max_connections`` are open (0: the file descriptor limit less a
-  reserve for the backend, logs and accepting). One more closes the oldest
-  idle connection, never one with a request in progress such as a parked
-  ``/wait/``; with none idle the new one is closed at once;
+  reserve for the backend, logs and accepting), at most
+  ``max_connections_per_peer`` from one address. One more closes an idle
+  connection, a TLS handshake or a status stream, never one with a request in
+  progress such as a parked ``/wait/``; with none of those the new one is
+  closed at once (:mod:`distributex.fairness`);
 * the server accepts by itself: running out of file descriptors closes an
   idle connection or pauses accepting briefly, and is logged once per
   ``REPORT_EVERY`` seconds with a count, never once per attempt;
@@ -52,10 +54,11 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
-from distributex import __version__, reload, sdnotify
+from distributex import __version__, fairness, reload, sdnotify
 from distributex.backends import BackendUnavailable, LockBackend, make_backend
 from distributex.config import DEFAULT_BIND, Config, ConfigError, default_config, load_config
 from distributex.events import Events, JsonFormatter
+from distributex.fairness import ConnectionTable
 from distributex.httpapi import CONFIG_KEY, EVENTS_KEY, create_app
 from distributex.tls import TLS_KEY, TLSHolder
 
@@ -65,8 +68,7 @@ log = logging.getLogger("distributex")
 # how long the server waits for answers already being written.
 SHUTDOWN_GRACE = 3.0
 LISTEN_BACKLOG = 4096
-# Connections taken from the listen queue per loop turn: bounds how far the
-# count can run ahead of the cap before the protocols exist.
+# Connections taken from the listen queue per loop turn: others get their turn.
 ACCEPT_BATCH = 64
 # Pause in accepting when out of file descriptors with nothing idle to close.
 ACCEPT_RETRY = 0.5
@@ -164,49 +166,41 @@ class _Throttle:
             self.next_report = now + REPORT_EVERY
 
 
-class _Connections:
-    """The open connections, oldest first, and the cap on how many there are."""
+class _Connections(ConnectionTable):
+    """The connection table (:mod:`distributex.fairness`) with its deadlines and log lines."""
 
-    def __init__(self, limit: int, header_timeout: float) -> None:
-        self.limit = limit
+    def __init__(self, limit: int, header_timeout: float, per_peer: int = 0) -> None:
+        super().__init__(limit, per_peer)
         self.header_timeout = header_timeout
-        self.open: dict[_Connection, None] = {}
-        self.pending = 0  # accepted, protocol not made yet
-        self._evicted = _Throttle(logging.INFO, f"connection limit {limit} reached: idle closed")
+        self._evicted = _Throttle(
+            logging.INFO,
+            f"connection limit reached ({limit}, {self.per_peer} per peer): "
+            "an idle, handshaking or streaming connection closed to make room",
+        )
         self._refused = _Throttle(
-            logging.WARNING, f"connection limit {limit} reached, none idle: new ones refused"
+            logging.WARNING,
+            f"connection limit reached ({limit}, {self.per_peer} per peer), "
+            "nothing to close: new ones refused",
         )
 
-    def full(self) -> bool:
-        return len(self.open) + self.pending >= self.limit
-
-    def oldest_idle(self) -> _Connection | None:
-        """The oldest connection with no request in progress (never a parked /wait/)."""
-        return next((conn for conn in self.open if conn.idle()), None)
-
-    def close(self, conn: _Connection) -> None:
-        del self.open[conn]
-        conn.force_close()
-
     def close_oldest_idle(self) -> bool:
-        """Close the oldest idle connection; False if there is none."""
-        conn = self.oldest_idle()
+        """Close the first connection that may be closed; False if there is none."""
+        conn = self.victim()
         if conn is None:
             return False
         self.close(conn)
         return True
 
-    def admit(self, conn: socket.socket, victim: _Connection | None) -> bool:
-        """Make room for ``conn`` when full: close ``victim``, else refuse ``conn``."""
-        if not self.full():
-            return True
-        if victim is not None and victim in self.open:
+    def admit(self, conn: socket.socket, peer: str) -> bool:
+        """Make room for ``conn`` from ``peer`` if a cap is reached, else refuse (close) it."""
+        allowed, victim = self.room_for(peer)
+        if victim is not None:
             self.close(victim)
             self._evicted.note()
-            return True
-        conn.close()
-        self._refused.note()
-        return False
+        elif not allowed:
+            conn.close()
+            self._refused.note()
+        return allowed
 
 
 class _Connection(RequestHandler):
@@ -218,31 +212,36 @@ class _Connection(RequestHandler):
     a head not answered yet.
     """
 
-    def __init__(self, manager: web.Server, connections: _Connections, **kwargs: Any) -> None:
+    def __init__(
+        self, manager: web.Server, connections: _Connections, peer: str, **kwargs: Any
+    ) -> None:
         super().__init__(manager, **kwargs)
         self._connections = connections
         self._answered = 0
         self._head_timer: asyncio.TimerHandle | None = None
-        self.pending = True  # counted in connections.pending until made
+        self.peer = peer
+        self.pending = True  # until made: the TLS handshake runs
+        self.streaming = False  # a /status/events stream (set by distributex.statusfeed)
+        self.making: asyncio.Task[Any] | None = None
 
     def idle(self) -> bool:
         return self._request_count == self._answered
 
-    def made(self) -> None:
-        """No longer a connection in the making (made, or failed to be)."""
-        if self.pending:
-            self.pending = False
-            self._connections.pending -= 1
+    def evict(self) -> None:
+        """Closed to make room: a handshake is abandoned, a made connection closed."""
+        if self.pending and self.making is not None:
+            self.making.cancel()
+        else:
+            self.force_close()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self.made()
-        self._connections.open[self] = None
+        self.pending = False
         self._start_head_timer()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._stop_head_timer()
-        self._connections.open.pop(self, None)
+        self._connections.forget(self)
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -271,7 +270,7 @@ class _Connection(RequestHandler):
     def _head_timed_out(self) -> None:
         self._head_timer = None
         if self.idle() and self.transport is not None:
-            self._connections.open.pop(self, None)
+            self._connections.forget(self)
             self.force_close()
 
 
@@ -385,13 +384,8 @@ class _Site(web.BaseSite):
         assert server is not None
         connections = self._connections
         for _ in range(ACCEPT_BATCH):
-            victim = connections.oldest_idle() if connections.full() else None
-            if victim is None and connections.full() and connections.pending:
-                # Connections still being made may turn out idle (closable):
-                # leave this one in the listen queue for the next loop turn.
-                return
             try:
-                conn, _address = sock.accept()
+                conn, address = sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except ConnectionAbortedError:
@@ -403,11 +397,12 @@ class _Site(web.BaseSite):
                 if exc.errno not in _OUT_OF_RESOURCES or not connections.close_oldest_idle():
                     self._pause(ACCEPT_RETRY)
                 return
-            if not connections.admit(conn, victim):
+            peer = address[0] if isinstance(address, tuple) else ""
+            if not connections.admit(conn, peer):
                 continue
             conn.setblocking(False)
-            connections.pending += 1
-            protocol = _Connection(server, connections, loop=loop, **server._kwargs)
+            protocol = _Connection(server, connections, peer, loop=loop, **server._kwargs)
+            connections.add(protocol)
             context = self.tls.context
             accepted = loop.connect_accepted_socket(
                 lambda p=protocol: p,
@@ -417,14 +412,17 @@ class _Site(web.BaseSite):
                 ssl_handshake_timeout=connections.header_timeout if context else None,
             )
             task = loop.create_task(accepted)
+            protocol.making = task
             self._tasks.add(task)
             task.add_done_callback(lambda task, p=protocol: self._connected(task, p))
 
     def _connected(self, task: asyncio.Task[Any], protocol: _Connection) -> None:
         self._tasks.discard(task)
-        protocol.made()
-        if not task.cancelled() and task.exception() is not None:
-            log.debug("connection failed at once: %s", task.exception())
+        protocol.making = None
+        if task.cancelled() or task.exception() is not None:
+            self._connections.forget(protocol)  # never made: evicted, or its handshake failed
+            if not task.cancelled():
+                log.debug("connection failed at once: %s", task.exception())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -577,13 +575,16 @@ async def start_server(
     quiet_bad_requests()
     fd_limit = raise_fd_limit()
     connections = _Connections(
-        connection_limit(config.max_connections, fd_limit), config.header_timeout
+        connection_limit(config.max_connections, fd_limit),
+        config.header_timeout,
+        config.max_connections_per_peer,
     )
     events = Events(_metrics(config))
     backend.events = events
     await backend.start()
     app = create_app(config, backend, events)
     app[TLS_KEY] = tls  # a reload swaps its context: TLSHolder.swap
+    fairness.install(app, lambda: connections.limit)
     runner = web.AppRunner(
         app,
         handler_cancellation=True,  # a hung-up /wait/ must leave the queue

@@ -1,0 +1,187 @@
+"""No one client starves the others: the connection table, and caps per peer and identity.
+
+The server caps open connections (``max_connections``). One client must not
+be able to fill that cap and lock everyone else out, nor cost a holder its
+lease by keeping its ``/renew/`` from being accepted. So:
+
+* Connections that cost nobody anything when closed are *evictable*: an idle
+  kept-alive connection, one still in its TLS handshake (or not made yet),
+  and a ``/status/events`` stream (the viewer reconnects by itself). When
+  the cap is reached a new connection closes one: the oldest idle one, else
+  the oldest handshake, else the oldest stream. Only a request in progress
+  (a parked ``/wait/``, a verb being answered) is never closed; with nothing
+  evictable the newcomer is closed at once.
+* One peer address holds at most ``max_connections_per_peer`` connections
+  (default: half the cap). Past it, its new connection closes that peer's own
+  oldest evictable one, else it is closed: a peer can never take the whole cap.
+* One proven identity has at most ``max_requests_per_identity`` long-lived
+  requests (parked ``/wait/`` and status streams) at once (default: half the
+  cap); one more answers ``429 INVALID`` with the reason. Without
+  authentication (or on ``status_public`` pages) there is no identity, and the
+  per-peer cap applies.
+
+The checks run when a connection is accepted and on the long-lived paths
+only: the hot path of ``/get/`` and ``/release/`` pays one dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+from aiohttp import web
+
+from distributex import auth
+from distributex.config import Config
+
+log = logging.getLogger("distributex")
+
+# Paths whose requests may last: counted against the identity's cap.
+LONG_LIVED = frozenset(("/wait", "/wait/", "/status/events"))
+
+
+def share(limit: int, configured: int) -> int:
+    """A per-peer or per-identity cap: ``configured``, or (0) half the connection cap."""
+    return configured if configured > 0 else max(1, limit // 2)
+
+
+class Evictable(Protocol):
+    """What the table needs of a connection (``distributex.server._Connection``)."""
+
+    peer: str
+    pending: bool  # accepted, TLS handshake (or the protocol) not done yet
+    streaming: bool  # serves a /status/events stream
+
+    def idle(self) -> bool: ...
+
+    def evict(self) -> None: ...
+
+
+def _rank(conn: Evictable) -> int:
+    """The order in which connections are closed to make room (lower first; 3: never)."""
+    if conn.pending:
+        return 1
+    if conn.idle():
+        return 0
+    return 2 if conn.streaming else 3
+
+
+class ConnectionTable:
+    """The open connections, oldest first, with their count per peer address."""
+
+    def __init__(self, limit: int, per_peer: int) -> None:
+        self.limit = limit
+        self.per_peer = share(limit, per_peer)
+        self.open: dict[Evictable, None] = {}
+        self.peers: Counter[str] = Counter()
+
+    def full(self) -> bool:
+        return len(self.open) >= self.limit
+
+    def add(self, conn: Evictable) -> None:
+        self.open[conn] = None
+        self.peers[conn.peer] += 1
+
+    def forget(self, conn: Evictable) -> None:
+        """``conn`` is closed (or closing): no longer counted. Idempotent."""
+        if self.open.pop(conn, False) is None:
+            left = self.peers[conn.peer] - 1
+            if left:
+                self.peers[conn.peer] = left
+            else:
+                del self.peers[conn.peer]
+
+    def close(self, conn: Evictable) -> None:
+        self.forget(conn)
+        conn.evict()
+
+    def victim(self, peer: str | None = None) -> Evictable | None:
+        """The connection to close to make room: of ``peer`` only if given; None if none."""
+        best: Evictable | None = None
+        best_rank = 3
+        for conn in self.open:
+            if peer is not None and conn.peer != peer:
+                continue
+            rank = _rank(conn)
+            if rank < best_rank:
+                best, best_rank = conn, rank
+                if rank == 0:
+                    break  # the oldest idle one: nothing ranks before it
+        return best
+
+    def room_for(self, peer: str) -> tuple[bool, Evictable | None]:
+        """Whether a new connection from ``peer`` may stay, and whom to close for it."""
+        if self.peers[peer] >= self.per_peer:
+            victim = self.victim(peer)
+            return victim is not None, victim
+        if self.full():
+            victim = self.victim()
+            return victim is not None, victim
+        return True, None
+
+    def evictable_soon(self) -> bool:
+        """Whether a connection being made may yet turn out evictable (worth waiting for)."""
+        return any(conn.pending for conn in self.open)
+
+
+class IdentityRequests:
+    """Long-lived requests in progress per proven identity, and their cap."""
+
+    def __init__(self, get_config: Callable[[], Config], limit: Callable[[], int]) -> None:
+        self._get_config = get_config
+        self._limit = limit
+        self.counts: Counter[str] = Counter()
+
+    def cap(self) -> int:
+        return share(self._limit(), self._get_config().max_requests_per_identity)
+
+    def enter(self, name: str) -> bool:
+        """Count one more request of ``name``; False (nothing counted) at its cap."""
+        if self.counts[name] >= self.cap():
+            return False
+        self.counts[name] += 1
+        return True
+
+    def leave(self, name: str) -> None:
+        left = self.counts[name] - 1
+        if left:
+            self.counts[name] = left
+        else:
+            del self.counts[name]
+
+
+IDENTITY_REQUESTS_KEY: web.AppKey[IdentityRequests] = web.AppKey(
+    "identity_requests", IdentityRequests
+)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def identity_share(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Caps the long-lived requests of one identity (runs inside the auth middleware)."""
+    if request.path not in LONG_LIVED:
+        return await handler(request)
+    identity = request.get(auth.IDENTITY_KEY)
+    if identity is None:
+        return await handler(request)
+    requests = request.app[IDENTITY_REQUESTS_KEY]
+    if not requests.enter(identity.name):
+        reason = (
+            f"too many requests in progress for '{identity.name}': {requests.cap()} already "
+            "(parked /wait/ and status streams; max_requests_per_identity)"
+        )
+        return auth._refusal(request, 429, reason)
+    try:
+        return await handler(request)
+    finally:
+        requests.leave(identity.name)
+
+
+def install(app: web.Application, limit: Callable[[], int]) -> None:
+    """Add the per-identity cap to ``app`` (before its router is frozen)."""
+    from distributex.httpapi import CONFIG_KEY
+
+    app[IDENTITY_REQUESTS_KEY] = IdentityRequests(lambda: app[CONFIG_KEY], limit)
+    app.middlewares.append(identity_share)
