@@ -71,11 +71,15 @@ def _rank(conn: Evictable) -> int:
 class ConnectionTable:
     """The open connections, oldest first, with their count per peer address."""
 
-    def __init__(self, limit: int, per_peer: int) -> None:
+    def __init__(self, limit: int, per_peer: Callable[[], int] = lambda: 0) -> None:
         self.limit = limit
-        self.per_peer = share(limit, per_peer)
+        self._per_peer = per_peer  # the setting in force (a reload may change it)
         self.open: dict[Evictable, None] = {}
         self.peers: Counter[str] = Counter()
+
+    @property
+    def per_peer(self) -> int:
+        return share(self.limit, self._per_peer())
 
     def full(self) -> bool:
         return len(self.open) >= self.limit

@@ -169,17 +169,19 @@ class _Throttle:
 class _Connections(ConnectionTable):
     """The connection table (:mod:`distributex.fairness`) with its deadlines and log lines."""
 
-    def __init__(self, limit: int, header_timeout: float, per_peer: int = 0) -> None:
+    def __init__(
+        self, limit: int, header_timeout: float, per_peer: Callable[[], int] = lambda: 0
+    ) -> None:
         super().__init__(limit, per_peer)
         self.header_timeout = header_timeout
         self._evicted = _Throttle(
             logging.INFO,
-            f"connection limit reached ({limit}, {self.per_peer} per peer): "
+            f"connection limit reached ({limit}, or max_connections_per_peer): "
             "an idle, handshaking or streaming connection closed to make room",
         )
         self._refused = _Throttle(
             logging.WARNING,
-            f"connection limit reached ({limit}, {self.per_peer} per peer), "
+            f"connection limit reached ({limit}, or max_connections_per_peer), "
             "nothing to close: new ones refused",
         )
 
@@ -574,16 +576,16 @@ async def start_server(
     backend = backend or make_backend(config)
     quiet_bad_requests()
     fd_limit = raise_fd_limit()
-    connections = _Connections(
-        connection_limit(config.max_connections, fd_limit),
-        config.header_timeout,
-        config.max_connections_per_peer,
-    )
     events = Events(_metrics(config))
     backend.events = events
     await backend.start()
     app = create_app(config, backend, events)
     app[TLS_KEY] = tls  # a reload swaps its context: TLSHolder.swap
+    connections = _Connections(
+        connection_limit(config.max_connections, fd_limit),
+        config.header_timeout,
+        lambda: app[CONFIG_KEY].max_connections_per_peer,  # a reload changes it
+    )
     fairness.install(app, lambda: connections.limit)
     runner = web.AppRunner(
         app,
