@@ -177,3 +177,24 @@ def test_stalled_tls_handshakes_do_not_block_accepting(
     assert call(srv, "/get/?pool=pool1", WEB1_TOKEN, tls=pki, timeout=15).body == "YES"
     # Stalled handshakes were closed to make room, the oldest first.
     assert answered(open_sockets[:1]) and status_of_first_line(open_sockets[0]) is None
+
+
+def test_renewal_gets_a_reserved_place_when_nothing_can_be_closed(
+    server_factory,
+    open_sockets: list[socket.socket],  # noqa: F811 - the imported fixture
+) -> None:
+    """Every connection a parked /wait/, two addresses each within its share."""
+    srv = server_factory(f"max_connections: {CAP}\nautocreate: true\n")
+    got = srv.call("/get/?host=holder&pool=p&ttl=60")
+    lease = got.headers["X-Distributex-Lease"]
+    for source in ("127.0.0.2", "127.0.0.3"):
+        for i in range(CAP // 2):
+            sock = park(srv.port, source, f"w{source[-1]}-{i}")
+            assert sock is not None, f"{source}: wait {i} refused"
+            open_sockets.append(sock)
+    for _ in range(3):
+        assert srv.call(f"/renew/?host=holder&pool=p&lease={lease}").body == "OK"
+    refused = srv.call("/get/?host=newcomer&pool=q")
+    assert (refused.status, refused.body) == (503, "UNAVAILABLE"), refused
+    assert "only /renew/ and /release/" in refused.headers["X-Distributex-Reason"]
+    assert srv.call(f"/release/?host=holder&pool=p&lease={lease}").body == "OK"

@@ -14,6 +14,12 @@ lease by keeping its ``/renew/`` from being accepted. So:
 * One peer address holds at most ``max_connections_per_peer`` connections
   (default: half the cap). Past it, its new connection closes that peer's own
   oldest evictable one, else it is closed: a peer can never take the whole cap.
+* With nothing to close (every connection a request in progress, each client
+  within its caps) a new connection may still take one of :data:`RESERVE`
+  places beyond the cap (one per peer address) for one ``/renew/`` or
+  ``/release/``: a holder keeps its lease. Any other request there answers
+  ``503 UNAVAILABLE`` with the reason, and the connection closes after one
+  answer either way.
 * One proven identity has at most ``max_requests_per_identity`` long-lived
   requests (parked ``/wait/`` and status streams) at once (default: half the
   cap); one more answers ``429 INVALID`` with the reason. Without
@@ -40,6 +46,9 @@ log = logging.getLogger("distributex")
 
 # Paths whose requests may last: counted against the identity's cap.
 LONG_LIVED = frozenset(("/wait", "/wait/", "/status/events"))
+# Places beyond the cap for renewals and releases only, and the paths they serve.
+RESERVE = 8
+RESERVED_PATHS = frozenset(("/renew", "/renew/", "/release", "/release/"))
 
 
 def share(limit: int, configured: int) -> int:
@@ -53,6 +62,7 @@ class Evictable(Protocol):
     peer: str
     pending: bool  # accepted, TLS handshake (or the protocol) not done yet
     streaming: bool  # serves a /status/events stream
+    reserved: bool  # in a place beyond the cap: one renewal or release
 
     def idle(self) -> bool: ...
 
@@ -76,6 +86,7 @@ class ConnectionTable:
         self._per_peer = per_peer  # the setting in force (a reload may change it)
         self.open: dict[Evictable, None] = {}
         self.peers: Counter[str] = Counter()
+        self.reserved: Counter[str] = Counter()  # places beyond the cap, by peer
 
     @property
     def per_peer(self) -> int:
@@ -87,15 +98,15 @@ class ConnectionTable:
     def add(self, conn: Evictable) -> None:
         self.open[conn] = None
         self.peers[conn.peer] += 1
+        if conn.reserved:
+            self.reserved[conn.peer] += 1
 
     def forget(self, conn: Evictable) -> None:
         """``conn`` is closed (or closing): no longer counted. Idempotent."""
         if self.open.pop(conn, False) is None:
-            left = self.peers[conn.peer] - 1
-            if left:
-                self.peers[conn.peer] = left
-            else:
-                del self.peers[conn.peer]
+            _less(self.peers, conn.peer)
+            if conn.reserved:
+                _less(self.reserved, conn.peer)
 
     def close(self, conn: Evictable) -> None:
         self.forget(conn)
@@ -106,8 +117,8 @@ class ConnectionTable:
         best: Evictable | None = None
         best_rank = 3
         for conn in self.open:
-            if peer is not None and conn.peer != peer:
-                continue
+            if (peer is not None and conn.peer != peer) or conn.reserved:
+                continue  # a reserved place serves its one request
             rank = _rank(conn)
             if rank < best_rank:
                 best, best_rank = conn, rank
@@ -125,9 +136,17 @@ class ConnectionTable:
             return victim is not None, victim
         return True, None
 
-    def evictable_soon(self) -> bool:
-        """Whether a connection being made may yet turn out evictable (worth waiting for)."""
-        return any(conn.pending for conn in self.open)
+    def may_reserve(self, peer: str) -> bool:
+        """Whether ``peer`` may take a place beyond the cap (for one renewal or release)."""
+        return not self.reserved[peer] and sum(self.reserved.values()) < RESERVE
+
+
+def _less(counter: Counter[str], key: str) -> None:
+    left = counter[key] - 1
+    if left:
+        counter[key] = left
+    else:
+        del counter[key]
 
 
 class IdentityRequests:
@@ -149,11 +168,7 @@ class IdentityRequests:
         return True
 
     def leave(self, name: str) -> None:
-        left = self.counts[name] - 1
-        if left:
-            self.counts[name] = left
-        else:
-            del self.counts[name]
+        _less(self.counts, name)
 
 
 IDENTITY_REQUESTS_KEY: web.AppKey[IdentityRequests] = web.AppKey(
@@ -164,7 +179,10 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 @web.middleware
 async def identity_share(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Caps the long-lived requests of one identity (runs inside the auth middleware)."""
+    """Caps the long-lived requests of one identity (runs inside the auth middleware);
+    serves only a renewal or release on a reserved place."""
+    if getattr(request.protocol, "reserved", False):
+        return await _reserved(request, handler)
     if request.path not in LONG_LIVED:
         return await handler(request)
     identity = request.get(auth.IDENTITY_KEY)
@@ -181,6 +199,30 @@ async def identity_share(request: web.Request, handler: Handler) -> web.StreamRe
         return await handler(request)
     finally:
         requests.leave(identity.name)
+
+
+async def _reserved(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """One request on a place beyond the cap: a renewal or release, else 503; then close."""
+    if request.path in RESERVED_PATHS:
+        response = await handler(request)
+    else:
+        from distributex.httpapi import _for_legacy_client, header_text
+
+        reason = "the server is full (max_connections): only /renew/ and /release/ are taken now"
+        response = _for_legacy_client(
+            request,
+            web.Response(
+                body=b"UNAVAILABLE",
+                status=503,
+                headers={
+                    "Content-Type": "text/plain",
+                    "X-Distributex-Reason": header_text(reason),
+                    "Retry-After": "1",
+                },
+            ),
+        )
+    response.force_close()
+    return response
 
 
 def install(app: web.Application, limit: Callable[[], int]) -> None:

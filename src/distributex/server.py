@@ -193,16 +193,19 @@ class _Connections(ConnectionTable):
         self.close(conn)
         return True
 
-    def admit(self, conn: socket.socket, peer: str) -> bool:
-        """Make room for ``conn`` from ``peer`` if a cap is reached, else refuse (close) it."""
+    def admit(self, conn: socket.socket, peer: str) -> tuple[bool, bool]:
+        """Make room for ``conn`` from ``peer`` if a cap is reached, else give it a reserved
+        place or refuse (close) it: whether it is admitted, and reserved."""
         allowed, victim = self.room_for(peer)
         if victim is not None:
             self.close(victim)
             self._evicted.note()
         elif not allowed:
+            if self.may_reserve(peer):
+                return True, True
             conn.close()
             self._refused.note()
-        return allowed
+        return allowed, False
 
 
 class _Connection(RequestHandler):
@@ -224,6 +227,7 @@ class _Connection(RequestHandler):
         self.peer = peer
         self.pending = True  # until made: the TLS handshake runs
         self.streaming = False  # a /status/events stream (set by distributex.statusfeed)
+        self.reserved = False  # beyond the cap: one renewal or release (fairness)
         self.making: asyncio.Task[Any] | None = None
 
     def idle(self) -> bool:
@@ -400,10 +404,12 @@ class _Site(web.BaseSite):
                     self._pause(ACCEPT_RETRY)
                 return
             peer = address[0] if isinstance(address, tuple) else ""
-            if not connections.admit(conn, peer):
+            admitted, reserved = connections.admit(conn, peer)
+            if not admitted:
                 continue
             conn.setblocking(False)
             protocol = _Connection(server, connections, peer, loop=loop, **server._kwargs)
+            protocol.reserved = reserved
             connections.add(protocol)
             context = self.tls.context
             accepted = loop.connect_accepted_socket(
