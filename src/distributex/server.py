@@ -262,6 +262,8 @@ class _Connection(RequestHandler):
             return await super().finish_response(*args, **kwargs)
         finally:
             self._answered += 1
+            if self.reserved:
+                self._connections.forget(self)  # its one answer is out: the place is free
 
     def _start_head_timer(self) -> None:
         self._head_timer = self._loop.call_later(
