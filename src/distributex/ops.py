@@ -210,8 +210,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/", dashboard)
     app.router.add_get("/status", status)
     app.router.add_get("/status/", status)
-    from distributex.statusfeed import status_events  # one shared snapshot per change
+    from distributex import statusfeed  # one shared snapshot per change
 
-    app.router.add_get("/status/events", status_events)
+    statusfeed.add_route(app)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)

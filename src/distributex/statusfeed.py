@@ -143,11 +143,10 @@ class Feeds:
 FEEDS_KEY: web.AppKey[Feeds] = web.AppKey("status_feeds", Feeds)
 
 
-def _feeds(app: web.Application) -> Feeds:
-    feeds = app.get(FEEDS_KEY)
-    if feeds is None:
-        feeds = app[FEEDS_KEY] = Feeds()
-    return feeds
+def add_route(app: web.Application) -> None:
+    """``GET /status/events`` on ``app`` (before it starts)."""
+    app[FEEDS_KEY] = Feeds()
+    app.router.add_get("/status/events", status_events)
 
 
 async def status_events(request: web.Request) -> web.StreamResponse:
@@ -159,7 +158,7 @@ async def status_events(request: web.Request) -> web.StreamResponse:
         _specs(app, only)
     except Invalid as exc:
         return _json({"error": exc.reason}, exc.status)
-    feeds = _feeds(app)
+    feeds = app[FEEDS_KEY]
     cap = app[CONFIG_KEY].max_status_streams
     if feeds.viewers >= cap:
         reason = f"too many status viewers: {cap} already watch (max_status_streams)"
