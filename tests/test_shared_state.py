@@ -17,7 +17,7 @@ import itertools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from distributex.backends.shared import decode_pool, encode_pool
+from distributex.backends.record import decode_pool, encode_pool
 from distributex.engine import LockEngine, PoolSpec, PoolState
 
 SPECS = [

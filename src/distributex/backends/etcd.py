@@ -59,7 +59,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequ
 from typing import Any, TypeVar
 
 from distributex.backends.base import BackendUnavailable
-from distributex.backends.shared import Conflict, Store, Stored, split_nudge
+from distributex.backends.record import split_nudge
+from distributex.backends.store import Conflict, Store, Stored
 
 # gRPC's core logs to stderr on its own (a refused TLS handshake: three lines);
 # the store says what failed in its own words. GRPC_VERBOSITY=INFO shows them.

@@ -31,7 +31,7 @@ from __future__ import annotations
 from typing import Any
 
 from distributex.backends.base import BackendUnavailable
-from distributex.backends.shared import Store, Stored
+from distributex.backends.store import Store, Stored
 
 try:
     import aiomcache

@@ -57,7 +57,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from distributex.backends.base import BackendUnavailable
-from distributex.backends.shared import Conflict, Store, Stored, split_nudge
+from distributex.backends.record import split_nudge
+from distributex.backends.store import Conflict, Store, Stored
 from distributex.config import parse_sentinel_url
 
 try:

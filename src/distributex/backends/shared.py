@@ -27,17 +27,14 @@ over UDP, or through the store itself when it can carry messages
 net under nudges: every 50 ms, or (a store that notifies) every second and
 at the record's next deadline.
 
-Store loss: the epoch record is made once (``add``). If it vanishes (the
-store restarted empty or was flushed), the server that notices makes a new
-one that records the loss; until every lease granted before it could have
-ended (the pool's ``expire``), no pool without a record grants a new hold.
-Fencing tokens never go back: a new pool record starts above the wall clock
-in microseconds and above the highest token this server has seen.
+Around it, each in a file of its own: the :class:`~distributex.backends.store.Store`
+interface (``store.py``), the records' layout (``record.py``), the store's
+life as this server sees it, its epoch and losses, our heartbeat and the
+safety checks (``storelife.py``), and the clock-skew rule (``clocks.py``).
 """
 
 from __future__ import annotations
 
-import abc
 import asyncio
 import contextlib
 import hashlib
@@ -50,27 +47,29 @@ import random
 import secrets
 import socket
 import time
-import zlib
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from distributex.backends import clocks
 from distributex.backends.base import BackendUnavailable, LockBackend
+from distributex.backends.record import (
+    Epoch,
+    StaleRecord,
+    decode_pool,
+    encode_pool,
+    record_settings,
+    settings_of,
+)
+from distributex.backends.store import Conflict, Store, Stored, StoreReplaced
+from distributex.backends.storelife import StoreLife
 from distributex.config import DEFAULT_EXPIRE
-from distributex.engine import NEVER, Hold, Lease, LockEngine, PoolSpec, PoolState, Waiter
+from distributex.engine import Hold, Lease, LockEngine, PoolSpec
 from distributex.status import PoolStatus, pool_status
 
 log = logging.getLogger("distributex.shared")
 
 T = TypeVar("T")
 
-# The stored record's format; a record of a newer format is refused.
-RECORD_VERSION = 1
-# A server refreshes its heartbeat this often; the key lives HEARTBEAT_TTL seconds,
-# so a dead server's waiters are dropped HEARTBEAT_TTL + ALIVE_CACHE seconds after it died.
-HEARTBEAT_INTERVAL = 2.0
-HEARTBEAT_TTL = 8
 ALIVE_CACHE = 1.0
 # How often a server with local waiters reads their pools: the safety net under
 # nudges (another server that grants one of our waiters tells us at once).
@@ -115,297 +114,11 @@ ARRIVAL_TRUST = 1.0
 IDLE_TTL = 24 * 3600
 # After a store loss, pools that never expire leases are held back this long.
 LOSS_HOLD_NEVER_EXPIRE = DEFAULT_EXPIRE
-# A running server reads the epoch record this often, so that a store that
-# lost its state (restarted empty, flushed, a replaced file) has its loss
-# recorded within about this long, whether or not any request comes.
-EPOCH_CHECK_INTERVAL = 0.5
-# A server that starts on a store with no epoch record cannot tell a new store
-# from one that lost its state while other servers' clients hold leases. It
-# waits this long (several of their epoch checks) before calling the store
-# new: a live server records the loss meanwhile, and this one then holds
-# grants as the loss rule says. Spent before the port opens.
-NEW_STORE_SETTLE = 4 * EPOCH_CHECK_INTERVAL
 # A pool's record says the settings it was written with; a server compares
 # them with its own this often per pool (a mismatch is logged).
 SETTINGS_CHECK_EVERY = 60.0
 # /status reads pool records this many keys at a time.
 STATUS_BATCH = 200
-
-
-class StaleRecord(Exception):
-    """A record this version cannot read (corrupt, or written by a newer version)."""
-
-
-class StoreReplaced(BackendUnavailable):
-    """The store is not the one this server served from (its file was deleted or replaced).
-
-    The store has moved on to what is there now; the layer records a loss of
-    state in it, as for a store that restarted empty.
-    """
-
-
-@dataclass
-class Stored:
-    """A value read from the store and the version to compare against when writing it."""
-
-    value: bytes
-    version: Any
-
-
-@dataclass
-class Conflict:
-    """A refused write (false) that says what the store holds now: the layer need not read it."""
-
-    current: Stored
-
-    def __bool__(self) -> bool:
-        return False
-
-
-class Store(abc.ABC):
-    """A key-value store with compare-and-set, as the shared-state layer needs it.
-
-    Keys are text of at most 250 characters (no spaces or control characters).
-    Calls raise :class:`BackendUnavailable` (with a reason for the 503) when the
-    store cannot answer; the layer bounds them in time as well.
-    """
-
-    #: Says where the store is, for messages ("memcached 127.0.0.1:11211").
-    description: str = "store"
-    #: True if the store carries nudges between servers (:meth:`notify` and
-    #: :meth:`listen`); the layer then opens no UDP socket and polls slowly.
-    notifies: bool = False
-    #: True if :meth:`put` takes ``nudge`` (server ids) and ``pool``, and tells
-    #: them in the same write (one round trip and one commit less per hand-off).
-    nudges_with_put: bool = False
-    #: True if pool records are stored zlib-compressed (about half the size):
-    #: for a store whose commits cost by the byte (etcd: a 4.7 KB value takes
-    #: 3.0 ms to commit on three members, 1.5 KB 2.2 ms, 100 B 1.9 ms).
-    compress: bool = False
-
-    async def start(self) -> None:  # noqa: B027 - optional hook
-        """Connect (a first round trip may be made by the layer)."""
-
-    async def close(self) -> None:  # noqa: B027 - optional hook
-        """Drop connections."""
-
-    def reset(self) -> None:  # noqa: B027 - optional hook
-        """Drop connections after a failed or abandoned call (they may be mid-answer)."""
-
-    def now(self) -> float:
-        """Seconds on the clock every server judges leases by (default: the wall clock)."""
-        return time.time()
-
-    @abc.abstractmethod
-    async def get(self, keys: list[str]) -> dict[str, Stored]:
-        """The values of those keys that exist, with their versions."""
-
-    @abc.abstractmethod
-    async def put(
-        self, key: str, value: bytes, version: Any | None, ttl: int = 0, durable: bool = True
-    ) -> Any:
-        """Write if the key is still at ``version`` (None: only if it does not exist).
-
-        ``ttl`` > 0 lets the store drop the key after that many seconds.
-        ``durable`` False: the write may be lost in a crash (a store that
-        syncs to disk may skip the sync for it).
-        Returns something false (None, False, or a :class:`Conflict` with
-        what is stored now, which saves the layer a read) if another write
-        came first; else the new version if the store knows it (the layer then need not
-        read the record back before its next step), else True.
-        """
-
-    @abc.abstractmethod
-    async def set(self, key: str, value: bytes, ttl: int = 0) -> None:
-        """Write unconditionally: only for keys a single server owns (its heartbeat)."""
-
-    async def own_clock(self) -> tuple[float, float] | None:
-        """The store's own clock and its resolution in seconds, if it has one
-        that is not already the clock of :meth:`now` (memcached's ``stats``)."""
-        return None
-
-    async def beats(self, prefix: str) -> dict[str, bytes] | None:
-        """Every key under ``prefix`` (servers' heartbeats) and its value, if the
-        store can list keys; None if it cannot."""
-        return None
-
-    async def unsafe_setting(self) -> str | None:
-        """A setting of the store that breaks mutual exclusion (memcached that
-        evicts items when full), or None."""
-        return None
-
-    async def notify(self, servers: Collection[str], pool: str) -> None:
-        """Tell each of ``servers`` (server ids) to step ``pool`` now (``notifies`` stores).
-
-        A hint only: one that is lost is made up for by the poll.
-        """
-        raise NotImplementedError
-
-    async def listen(self, server: str, nudged: Callable[..., None]) -> None:
-        """Run until cancelled: ``nudged(pool)`` for each :meth:`notify` to ``server``.
-
-        A store that sends the record the nudge is about with it calls
-        ``nudged(pool, stored)``: the layer then need not read it.
-
-        Calls ``nudged(None)`` whenever nudges may have been missed (after
-        connecting, and after every reconnection): the layer then steps every
-        pool it waits on. Reconnects by itself; never returns.
-        """
-        raise NotImplementedError
-
-
-# -- the stored record ---------------------------------------------------------------------
-
-
-def encode_pool(
-    name: str,
-    state: PoolState | None,
-    fence: int,
-    epoch: str,
-    fragments: dict[str, str] | None = None,
-    compress: bool = False,
-    spec: PoolSpec | None = None,
-) -> bytes:
-    """A pool's record: JSON, times as absolute seconds on the store's clock.
-
-    ``fragments`` (waiter id -> its queue entry's JSON), kept by the caller
-    from one record of a pool to the next, saves encoding the same queue
-    entries at every step (under load the queue is long and changes at its
-    ends only); this record's new entries are added to it.
-    """
-
-    def when(t: float) -> float | None:
-        return None if t == NEVER else t
-
-    holds = []
-    queue: list[str] = []
-    blocked = None
-    if state is not None:
-        for hold in state.holds:
-            leases = []
-            for lease in hold.leases.values():
-                w = lease.waiter
-                waiter = None if w is None else [w.id, w.server, w.since, w.ttl]
-                leases.append(
-                    [lease.token, lease.ttl, lease.granted_at, when(lease.expires_at), waiter]
-                )
-            holds.append([hold.owner, hold.fence, hold.granted_at, leases])
-        known: dict[str, str] = {} if fragments is None else fragments
-
-        def entry(w: Waiter) -> str:
-            known[w.id] = text = _json([w.id, w.server, w.owner, w.ttl, w.since])
-            return text
-
-        queue = [known.get(w.id) or entry(w) for w in state.queue]
-        if len(known) > 2 * len(queue) + 64:
-            # Entries of waiters gone (granted, left): forgotten now and then,
-            # not at every step (ids are never used again).
-            current = {w.id for w in state.queue}
-            for gone in known.keys() - current:
-                del known[gone]
-        if state.blocked_until != -math.inf:
-            blocked = state.blocked_until
-    head = {
-        "v": RECORD_VERSION,
-        "pool": name,
-        "epoch": epoch,
-        "fence": fence,
-        "blocked": blocked,
-        "holds": holds,
-    }
-    if spec is not None:
-        # The settings the writer ran the pool with: a server configured
-        # otherwise says so (two servers, two maxlocks: more holders than one allows).
-        head["spec"] = _settings(spec)
-    record = f'{_json(head)[:-1]},"queue":[{",".join(queue)}]}}'.encode()
-    # A JSON record starts with "{"; a compressed one with zlib's header byte.
-    return zlib.compress(record, 1) if compress else record
-
-
-def _settings(spec: PoolSpec) -> list[Any]:
-    return [spec.maxlocks, spec.expire]
-
-
-def record_settings(raw: bytes) -> list[Any] | None:
-    """The pool settings a record was written with (None: not said)."""
-    try:
-        record = json.loads(raw if raw[:1] == b"{" else zlib.decompress(raw))
-        return record.get("spec") if isinstance(record, dict) else None
-    except (ValueError, zlib.error):
-        return None
-
-
-def split_nudge(message: bytes) -> tuple[str, bytes | None]:
-    """A nudge a store carried: the pool's name, and what follows a NUL (the
-    record written with the grant, in the store's own framing) if anything does."""
-    name, sep, rest = message.partition(b"\0")
-    return name.decode("utf-8", "replace"), rest if sep else None
-
-
-def _json(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-
-
-def decode_pool(raw: bytes, queue: bool = True) -> tuple[PoolState, str]:
-    """The state in a record (JSON, or JSON compressed), and the epoch it was written in.
-
-    ``queue`` False leaves the queue out (empty): for a look at the grants only.
-    """
-    try:
-        record = json.loads(raw if raw[:1] == b"{" else zlib.decompress(raw))
-        if not isinstance(record, dict) or "v" not in record:
-            raise ValueError("not a distributex pool record")
-        if record["v"] != RECORD_VERSION:
-            raise StaleRecord(f"pool record of format {record['v']} (this version reads 1)")
-        name = record["pool"]
-        state = PoolState(fence=int(record["fence"]))
-        if record["blocked"] is not None:
-            state.blocked_until = float(record["blocked"])
-        for owner, fence, granted_at, leases in record["holds"]:
-            hold = Hold(pool=name, owner=owner, fence=int(fence), granted_at=granted_at)
-            for token, ttl, l_granted, expires_at, waiter in leases:
-                lease = Lease(
-                    hold=hold,
-                    token=token,
-                    ttl=ttl,
-                    granted_at=l_granted,
-                    expires_at=NEVER if expires_at is None else expires_at,
-                    delivered=waiter is None,
-                )
-                if waiter is not None:
-                    w_id, server, since, w_ttl = waiter
-                    lease.waiter = Waiter(name, owner, w_ttl, since, lease, id=w_id, server=server)
-                hold.leases[token] = lease
-            state.holds.append(hold)
-        for w_id, server, owner, ttl, since in record["queue"] if queue else ():
-            state.queue.append(Waiter(name, owner, ttl, since, id=w_id, server=server))
-        return state, str(record["epoch"])
-    except StaleRecord:
-        raise
-    except (ValueError, KeyError, TypeError, zlib.error) as exc:
-        raise StaleRecord(f"unreadable pool record ({exc})") from None
-
-
-@dataclass
-class Epoch:
-    """The store's life: made once; a new one means the store lost its state at ``lost_at``."""
-
-    id: str
-    created: float
-    lost_at: float | None = None
-
-    def encode(self) -> bytes:
-        return json.dumps(
-            {"id": self.id, "created": self.created, "lost_at": self.lost_at}
-        ).encode()
-
-    @classmethod
-    def decode(cls, raw: bytes) -> Epoch:
-        try:
-            record = json.loads(raw)
-            return cls(str(record["id"]), float(record["created"]), record.get("lost_at"))
-        except (ValueError, KeyError, TypeError):
-            raise StaleRecord("unreadable epoch record") from None
 
 
 # -- the backend ---------------------------------------------------------------------------
@@ -452,17 +165,22 @@ class SharedStateBackend(LockBackend):
         unsafe_store: str = "refuse",
     ) -> None:
         self.store = store
-        # "refuse" (the default) or "warn": a store setting that breaks mutual
-        # exclusion stops the server, or is only logged.
-        self.unsafe_store = unsafe_store
         self.prefix = key_prefix
         self.server_id = secrets.token_hex(8)
+        self.life = StoreLife(
+            store,
+            key_prefix,
+            self.server_id,
+            self._call,
+            unsafe_store,
+            on_new_epoch=self._written_stale,
+            on_beat=self._store_answers,
+        )
         # Where other servers send nudges (None: take none, they poll us only).
         self.advertise = advertise
         self._nudge_transport: asyncio.DatagramTransport | None = None
         self._nudge_to: dict[str, tuple[str, int]] = {}  # server id -> its nudge address
         self._nudged: dict[str, asyncio.Event] = {}  # pool -> set when a nudge comes
-        self._beat_value = b"{}"
         self._pending: dict[str, list[_Request]] = {}  # pool -> requests for its next step
         self._arrived: dict[str, asyncio.Event] = {}  # pool -> set by a request (lingering)
         self._runners: dict[str, asyncio.Task[None]] = {}
@@ -472,7 +190,6 @@ class SharedStateBackend(LockBackend):
         self._answered: dict[str, set[str]] = {}
         self._pollers: dict[str, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._epoch: Epoch | None = None
         self._fence_floor: dict[str, int] = {}
         self._specs: dict[str, PoolSpec] = {}  # the latest spec of each pool stepped here
         # Specs set by a reload: they win over the spec a request (or a poller
@@ -489,17 +206,6 @@ class SharedStateBackend(LockBackend):
         self._in_use: set[str] = set()
         self._fragments: dict[str, dict[str, str]] = {}  # pool -> queue entries' JSON
         self._alive: dict[str, tuple[bool, float]] = {}
-        self._heartbeat: asyncio.Task[None] | None = None
-        self._epoch_watch: asyncio.Task[None] | None = None
-        # The store said it was replaced under us (a new SQLite file at the
-        # path): whatever epoch it holds, its state is not the one we served.
-        self._replaced = False
-        # Why the last write of a pool record failed (None: it succeeded).
-        self._write_failure: str | None = None
-        # Why no pool may be stepped here now (this server's clock is off, an
-        # unsafe store setting): every step is refused with it.
-        self._unsafe: str | None = None
-        self._clock_problem: str | None = None
         self._settings_checked: dict[str, float] = {}  # pool -> when (monotonic)
         self._listener: asyncio.Task[None] | None = None
         self._closed = False
@@ -509,7 +215,7 @@ class SharedStateBackend(LockBackend):
 
     @property
     def epoch_key(self) -> str:
-        return f"{self.prefix}epoch"
+        return self.life.epoch_key
 
     def pool_key(self, pool: str) -> str:
         # Pool names may hold any printable text: the key is a digest of it.
@@ -517,7 +223,7 @@ class SharedStateBackend(LockBackend):
         return f"{self.prefix}pool/{digest}"
 
     def server_key(self, server_id: str) -> str:
-        return f"{self.prefix}server/{server_id}"
+        return self.life.server_key(server_id)
 
     # -- life ----------------------------------------------------------------------------
 
@@ -526,26 +232,17 @@ class SharedStateBackend(LockBackend):
             await self._open_nudges()
         await self.store.start()
         try:
-            await self._call(self._beat(), quiet=True)
-            await self._check_store_settings(at_start=True)
-            await self._settle_epoch()
-            with contextlib.suppress(BackendUnavailable):  # checked again every beat
-                await self._check_clock()
+            await self.life.start()
         except BackendUnavailable:
             await self.store.close()
             raise
-        self._heartbeat = asyncio.create_task(self._heartbeat_loop())
-        self._epoch_watch = asyncio.create_task(self._epoch_watch_loop())
         if self.store.notifies:
             self._listener = asyncio.create_task(self.store.listen(self.server_id, self.nudged))
 
     async def close(self) -> None:
         self._closed = True
         tasks = [*self._pollers.values(), *self._runners.values(), *self._tasks]
-        if self._heartbeat is not None:
-            tasks.append(self._heartbeat)
-        if self._epoch_watch is not None:
-            tasks.append(self._epoch_watch)
+        await self.life.stop()
         if self._listener is not None:
             tasks.append(self._listener)
         for task in tasks:
@@ -588,7 +285,7 @@ class SharedStateBackend(LockBackend):
                 engine.restore(spec, state)
                 engine.expire(now)
             else:
-                self._block_after_loss(engine, spec, self._epoch, now)
+                self._block_after_loss(engine, spec, self.life.epoch, now)
             result.append(pool_status(engine, spec, now=now))
         return result
 
@@ -601,16 +298,7 @@ class SharedStateBackend(LockBackend):
         """
         self._check_open()
         await self._call(self.store.get([self.epoch_key]))
-        refusal = self._refusal()
-        if refusal is not None:
-            raise BackendUnavailable(refusal)
-        if self._write_failure is not None:
-            probe = f"{self.prefix}probe/{self.server_id}/{secrets.token_hex(4)}"
-            try:
-                await self._call(self.store.put(probe, b"{}", None, 60, True), quiet=True)
-            except BackendUnavailable as exc:
-                raise BackendUnavailable(f"writes fail: {exc}") from None
-            self._write_failure = None
+        await self.life.check()
 
     def reconfigure(self, specs: Mapping[str, PoolSpec]) -> None:
         now = self.store.now()
@@ -645,7 +333,7 @@ class SharedStateBackend(LockBackend):
                 return await coro
         except BackendUnavailable as exc:
             if isinstance(exc, StoreReplaced):
-                self._store_replaced()
+                self.life.replaced()
             self.store.reset()
             if not quiet:
                 self._note_error(str(exc))
@@ -658,6 +346,15 @@ class SharedStateBackend(LockBackend):
                 self._note_error(message)
             raise BackendUnavailable(message) from None
 
+    def _store_answers(self) -> None:
+        if self._last_error is not None:
+            log.info("%s answers again", self.store.description)
+            self._last_error = None
+
+    def _written_stale(self) -> None:
+        """The store's epoch changed: records kept from before are not in it."""
+        self._written.clear()
+
     def _note_error(self, message: str) -> None:
         if message != self._last_error:
             log.warning("%s", message)
@@ -668,68 +365,11 @@ class SharedStateBackend(LockBackend):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _beat(self) -> None:
-        # Our clock goes with the beat: servers that judge leases by their own
-        # clocks compare them (backends/clocks.py).
-        beat = self._beat_value[:-1] + (b"," if len(self._beat_value) > 2 else b"")
-        beat += b'"t":%.3f}' % time.time()
-        await self.store.set(self.server_key(self.server_id), beat, HEARTBEAT_TTL)
-
-    def _refusal(self) -> str | None:
-        """Why this server steps no pool now, or None."""
-        return self._unsafe or self._clock_problem
-
-    async def _check_store_settings(self, at_start: bool = False) -> None:
-        """Refuse (or only log, ``unsafe_store: warn``) a store set up to lose locks."""
-        problem = await self._call(self.store.unsafe_setting(), quiet=at_start)
-        if problem is None or self.unsafe_store == "warn":
-            if problem is not None and problem != self._unsafe:
-                log.warning("%s (allowed by unsafe_store: warn)", problem)
-            if self._unsafe is not None and problem is None:
-                log.info("%s: its settings are safe again", self.store.description)
-            self._unsafe = None
-            return
-        message = f"{problem}; or set unsafe_store: warn to run anyway"
-        if at_start:
-            raise BackendUnavailable(message)
-        if message != self._unsafe:
-            log.error("%s: no grants until it is fixed", message)
-        self._unsafe = message
-
-    async def _check_clock(self) -> None:
-        """Compare our clock with the store's or the other servers' (clocks.py)."""
-        before = time.time()
-        store_clock = await self._call(self.store.own_clock(), quiet=True)
-        beats = await self._call(self.store.beats(self.server_key("")), quiet=True)
-        after = time.time()
-        readings = []
-        if store_clock is not None:
-            readings.append(
-                clocks.store_reading(self.store.description, *store_clock, before, after)
-            )
-        for key, value in (beats or {}).items():
-            server = key.rsplit("/", 1)[-1]
-            try:
-                beat_time = float(json.loads(value)["t"])
-            except (ValueError, KeyError, TypeError):
-                continue  # a server of an earlier version: no clock in its beat
-            if server != self.server_id:
-                readings.append(
-                    clocks.beat_reading(f"server {server}", beat_time, HEARTBEAT_TTL, before, after)
-                )
-        problem = clocks.clock_problem(readings)
-        if problem != self._clock_problem:
-            if problem is not None:
-                log.error("%s", problem)
-            else:
-                log.info("this server's clock agrees with the others' again")
-        self._clock_problem = problem
-
     # -- nudges: a hint to another server that one of its waiters was granted ----------
 
     async def _open_nudges(self) -> None:
         """A UDP socket for nudges, on the advertised address; its address goes in our beat."""
-        self._beat_value = b"{}"
+        self.life.beat_value = b"{}"
         if not self.advertise:
             return
         loop = asyncio.get_running_loop()
@@ -748,7 +388,7 @@ class SharedStateBackend(LockBackend):
             return
         self._nudge_transport = transport  # type: ignore[assignment]
         host, port = transport.get_extra_info("sockname")[:2]
-        self._beat_value = json.dumps({"nudge": [host, port]}).encode()
+        self.life.beat_value = json.dumps({"nudge": [host, port]}).encode()
 
     def _granted_elsewhere(self, spec: PoolSpec, engine: LockEngine) -> dict[str, str]:
         """Other servers' waiters that hold a grant not yet delivered: id -> server."""
@@ -791,8 +431,8 @@ class SharedStateBackend(LockBackend):
         # kept is stale. The record it wrote, if the nudge brought it, is as
         # good as a read (a write on it fails if there was another since).
         self._written.pop(pool, None)
-        if stored is not None and self._epoch is not None:
-            self._written[pool] = (stored, self._epoch, None)
+        if stored is not None and self.life.epoch is not None:
+            self._written[pool] = (stored, self.life.epoch, None)
         event = self._nudged.get(pool)
         if event is not None:
             event.set()
@@ -804,111 +444,6 @@ class SharedStateBackend(LockBackend):
     async def _quiet_step(self, spec: PoolSpec) -> None:
         with contextlib.suppress(BackendUnavailable):
             await self._step(spec, _no_change)
-
-    async def _heartbeat_loop(self) -> None:
-        while True:
-            await asyncio.sleep(HEARTBEAT_INTERVAL)
-            with contextlib.suppress(BackendUnavailable):
-                await self._call(self._beat())
-                if self._last_error is not None:
-                    log.info("%s answers again", self.store.description)
-                    self._last_error = None
-                await self._check_clock()
-
-    # -- the epoch -----------------------------------------------------------------------
-
-    async def _settle_epoch(self) -> None:
-        """At start: the store's epoch, waiting NEW_STORE_SETTLE before calling a store new.
-
-        An empty store may be new, or may have lost its state while other
-        servers' clients hold leases; those servers record the loss within an
-        epoch check of noticing it, so a store still without an epoch after
-        the wait had nobody left to tell.
-        """
-        got = await self._call(self.store.get([self.epoch_key]), quiet=True)
-        if self.epoch_key not in got:
-            log.info(
-                "%s holds no distributex state: waiting %.1f s for other servers to "
-                "record a loss before taking it as new",
-                self.store.description,
-                NEW_STORE_SETTLE,
-            )
-            await asyncio.sleep(NEW_STORE_SETTLE)
-        epoch = await self._call(self._current_epoch(), quiet=True)
-        if epoch.lost_at is not None and self.store.now() < epoch.lost_at + DEFAULT_EXPIRE:
-            log.warning(
-                "%s lost its state %.0f s ago: pools without a record grant nothing until "
-                "leases granted before could have ended",
-                self.store.description,
-                self.store.now() - epoch.lost_at,
-            )
-
-    async def _epoch_watch_loop(self) -> None:
-        """Notice a store that lost its state (and record the loss) while no request comes."""
-        while True:
-            await asyncio.sleep(EPOCH_CHECK_INTERVAL)
-            known = self._epoch
-            with contextlib.suppress(BackendUnavailable):
-                epoch = await self._call(self._current_epoch(), quiet=True)
-                if known is not None and epoch.id != known.id:
-                    # Announce ourselves in the new store at once (our beat is gone
-                    # with the rest), so no step drops our waiters as a dead server's.
-                    await self._call(self._beat(), quiet=True)
-                    # A store that restarted may have restarted with other settings.
-                    await self._check_store_settings()
-
-    def _store_replaced(self) -> None:
-        """The store told us it is not the one we served from: record a loss in it."""
-        self._replaced = True
-        self._written.clear()
-
-    async def _current_epoch(self, stored: Stored | None = None, read: bool = True) -> Epoch:
-        """The store's epoch; makes a new one (recording a loss if we knew an old one)."""
-        for _ in range(MAX_ATTEMPTS):
-            if stored is None and read:
-                stored = (await self.store.get([self.epoch_key])).get(self.epoch_key)
-            read = True
-            if self._replaced and stored is not None:
-                # A file put in place of ours may hold an epoch (a copy of an old
-                # one): its records are not what our clients were told. A new epoch.
-                lost = Epoch(secrets.token_hex(8), self.store.now(), self.store.now())
-                if not await self.store.put(self.epoch_key, lost.encode(), stored.version):
-                    stored = None
-                    continue
-                self._replaced = False
-                self._log_loss()
-                self._epoch = lost
-                return lost
-            self._replaced = False
-            if stored is None:
-                lost_at = self.store.now() if self._epoch is not None else None
-                epoch = Epoch(secrets.token_hex(8), self.store.now(), lost_at)
-                if await self.store.put(self.epoch_key, epoch.encode(), None):
-                    if lost_at is not None:
-                        self._log_loss()
-                    self._epoch = epoch
-                    return epoch
-                continue
-            epoch = Epoch.decode(stored.value)
-            if self._epoch is not None and epoch.id != self._epoch.id:
-                self._written.clear()  # records of the old epoch's store
-                if epoch.lost_at is None:
-                    # A server that never knew the old epoch made this one: record the loss.
-                    epoch.lost_at = self.store.now()
-                    if not await self.store.put(self.epoch_key, epoch.encode(), stored.version):
-                        stored = None
-                        continue
-                    self._log_loss()
-            self._epoch = epoch
-            return epoch
-        raise BackendUnavailable(f"{self.store.description}: cannot settle the epoch record")
-
-    def _log_loss(self) -> None:
-        log.warning(
-            "%s lost its state (restarted, flushed, evicted or replaced): pools without "
-            "a record grant nothing until leases granted before could have ended",
-            self.store.description,
-        )
 
     # -- one step ------------------------------------------------------------------------
 
@@ -930,7 +465,7 @@ class SharedStateBackend(LockBackend):
         nobody will answer must not stay held.
         """
         self._check_open()
-        refusal = self._refusal()
+        refusal = self.life.refusal()
         if refusal is not None:
             raise BackendUnavailable(refusal)
         spec = self._in_force(spec)
@@ -1029,7 +564,7 @@ class SharedStateBackend(LockBackend):
                 stored, seen = seen, None
             else:
                 got = await self._call(self.store.get([key, self.epoch_key]))
-                epoch = await self._call(self._current_epoch(got.get(self.epoch_key), read=False))
+                epoch = await self._call(self.life.current(got.get(self.epoch_key), read=False))
                 stored = got.get(key)
             now = self.store.now()
             floor = self._fence_floor.get(spec.name, 0)
@@ -1140,9 +675,9 @@ class SharedStateBackend(LockBackend):
                     )
                 )
             except BackendUnavailable as exc:
-                self._write_failure = str(exc)
+                self.life.write_failure = str(exc)
                 raise
-            self._write_failure = None
+            self.life.write_failure = None
             doubt.clear()
             if written:
                 if written is not True:
@@ -1171,14 +706,14 @@ class SharedStateBackend(LockBackend):
             return
         self._settings_checked[spec.name] = clock
         theirs = record_settings(raw)
-        if theirs is not None and theirs != _settings(spec):
+        if theirs is not None and theirs != settings_of(spec):
             log.warning(
                 "pool '%s': another server runs it with maxlocks %s, expire %s (here: maxlocks "
                 "%s, expire %s); give every server the same configuration (each grants by its "
                 "own maxlocks)",
                 spec.name,
                 *theirs,
-                *_settings(spec),
+                *settings_of(spec),
             )
 
     def _block_after_loss(

@@ -55,7 +55,7 @@ from collections.abc import Callable
 from typing import Any
 
 from distributex.backends.base import BackendUnavailable
-from distributex.backends.shared import Store, Stored, StoreReplaced
+from distributex.backends.store import Store, Stored, StoreReplaced
 
 log = logging.getLogger("distributex.sqlite")
 

@@ -1,0 +1,174 @@
+"""The stored records: a pool's (holders, queue, fence, block) and the store's epoch.
+
+A pool's record is JSON (zlib-compressed for stores whose commits cost by
+the byte), with times as absolute seconds on the store's clock. The epoch
+record marks the store's life: a new one means the store lost its state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+from distributex.engine import NEVER, Hold, Lease, PoolSpec, PoolState, Waiter
+
+# The stored record's format; a record of a newer format is refused.
+RECORD_VERSION = 1
+
+
+class StaleRecord(Exception):
+    """A record this version cannot read (corrupt, or written by a newer version)."""
+
+
+def encode_pool(
+    name: str,
+    state: PoolState | None,
+    fence: int,
+    epoch: str,
+    fragments: dict[str, str] | None = None,
+    compress: bool = False,
+    spec: PoolSpec | None = None,
+) -> bytes:
+    """A pool's record: JSON, times as absolute seconds on the store's clock.
+
+    ``fragments`` (waiter id -> its queue entry's JSON), kept by the caller
+    from one record of a pool to the next, saves encoding the same queue
+    entries at every step (under load the queue is long and changes at its
+    ends only); this record's new entries are added to it.
+    """
+
+    def when(t: float) -> float | None:
+        return None if t == NEVER else t
+
+    holds = []
+    queue: list[str] = []
+    blocked = None
+    if state is not None:
+        for hold in state.holds:
+            leases = []
+            for lease in hold.leases.values():
+                w = lease.waiter
+                waiter = None if w is None else [w.id, w.server, w.since, w.ttl]
+                leases.append(
+                    [lease.token, lease.ttl, lease.granted_at, when(lease.expires_at), waiter]
+                )
+            holds.append([hold.owner, hold.fence, hold.granted_at, leases])
+        known: dict[str, str] = {} if fragments is None else fragments
+
+        def entry(w: Waiter) -> str:
+            known[w.id] = text = _json([w.id, w.server, w.owner, w.ttl, w.since])
+            return text
+
+        queue = [known.get(w.id) or entry(w) for w in state.queue]
+        if len(known) > 2 * len(queue) + 64:
+            # Entries of waiters gone (granted, left): forgotten now and then,
+            # not at every step (ids are never used again).
+            current = {w.id for w in state.queue}
+            for gone in known.keys() - current:
+                del known[gone]
+        if state.blocked_until != -math.inf:
+            blocked = state.blocked_until
+    head = {
+        "v": RECORD_VERSION,
+        "pool": name,
+        "epoch": epoch,
+        "fence": fence,
+        "blocked": blocked,
+        "holds": holds,
+    }
+    if spec is not None:
+        # The settings the writer ran the pool with: a server configured
+        # otherwise says so (two servers, two maxlocks: more holders than one allows).
+        head["spec"] = settings_of(spec)
+    record = f'{_json(head)[:-1]},"queue":[{",".join(queue)}]}}'.encode()
+    # A JSON record starts with "{"; a compressed one with zlib's header byte.
+    return zlib.compress(record, 1) if compress else record
+
+
+def settings_of(spec: PoolSpec) -> list[Any]:
+    return [spec.maxlocks, spec.expire]
+
+
+def record_settings(raw: bytes) -> list[Any] | None:
+    """The pool settings a record was written with (None: not said)."""
+    try:
+        record = json.loads(raw if raw[:1] == b"{" else zlib.decompress(raw))
+        return record.get("spec") if isinstance(record, dict) else None
+    except (ValueError, zlib.error):
+        return None
+
+
+def split_nudge(message: bytes) -> tuple[str, bytes | None]:
+    """A nudge a store carried: the pool's name, and what follows a NUL (the
+    record written with the grant, in the store's own framing) if anything does."""
+    name, sep, rest = message.partition(b"\0")
+    return name.decode("utf-8", "replace"), rest if sep else None
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def decode_pool(raw: bytes, queue: bool = True) -> tuple[PoolState, str]:
+    """The state in a record (JSON, or JSON compressed), and the epoch it was written in.
+
+    ``queue`` False leaves the queue out (empty): for a look at the grants only.
+    """
+    try:
+        record = json.loads(raw if raw[:1] == b"{" else zlib.decompress(raw))
+        if not isinstance(record, dict) or "v" not in record:
+            raise ValueError("not a distributex pool record")
+        if record["v"] != RECORD_VERSION:
+            raise StaleRecord(f"pool record of format {record['v']} (this version reads 1)")
+        name = record["pool"]
+        state = PoolState(fence=int(record["fence"]))
+        if record["blocked"] is not None:
+            state.blocked_until = float(record["blocked"])
+        for owner, fence, granted_at, leases in record["holds"]:
+            hold = Hold(pool=name, owner=owner, fence=int(fence), granted_at=granted_at)
+            for token, ttl, l_granted, expires_at, waiter in leases:
+                lease = Lease(
+                    hold=hold,
+                    token=token,
+                    ttl=ttl,
+                    granted_at=l_granted,
+                    expires_at=NEVER if expires_at is None else expires_at,
+                    delivered=waiter is None,
+                )
+                if waiter is not None:
+                    w_id, server, since, w_ttl = waiter
+                    lease.waiter = Waiter(name, owner, w_ttl, since, lease, id=w_id, server=server)
+                hold.leases[token] = lease
+            state.holds.append(hold)
+        for w_id, server, owner, ttl, since in record["queue"] if queue else ():
+            state.queue.append(Waiter(name, owner, ttl, since, id=w_id, server=server))
+        return state, str(record["epoch"])
+    except StaleRecord:
+        raise
+    except (ValueError, KeyError, TypeError, zlib.error) as exc:
+        raise StaleRecord(f"unreadable pool record ({exc})") from None
+
+
+@dataclass
+class Epoch:
+    """The store's life: made once; a new one means the store lost its state at ``lost_at``."""
+
+    id: str
+    created: float
+    lost_at: float | None = None
+
+    def encode(self) -> bytes:
+        return json.dumps(
+            {"id": self.id, "created": self.created, "lost_at": self.lost_at}
+        ).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Epoch:
+        try:
+            record = json.loads(raw)
+            return cls(str(record["id"]), float(record["created"]), record.get("lost_at"))
+        except (ValueError, KeyError, TypeError):
+            raise StaleRecord("unreadable epoch record") from None
