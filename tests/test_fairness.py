@@ -56,6 +56,13 @@ def status_of_first_line(sock: socket.socket) -> int | None:
     return int(head.split()[1]) if head.startswith(b"HTTP/1.1 ") else None
 
 
+def metric(server: Server, name: str, **kwargs: object) -> float:
+    """A value of the server's /metrics (asked as db1)."""
+    text = call(server, "/metrics", DB1_TOKEN, **kwargs).body  # type: ignore[arg-type]
+    line = next(line for line in text.splitlines() if line.startswith(name + " "))
+    return float(line.split()[1])
+
+
 def hold(server: Server, token: str, pool: str, **kwargs: object) -> str:
     got = call(server, f"/get/?pool={pool}&ttl=60", token, **kwargs)  # type: ignore[arg-type]
     assert got.body == "YES", got
@@ -90,6 +97,7 @@ def test_one_identity_with_40_streams_locks_no_one_out(
     if per_identity is None:  # half the cap each: the rest is refused with the reason
         assert statuses.count(200) == CAP // 2, statuses
         assert statuses.count(429) == CAP // 2, statuses
+        assert metric(srv, "distributex_status_streams") == CAP // 2
     # The holder of another identity keeps its lease; a new client is served.
     renew(srv, DB1_TOKEN, "pool2", lease)
     assert call(srv, "/get/?pool=pool1", WEB1_TOKEN).body == "YES"
@@ -188,6 +196,7 @@ def test_stalled_tls_handshakes_do_not_block_accepting(
     assert call(srv, "/get/?pool=pool1", WEB1_TOKEN, tls=pki, timeout=15).body == "YES"
     # Stalled handshakes were closed to make room, the oldest first.
     assert answered(open_sockets[:1]) and status_of_first_line(open_sockets[0]) is None
+    assert metric(srv, "distributex_connections_evicted_total", tls=pki) >= 5
 
 
 def test_renewal_gets_a_reserved_place_when_nothing_can_be_closed(

@@ -34,13 +34,16 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
 
 from distributex import auth
 from distributex.config import Config
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
 
 log = logging.getLogger("distributex")
 
@@ -87,6 +90,8 @@ class ConnectionTable:
         self.open: dict[Evictable, None] = {}
         self.peers: Counter[str] = Counter()
         self.reserved: Counter[str] = Counter()  # places beyond the cap, by peer
+        self.evicted = 0  # closed to make room, ever
+        self.refused = 0  # closed at once, ever
 
     @property
     def per_peer(self) -> int:
@@ -139,6 +144,33 @@ class ConnectionTable:
     def may_reserve(self, peer: str) -> bool:
         """Whether ``peer`` may take a place beyond the cap (for one renewal or release)."""
         return not self.reserved[peer] and sum(self.reserved.values()) < RESERVE
+
+
+class ConnectionMetrics:
+    """The table's numbers for ``/metrics`` (a ``prometheus_client`` collector)."""
+
+    def __init__(self, table: ConnectionTable, streams: Callable[[], int]) -> None:
+        self.table = table
+        self.streams = streams
+
+    def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        table = self.table
+        yield GaugeMetricFamily("distributex_connections", "Open now", value=len(table.open))
+        yield CounterMetricFamily(
+            "distributex_connections_evicted",
+            "Connections closed to make room (idle, in a TLS handshake, status streams)",
+            value=table.evicted,
+        )
+        yield CounterMetricFamily(
+            "distributex_connections_refused",
+            "New connections closed at once: a cap reached and nothing to close",
+            value=table.refused,
+        )
+        yield GaugeMetricFamily(
+            "distributex_status_streams", "/status/events viewers", value=self.streams()
+        )
 
 
 def _less(counter: Counter[str], key: str) -> None:

@@ -17,11 +17,18 @@ scraped, so they are right whichever server of a cluster changed the state.
 ``distributex_wait_seconds{pool}``          histogram: time from request to YES
 ``distributex_requests_total{verb,status}`` lock verbs answered, by HTTP status (499: hung up)
 ``distributex_backend_up``                  1 if the backend answered the last scrape
+``distributex_connections``                 open connections now
+``distributex_connections_evicted_total``   closed to make room (idle, TLS handshake, stream)
+``distributex_connections_refused_total``   closed at once: a cap reached, nothing to close
+``distributex_status_streams``              ``/status/events`` viewers now
 ==========================================  =======================================
 
 ``reason`` is one of ``bad_request`` (400), ``forbidden`` (403),
 ``unknown`` (404: unknown pool or verb), ``method`` (405), ``too_many_pools``
 (429), ``unavailable`` (503), or ``other``.
+
+The connection numbers come from :mod:`distributex.fairness`, registered by
+the server.
 
 A pool label is the pool's name for pools in the configuration file and
 for the first ``MAX_POOL_LABELS`` pools made on first use; later ones are

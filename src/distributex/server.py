@@ -60,6 +60,7 @@ from distributex.config import DEFAULT_BIND, Config, ConfigError, default_config
 from distributex.events import Events, JsonFormatter
 from distributex.fairness import ConnectionTable
 from distributex.httpapi import CONFIG_KEY, EVENTS_KEY, create_app
+from distributex.statusfeed import FEEDS_KEY
 from distributex.tls import TLS_KEY, TLSHolder
 
 log = logging.getLogger("distributex")
@@ -199,11 +200,13 @@ class _Connections(ConnectionTable):
         allowed, victim = self.room_for(peer)
         if victim is not None:
             self.close(victim)
+            self.evicted += 1
             self._evicted.note()
         elif not allowed:
             if self.may_reserve(peer):
                 return True, True
             conn.close()
+            self.refused += 1
             self._refused.note()
         return allowed, False
 
@@ -595,6 +598,11 @@ async def start_server(
         lambda: app[CONFIG_KEY].max_connections_per_peer,  # a reload changes it
     )
     fairness.install(app, lambda: connections.limit)
+    if events.metrics is not None:
+        streams = app[FEEDS_KEY]
+        events.metrics.registry.register(
+            fairness.ConnectionMetrics(connections, lambda: streams.viewers)
+        )
     runner = web.AppRunner(
         app,
         handler_cancellation=True,  # a hung-up /wait/ must leave the queue
