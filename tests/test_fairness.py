@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from distributex.config import parse_config
 from tests.conftest import Server, wait_until
 from tests.pki import Pki
 from tests.test_auth import (  # noqa: F401 - pki: a fixture used by name
@@ -25,6 +26,7 @@ from tests.test_auth import (  # noqa: F401 - pki: a fixture used by name
     reason,
     tls_keys,
 )
+from tests.test_config_hostile import refused
 from tests.test_http_hostile import open_sockets  # noqa: F401 - a fixture used by name
 
 pytestmark = pytest.mark.timeout(120)
@@ -218,3 +220,21 @@ def test_renewal_gets_a_reserved_place_when_nothing_can_be_closed(
     assert (refused.status, refused.body) == (503, "UNAVAILABLE"), refused
     assert "only /renew/ and /release/" in refused.headers["X-Distributex-Reason"]
     assert srv.call(f"/release/?host=holder&pool=p&lease={lease}").body == "OK"
+
+
+def test_fairness_keys_load_and_are_bounded() -> None:
+    config = parse_config("pools: []\n")
+    assert (config.max_connections_per_peer, config.max_requests_per_identity) == (0, 0)
+    assert config.max_status_streams == 100
+    config = parse_config(
+        "max_connections_per_peer: 5\nmax_requests_per_identity: 7\nmax_status_streams: 1\n"
+    )
+    assert (config.max_connections_per_peer, config.max_requests_per_identity) == (5, 7)
+    assert config.max_status_streams == 1
+    for text, problem in (
+        ("max_connections_per_peer: -1\n", "max_connections_per_peer must be a whole number >= 0"),
+        ("max_requests_per_identity: 1.5\n", "max_requests_per_identity must be a whole number"),
+        ("max_status_streams: 0\n", "max_status_streams must be a whole number >= 1"),
+        ("max_status_streams: 10000001\n", "max_status_streams must be at most 10000000"),
+    ):
+        assert problem in refused(text), text
