@@ -95,6 +95,7 @@ class Feed:
         try:
             while self.viewers and not events.closed:
                 version = events.version
+                key: Any  # what tells a change: the pools, or the reason they are not there
                 try:
                     pools = await read_status(self._app, self.only)
                     kind, doc, key = "status", status_document(self._app, pools), pools
@@ -162,10 +163,10 @@ async def status_events(request: web.Request) -> web.StreamResponse:
     cap = app[CONFIG_KEY].max_status_streams
     if feeds.viewers >= cap:
         reason = f"too many status viewers: {cap} already watch (max_status_streams)"
-        response = _json({"error": reason}, 503)
-        response.headers["X-Distributex-Reason"] = reason
-        response.headers["Retry-After"] = "5"
-        return response
+        full = _json({"error": reason}, 503)
+        full.headers["X-Distributex-Reason"] = reason
+        full.headers["Retry-After"] = "5"
+        return full
     response = web.StreamResponse(
         headers={
             "Content-Type": "text/event-stream",
