@@ -17,6 +17,7 @@ from distributex.config import parse_config
 from tests.conftest import Server, wait_until
 from tests.pki import Pki
 from tests.test_auth import (  # noqa: F401 - pki: a fixture used by name
+    ADMIN_TOKEN,
     DB1_TOKEN,
     POOLS,
     TOKENS,
@@ -102,7 +103,7 @@ def test_one_identity_with_40_streams_locks_no_one_out(
         assert metric(srv, "distributex_status_streams") == CAP // 2
     # The holder of another identity keeps its lease; a new client is served.
     renew(srv, DB1_TOKEN, "pool2", lease)
-    assert call(srv, "/get/?pool=pool1", WEB1_TOKEN).body == "YES"
+    assert call(srv, "/get/?pool=pool1", ADMIN_TOKEN).body == "YES"
     assert call(srv, "/release/?pool=pool2", DB1_TOKEN).body == "OK"
 
 
@@ -195,7 +196,7 @@ def test_stalled_tls_handshakes_do_not_block_accepting(
         open_sockets.append(connect(srv.port))
     wait_until(lambda: accepted(srv.port, open_sockets) >= CAP, what="the handshakes accepted")
     renew(srv, DB1_TOKEN, "pool2", lease, tls=pki, timeout=15)
-    assert call(srv, "/get/?pool=pool1", WEB1_TOKEN, tls=pki, timeout=15).body == "YES"
+    assert call(srv, "/get/?pool=pool1", ADMIN_TOKEN, tls=pki, timeout=15).body == "YES"
     # Stalled handshakes were closed to make room, the oldest first.
     assert answered(open_sockets[:1]) and status_of_first_line(open_sockets[0]) is None
     assert metric(srv, "distributex_connections_evicted_total", tls=pki) >= 5
