@@ -50,6 +50,7 @@ from distributex.client.sync import (
     REWAIT_PAUSE_MAX,
     Lease,
     Requeue,
+    Sent,
     _client_setup,
     _fmt,
     _lower,
@@ -116,6 +117,7 @@ class AsyncClient:
         if not 0 < timeout <= MAX_SECONDS:
             raise ValueError(f"timeout must be > 0 and at most {MAX_SECONDS:.0f} s")
         self.timeout = timeout
+        self.sent = Sent(token=self._token is not None, cert=cert is not None)
         self._session: aiohttp.ClientSession | None = None
 
     @property
@@ -213,7 +215,7 @@ class AsyncClient:
                 await asyncio.sleep(requeue.pause)
                 continue
             requeue.answered()
-            word = check_answer(verb, status, body, headers)
+            word = check_answer(verb, status, body, headers, self.sent)
             if word == "YES":
                 break
             if word != "NO":
@@ -260,7 +262,7 @@ class AsyncClient:
         sent = clock()
         t = timeout or self.timeout
         status, body, headers = await self._call("renew", params, t, t)
-        apply_renewal(lease, sent, status, body, headers)
+        apply_renewal(lease, sent, status, body, headers, self.sent)
 
     async def release(self, lease: Lease, timeout: float | None = None) -> bool:
         """Release exactly this lease. False if it was already gone (GONE)."""
@@ -270,7 +272,7 @@ class AsyncClient:
         t = timeout or self.timeout
         status, body, headers = await self._call("release", params, t, t)
         lease.released = True
-        return check_answer("release", status, body, headers) == "OK"
+        return check_answer("release", status, body, headers, self.sent) == "OK"
 
     async def release_quietly(self, lease: Lease, timeout: float | None = None) -> bool | None:
         """Release, logging failures: True released, False already gone, None unknown."""

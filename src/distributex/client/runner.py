@@ -66,6 +66,20 @@ from distributex.client.errors import (
     ServerUnavailable,
     TLSFailed,
 )
+from distributex.client.exits import (
+    EXIT_CONFIG,
+    EXIT_LOCALLOCK,
+    EXIT_LOST,
+    EXIT_NAME_MISMATCH,
+    EXIT_NOEXEC,
+    EXIT_NOT_AUTHENTICATED,
+    EXIT_NOTFOUND,
+    EXIT_REFUSED,
+    EXIT_SOFTWARE,
+    EXIT_TIMEOUT,
+    EXIT_TLS,
+    EXIT_UNAVAILABLE,
+)
 from distributex.client.processes import (
     CommandProcesses,
     children,
@@ -74,20 +88,6 @@ from distributex.client.processes import (
     subreaper,
 )
 from distributex.client.sync import CancelToken, Client, Lease, LeaseKeeper, clock, one_line
-
-EXIT_USAGE = 2
-EXIT_NOT_AUTHENTICATED = 67  # 401: token missing or not accepted
-EXIT_UNAVAILABLE = 69
-EXIT_SOFTWARE = 70
-EXIT_LOCALLOCK = 71
-EXIT_LOST = 73
-EXIT_TIMEOUT = 75
-EXIT_TLS = 76  # server certificate not trusted, ours refused, or no TLS there
-EXIT_REFUSED = 77
-EXIT_CONFIG = 78
-EXIT_NAME_MISMATCH = 79  # the server's certificate names another server
-EXIT_NOEXEC = 126
-EXIT_NOTFOUND = 127
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 POLL = 0.05

@@ -2,108 +2,48 @@
 
 ::
 
-    distributex status [-H SERVER] [-p PORT] [POOL] [--json] [--watch]
+    distributex status [-H SERVER] [-p PORT] [POOL] [--json] [--watch] [TLS and token options]
 
 Reads the server's ``GET /status`` (``--watch``: follows ``GET /status/events``,
 printing again on every change until Ctrl-C). ``--json`` prints the
 server's document as it came (with ``--watch``: one document per line).
 Everything else the server sends (names, reasons) is shown with control
-characters escaped, so a hostile server cannot drive the terminal.
-Exit status: 0; 2 usage; 69 server unreachable or unavailable (503);
-77 the server refused the request (unknown pool); 78 bad client config file.
+characters escaped, so a hostile server cannot drive the terminal. The
+connection settings, TLS and the token are those of every client command.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from typing import Any, TextIO
-from urllib.parse import quote
 
 from distributex import __version__
+from distributex.client import exits, operator_cli
 from distributex.client.argv import Parser
-from distributex.client.runner import EXIT_CONFIG
-from distributex.client.sync import DEFAULT_PORT, one_line, parse_server
-
-EXIT_UNAVAILABLE = 69
-EXIT_REFUSED = 77
-HTTP_TIMEOUT = 10.0
-# The server sends a keep-alive every 15 s on a quiet stream.
-STREAM_TIMEOUT = 45.0
-# Longest text of a table cell or message line, once control characters are escaped.
-MAX_SHOWN = 1000
-
-
-class StatusError(Exception):
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+from distributex.client.errors import ServerUnavailable
+from distributex.client.operator_cli import shown
+from distributex.client.sync import Client
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="distributex status",
         description="Show who holds each pool of a distributex server, and who waits.",
-        epilog="exit status: 0 ok; 2 usage; 69 server unreachable or unavailable; "
-        "77 refused (unknown pool); 78 bad client config file",
+        epilog=exits.help_text("status"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "-H",
-        "--server",
-        metavar="SERVER",
-        help="server host name or host:port (default: the client config's server, else localhost)",
-    )
-    parser.add_argument("-p", "--port", type=int, help=f"server port (default {DEFAULT_PORT})")
     parser.add_argument("pool", nargs="?", metavar="POOL", help="show this pool only")
     parser.add_argument("--json", action="store_true", help="print the server's JSON document")
     parser.add_argument(
         "--watch", action="store_true", help="print again on every change, until Ctrl-C"
     )
+    operator_cli.add_connection_options(parser)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
-
-
-def _default_server() -> str:
-    from distributex.client.cli import ConfigProblem, config_files, read_config
-
-    env = dict(os.environ)
-    try:
-        values = read_config(config_files(env), "DISTRIBUTEX_CONFIG" in env)
-    except ConfigProblem as exc:
-        raise StatusError(EXIT_CONFIG, str(exc)) from None
-    return values.get("server", ("localhost", ""))[0]
-
-
-def _url(args: argparse.Namespace, path: str) -> str:
-    server = args.server or _default_server()
-    try:
-        host, port = parse_server(server, args.port)
-    except ValueError as exc:
-        raise StatusError(2, str(exc)) from None
-    shown = f"[{host}]" if ":" in host else host
-    query = f"?pool={quote(args.pool, safe='')}" if args.pool else ""
-    return f"http://{shown}:{port}{path}{query}"
-
-
-def _open(url: str, timeout: float) -> Any:
-    try:
-        return urllib.request.urlopen(url, timeout=timeout)
-    except urllib.error.HTTPError as err:
-        try:
-            reason = json.loads(err.read()).get("error") or err.reason
-        except (ValueError, AttributeError, OSError):
-            reason = err.reason
-        code = EXIT_UNAVAILABLE if err.code >= 500 else EXIT_REFUSED
-        raise StatusError(code, f"{url}: {err.code} {reason}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise StatusError(EXIT_UNAVAILABLE, f"cannot reach {url}: {reason}") from None
 
 
 def duration(seconds: float | None) -> str:
@@ -121,12 +61,6 @@ def duration(seconds: float | None) -> str:
         return f"{h}h{m:02d}m"
     d, h = divmod(h, 24)
     return f"{d}d{h:02d}h"
-
-
-def shown(value: object) -> str:
-    """A value of the server's, safe for a terminal: control characters (ESC, CR,
-    LF, OSC...) escaped, so names cannot clear the screen or forge rows."""
-    return one_line(str(value), MAX_SHOWN)
 
 
 def table(doc: dict[str, Any]) -> str:
@@ -160,24 +94,22 @@ def table(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def show_once(args: argparse.Namespace, out: TextIO) -> None:
-    url = _url(args, "/status")
-    with _open(url, HTTP_TIMEOUT) as response:
-        body = response.read().decode()
-    if args.json:
-        out.write(body.rstrip("\n") + "\n")
-    else:
-        out.write(table(json.loads(body)) + "\n")
+def show_once(client: Client, args: argparse.Namespace, out: TextIO) -> None:
+    text, doc = operator_cli.document(client, "/status", args.pool)
+    out.write(text.rstrip("\n") + "\n" if args.json else table(doc) + "\n")
 
 
-def watch(args: argparse.Namespace, out: TextIO) -> None:
+def watch(client: Client, args: argparse.Namespace, out: TextIO) -> None:
     """Follow the server's status stream (server-sent events), printing on every event."""
-    url = _url(args, "/status/events")
+    path = "/status/events"
     clear = out.isatty() and not args.json
-    with _open(url, STREAM_TIMEOUT) as response:
+    with client.stream(path, {"pool": args.pool}) as (status, headers, lines):
+        if status != 200:
+            body = b"".join(lines)
+            raise operator_cli.page_error(client, path, status, body, headers)
         kind, data = "message", []
-        for raw in response:
-            line = raw.decode().rstrip("\r\n")
+        for raw in lines:
+            line = raw.decode("utf-8", "replace").rstrip("\r\n")
             if line.startswith("event:"):
                 kind = line[6:].strip()
             elif line.startswith("data:"):
@@ -185,7 +117,7 @@ def watch(args: argparse.Namespace, out: TextIO) -> None:
             elif not line and data:
                 _print_event(kind, "\n".join(data), out, args.json, clear)
                 kind, data = "message", []
-    raise StatusError(EXIT_UNAVAILABLE, f"{url}: the server closed the stream")
+    raise ServerUnavailable(f"{client.url}{path}: the server closed the stream")
 
 
 def _print_event(kind: str, data: str, out: TextIO, as_json: bool, clear: bool) -> None:
@@ -202,17 +134,20 @@ def _print_event(kind: str, data: str, out: TextIO, as_json: bool, clear: bool) 
 
 
 def main(argv: Sequence[str]) -> int:
-    args = build_parser().parse_args(list(argv))
-    try:
+    parser = build_parser()
+    args = parser.parse_args(list(argv))
+
+    def body() -> int:
+        client = operator_cli.connect(args, parser)
         if args.watch:
-            watch(args, sys.stdout)
+            watch(client, args, sys.stdout)
         else:
-            show_once(args, sys.stdout)
-    except StatusError as exc:
-        print(f"distributex status: {shown(exc)}", file=sys.stderr)
-        return exc.code
+            show_once(client, args, sys.stdout)
+        return exits.EXIT_OK
+
+    try:
+        return operator_cli.run("status", body)
     except KeyboardInterrupt:
-        return 0  # the way to end --watch
+        return exits.EXIT_OK  # the way to end --watch
     except BrokenPipeError:
-        return 0  # | head
-    return 0
+        return exits.EXIT_OK  # | head

@@ -57,7 +57,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode, urlsplit
 
 from distributex.client.errors import (
@@ -86,6 +86,10 @@ NO_EXPIRY_CHECK = 30.0
 # the grant time is only known to lie between the request and the answer.
 PIN_AFTER_WAIT = 0.1
 MAX_BODY = 64 * 1024
+# The operator pages (``/status`` of many pools) are larger than a verb's answer.
+MAX_PAGE = 64 * 1024 * 1024
+# A status stream sends a keep-alive every 15 s; this much silence is a dead server.
+STREAM_IDLE = 45.0
 # The renewal thread sleeps at most this long at a time (see the module docstring).
 KEEPER_TICK = 0.5
 # Granularity of a cancellable connect.
@@ -370,19 +374,42 @@ def _lower(headers: Mapping[str, str] | Any) -> dict[str, str]:
     return {k.lower(): v for k, v in headers.items()}
 
 
-def check_answer(verb: str, status: int, body: str, headers: Mapping[str, str]) -> str:
+@dataclass(frozen=True)
+class Sent:
+    """Which credentials a client sends, to name the missing one when the server wants it."""
+
+    token: bool
+    cert: bool
+
+
+def not_authenticated(reason: str, sent: Sent | None) -> str:
+    """The one line of a 401: the server's reason, and what we did not send."""
+    line = f"not authenticated: {reason or 'token missing or not accepted'}"
+    if sent is None:
+        return line
+    said = reason.lower()
+    if "certificate" in said and not sent.cert:
+        return f"{line}; no client certificate was given (--cert and --key)"
+    if "token" in said and not sent.token:
+        return f"{line}; no token was given (DISTRIBUTEX_TOKEN or --token-file)"
+    if "not recognised" in said and sent.token:
+        return f"{line}; the token given is not one the server knows"
+    return line
+
+
+def check_answer(
+    verb: str, status: int, body: str, headers: Mapping[str, str], sent: Sent | None = None
+) -> str:
     """The answer word (YES, NO, OK, GONE) or the matching exception.
 
-    ``headers`` must have lower-case keys.
+    ``headers`` must have lower-case keys; ``sent`` lets a 401 name what was missing.
     """
     word = body.strip()
     reason = one_line(headers.get("x-distributex-reason", ""), 200)
     if status == 200 and word in ("YES", "NO", "OK"):
         return word
     if status == 401:
-        raise AuthenticationFailed(
-            f"not authenticated: {reason or 'token missing or not accepted'}", status
-        )
+        raise AuthenticationFailed(not_authenticated(reason, sent), status)
     if status == 410 and verb in ("release", "renew"):
         return "GONE"
     if 400 <= status < 500:
@@ -419,14 +446,19 @@ def grant_fields(headers: Mapping[str, str]) -> tuple[int | None, str | None, fl
 
 
 def apply_renewal(
-    lease: Lease, sent: float, status: int, body: str, headers: Mapping[str, str]
+    lease: Lease,
+    sent: float,
+    status: int,
+    body: str,
+    headers: Mapping[str, str],
+    credentials: Sent | None = None,
 ) -> None:
     """Take the server's answer to a ``/renew/`` sent at ``sent`` into ``lease``.
 
     Raises :class:`LockLost` on GONE; any answer but OK is a confused server,
     :class:`ServerUnavailable` (the caller retries until the lease's deadline).
     """
-    word = check_answer("renew", status, body, headers)
+    word = check_answer("renew", status, body, headers, credentials)
     if word == "GONE":
         raise LockLost(
             f"lease on pool '{lease.pool}' is gone (expired, or released by someone else)"
@@ -647,7 +679,13 @@ def open_socket(
     raise last or OSError(errno.EHOSTUNREACH, "no address to connect to")
 
 
-class _Deadline:
+if TYPE_CHECKING:
+    _SocketBase = socket.socket
+else:
+    _SocketBase = object
+
+
+class _Deadline(_SocketBase):
     """Sends and receives that all end by one :attr:`deadline` (None: no bound).
 
     A socket timeout bounds each read alone: a server that drips a byte a
@@ -800,6 +838,7 @@ class Client:
         if not 0 < timeout <= MAX_SECONDS:
             raise ValueError(f"timeout must be > 0 and at most {MAX_SECONDS:.0f} s")
         self.timeout = timeout
+        self.sent = Sent(token=self._token is not None, cert=cert is not None)
 
     @property
     def address(self) -> str:
@@ -830,6 +869,25 @@ class Client:
         cancel: CancelToken | None = None,
         connect_timeout: float | None = None,
     ) -> tuple[int, str, dict[str, str]]:
+        with self._exchange(f"/{verb}/", params, budget, cancel, connect_timeout) as resp:
+            body = resp.read(MAX_BODY).decode("utf-8", "replace")
+            return resp.status, body, _lower(resp.headers)
+
+    @contextlib.contextmanager
+    def _exchange(
+        self,
+        path: str,
+        params: dict[str, str | None],
+        budget: float | None,
+        cancel: CancelToken | None = None,
+        connect_timeout: float | None = None,
+        idle: float | None = None,
+    ) -> Iterator[http.client.HTTPResponse]:
+        """One GET of ``path``: the response, read within the block. Every network
+        error, also one while the block reads, becomes a client error (one line).
+
+        ``idle`` bounds each read alone (a stream); ``budget`` the whole call.
+        """
         query = urlencode({k: v for k, v in params.items() if v is not None})
         connect = connect_timeout or self.timeout
         if budget is not None:
@@ -843,20 +901,19 @@ class Client:
         try:
             conn.connect()
             connected = True
-            assert isinstance(conn.sock, _Deadline)
-            set_keepalive(conn.sock)
+            sock = conn.sock
+            assert isinstance(sock, _Deadline)
+            set_keepalive(sock)
             if cancel is not None:
-                cancel._attach(conn.sock)
-                attached = conn.sock
-            conn.sock.settimeout(None)
-            conn.sock.deadline = deadline
-            conn.request("GET", f"/{verb}/?{query}", headers=self._headers())
-            resp = conn.getresponse()
-            body = resp.read(MAX_BODY).decode("utf-8", "replace")
-            return resp.status, body, _lower(resp.headers)
+                cancel._attach(sock)
+                attached = sock
+            sock.settimeout(idle)
+            sock.deadline = deadline
+            conn.request("GET", f"{path}?{query}" if query else path, headers=self._headers())
+            yield conn.getresponse()
         except (OSError, http.client.HTTPException, UnicodeError, Cancelled) as exc:
             if cancel is not None and cancel.cancelled:
-                raise Cancelled(f"/{verb}/ cancelled") from None
+                raise Cancelled(f"{path} cancelled") from None
             failed = tls_failure(exc, self.address)
             if failed is not None:
                 raise failed from exc
@@ -868,6 +925,26 @@ class Client:
             if cancel is not None and attached is not None:
                 cancel._detach(attached)
             conn.close()
+
+    # -- the operator pages ------------------------------------------------------------
+
+    def fetch(
+        self, path: str, params: dict[str, str | None] | None = None, max_body: int = MAX_PAGE
+    ) -> tuple[int, bytes, dict[str, str]]:
+        """(status, body, lower-case headers) of ``GET path`` (``/status``, ``/metrics``),
+        within :attr:`timeout`; the body is cut at ``max_body`` bytes."""
+        with self._exchange(path, params or {}, self.timeout) as resp:
+            return resp.status, resp.read(max_body), _lower(resp.headers)
+
+    @contextlib.contextmanager
+    def stream(
+        self, path: str, params: dict[str, str | None] | None = None, idle: float = STREAM_IDLE
+    ) -> Iterator[tuple[int, dict[str, str], Iterator[bytes]]]:
+        """``GET path`` read line by line as it comes (``/status/events``): (status,
+        lower-case headers, lines). A line may take ``idle`` seconds; the stream has no end
+        of its own. Network errors while reading raise the client's errors."""
+        with self._exchange(path, params or {}, None, idle=idle) as resp:
+            yield resp.status, _lower(resp.headers), iter(resp.readline, b"")
 
     # -- the verbs ---------------------------------------------------------------------
 
@@ -922,7 +999,7 @@ class Client:
                     time.sleep(requeue.pause)
                 continue
             requeue.answered()
-            word = check_answer(verb, status, body, headers)
+            word = check_answer(verb, status, body, headers, self.sent)
             if word == "YES":
                 break
             if word != "NO":
@@ -986,7 +1063,7 @@ class Client:
         status, body, headers = self._call(
             "renew", params, timeout or self.timeout, cancel, timeout or self.timeout
         )
-        apply_renewal(lease, sent, status, body, headers)
+        apply_renewal(lease, sent, status, body, headers, self.sent)
 
     def release(self, lease: Lease, timeout: float | None = None) -> bool:
         """Release exactly this lease. False if it was already gone (GONE)."""
@@ -996,14 +1073,14 @@ class Client:
         t = timeout or self.timeout
         status, body, headers = self._call("release", params, t, connect_timeout=t)
         lease.released = True
-        return check_answer("release", status, body, headers) == "OK"
+        return check_answer("release", status, body, headers, self.sent) == "OK"
 
     def release_host(self, pool: str, timeout: float | None = None) -> None:
         """The seed's release: every slot of ``pool`` this host holds."""
         t = timeout or self.timeout
         params: dict[str, str | None] = {"host": self.host, "pool": pool}
         status, body, headers = self._call("release", params, t, connect_timeout=t)
-        check_answer("release", status, body, headers)
+        check_answer("release", status, body, headers, self.sent)
 
     # -- the context manager -----------------------------------------------------------
 
