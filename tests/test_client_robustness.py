@@ -29,9 +29,7 @@ from distributex.client import (
     LockLost,
     ServerUnavailable,
 )
-from distributex.client import aio as aio_module
-from distributex.client import runner as runner_module
-from distributex.client import sync as sync_module
+from distributex.client import core as core_module
 from distributex.client.runner import EXIT_LOST, Runner, Settings
 
 Server = Any  # conftest.Server
@@ -271,7 +269,7 @@ class JumpingClock:
 
     def __init__(self) -> None:
         self.offset = 0.0
-        self.real = sync_module.clock
+        self.real = core_module.clock
 
     def __call__(self) -> float:
         return self.real() + self.offset
@@ -280,9 +278,7 @@ class JumpingClock:
 @pytest.fixture
 def jumping_clock(monkeypatch: pytest.MonkeyPatch) -> JumpingClock:
     fake_clock = JumpingClock()
-    monkeypatch.setattr(sync_module, "clock", fake_clock)
-    monkeypatch.setattr(runner_module, "clock", fake_clock)
-    monkeypatch.setattr(aio_module, "clock", fake_clock)
+    monkeypatch.setattr(core_module, "clock", fake_clock)  # the one lease clock
     return fake_clock
 
 

@@ -15,7 +15,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from distributex.client.sync import MAX_SECONDS, check_token
+from distributex.client.core import MAX_SECONDS, check_token
 
 SYSTEM_CONFIG = "/etc/distributex/client.conf"
 CONFIG_KEYS = (

@@ -56,7 +56,7 @@ from dataclasses import dataclass
 from typing import TextIO
 from urllib.parse import quote
 
-from distributex.client import watchdog
+from distributex.client import core, watchdog
 from distributex.client.errors import (
     AuthenticationFailed,
     CertificateMismatch,
@@ -87,7 +87,7 @@ from distributex.client.processes import (
     scan,
     subreaper,
 )
-from distributex.client.sync import CancelToken, Client, Lease, LeaseKeeper, clock, one_line
+from distributex.client.sync import CancelToken, Client, Lease, LeaseKeeper, one_line
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 POLL = 0.05
@@ -298,7 +298,7 @@ class Runner:
         self.err = err or sys.stderr
         self.signals: list[int] = []
         self.signalled = False  # any forwarded signal ever came (signals is a queue)
-        self.deadline = None if settings.timeout is None else clock() + settings.timeout
+        self.deadline = None if settings.timeout is None else core.clock() + settings.timeout
 
     def say(self, message: str) -> None:
         # A broken stderr (its reader gone, e.g. journald restarted) must never
@@ -335,7 +335,7 @@ class Runner:
         return Exit(128 + sig, f"got {signal.Signals(sig).name} {what}; command not run")
 
     def _remaining(self) -> float | None:
-        return None if self.deadline is None else max(0.0, self.deadline - clock())
+        return None if self.deadline is None else max(0.0, self.deadline - core.clock())
 
     # -- the phases --------------------------------------------------------------------
 
@@ -384,7 +384,7 @@ class Runner:
                 problem = self._interrupted("while waiting for the local lock")
             elif not self.s.wait:
                 problem = Exit(EXIT_TIMEOUT, f"local lock {path} is busy; command not run")
-            elif self.deadline is not None and clock() >= self.deadline:
+            elif self.deadline is not None and core.clock() >= self.deadline:
                 problem = Exit(
                     EXIT_TIMEOUT,
                     f"local lock {path} not obtained within {self.s.timeout:g}s; command not run",
@@ -475,7 +475,7 @@ class Runner:
 
     def _hold(self, client: Client | None, lease: Lease | None) -> int:
         s = self.s
-        granted_at = clock()
+        granted_at = core.clock()
         keeper: LeaseKeeper | None = None
         grace = s.grace
         if client is not None and lease is not None:
@@ -619,10 +619,10 @@ class Runner:
         draining = False  # the top process ended; what it left running is being stopped
         kill_at: float | None = None
         killed_at: float | None = None
-        reaped_at = clock()
+        reaped_at = core.clock()
         forwarded = 0
         while True:
-            now = clock()
+            now = core.clock()
             if rc is None:
                 rc = proc.poll()
             if lost or draining:
@@ -690,7 +690,7 @@ class Runner:
                     self.say("processes of the command survived SIGKILL; releasing anyway")
                     break
             time.sleep(POLL)
-        self.command_end = clock()
+        self.command_end = core.clock()
         if dog.finish() and not lost and lease is not None:
             lease.mark_lost("this client did not run while its lease ran out")
             self.say(f"lock on pool '{s.pool}' lost: the watchdog stopped the command")
@@ -711,12 +711,12 @@ class Runner:
             self.debug("a signal came: no --min-hold")
             return
         until = granted_at + self.s.min_hold
-        if clock() < until:
-            self.debug(f"holding the lock for {until - clock():.1f}s more (--min-hold)")
-        while clock() < until:
+        if core.clock() < until:
+            self.debug(f"holding the lock for {until - core.clock():.1f}s more (--min-hold)")
+        while core.clock() < until:
             if self.signals:
                 self.debug("signal: ending --min-hold early")
                 return
             if keeper is not None and keeper.check_deadline():
                 return  # reported after the release
-            time.sleep(min(POLL, max(0.0, until - clock())))
+            time.sleep(min(POLL, max(0.0, until - core.clock())))
