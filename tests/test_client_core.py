@@ -81,7 +81,7 @@ outcomes = st.lists(
 
 
 @settings(max_examples=200)
-@given(ttl=ttls, lost_margin=margins, script=outcomes)
+@given(ttl=st.floats(min_value=0.3, max_value=120), lost_margin=margins, script=outcomes)
 def test_a_lease_is_held_only_while_confirmed_and_loss_is_noticed_at_once(
     ttl: float, lost_margin: float | None, script: list[tuple[str, float, float, bool]]
 ) -> None:
@@ -93,7 +93,7 @@ def test_a_lease_is_held_only_while_confirmed_and_loss_is_noticed_at_once(
     now = 0.0
     answers = iter(script)
     last_failure: float | None = None
-    for _ in range(10_000):
+    for _ in range(100_000):
         step = plan.step(now, CALL_TIMEOUT)
         if now >= held.confirmed_until - margin:
             assert isinstance(step, Lost), "silence past the deadline must be loss"

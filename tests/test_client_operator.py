@@ -8,10 +8,7 @@ import os
 import re
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -28,6 +25,7 @@ from tests.test_auth import (
     call,
     tls_keys,
 )
+from tests.test_status_cli import Watch
 
 pytestmark = pytest.mark.timeout(120)
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "client.md"
@@ -118,42 +116,14 @@ def test_status_takes_its_settings_from_the_client_config_file(
 
 def test_status_watch_sees_a_change(srv: Server, pki: Pki) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DISTRIBUTEX_")}
-    env |= {"DISTRIBUTEX_CONFIG": "", "DISTRIBUTEX_TOKEN": DB1_TOKEN, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "distributex.client.cli", "status", *creds(srv, pki, "db1")]
-    proc = subprocess.Popen(
-        [*cmd, "pool1", "--watch", "--json"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    docs: list[dict[str, Any]] = []
-    seen = threading.Event()
-
-    def read() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            docs.append(json.loads(line))
-            seen.set()
-
-    threading.Thread(target=read, daemon=True).start()
-
-    def holders(index: int) -> list[str]:
-        deadline = time.monotonic() + 30
-        while len(docs) <= index:
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            assert time.monotonic() < deadline, "no new status document"
-            seen.wait(0.1)
-            seen.clear()
-        return [h["host"] for h in docs[index]["pools"][0]["holders"]]
-
+    env |= {"DISTRIBUTEX_CONFIG": "", "DISTRIBUTEX_TOKEN": DB1_TOKEN}
+    watch = Watch([*creds(srv, pki, "db1"), "pool1"], env)
     try:
-        assert holders(0) == []
+        assert watch.doc(0)["pools"][0]["holders"] == []
         grant(srv, pki)
-        assert holders(1) == ["web1"]
+        assert [h["host"] for h in watch.doc(1)["pools"][0]["holders"]] == ["web1"]
     finally:
-        proc.terminate()
-        proc.wait(10)
+        watch.stop()
 
 
 @pytest.mark.parametrize(

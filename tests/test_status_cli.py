@@ -98,47 +98,55 @@ def test_errors(srv: Server) -> None:
     assert bad.returncode == 2
 
 
-def test_watch_follows_changes(srv: Server) -> None:
-    env = {**os.environ, "DISTRIBUTEX_CONFIG": "", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "distributex.client.cli", "status", "-H", "127.0.0.1"]
-    proc = subprocess.Popen(
-        [*cmd, "-p", str(srv.port), "deploy", "--watch", "--json"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    docs: list[dict] = []
-    seen = threading.Event()
+class Watch:
+    """A running ``distributex status ... --watch --json``: its documents as they come."""
 
-    def read() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            docs.append(json.loads(line))
-            seen.set()
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "distributex.client.cli", "status", *args, "--watch", "--json"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**env, "PYTHONUNBUFFERED": "1"},
+        )
+        self.docs: list[dict] = []
+        self.seen = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
 
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.docs.append(json.loads(line))
+            self.seen.set()
 
-    def next_doc(after: int) -> dict:
-        deadline = time.monotonic() + 20
-        while len(docs) <= after:
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+    def doc(self, index: int, timeout: float = 30) -> dict:
+        """The ``index``-th document, once it came."""
+        deadline = time.monotonic() + timeout
+        while len(self.docs) <= index:
+            assert self.proc.poll() is None, self.proc.stderr.read() if self.proc.stderr else ""
             assert time.monotonic() < deadline, "no new status document"
-            seen.wait(0.1)
-            seen.clear()
-        return docs[after]
+            self.seen.wait(0.1)
+            self.seen.clear()
+        return self.docs[index]
 
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def test_watch_follows_changes(srv: Server) -> None:
+    watch = Watch(
+        ["-H", "127.0.0.1", "-p", str(srv.port), "deploy"], {**os.environ, "DISTRIBUTEX_CONFIG": ""}
+    )
     try:
-        assert next_doc(0)["pools"][0]["holders"] == []
+        assert watch.doc(0)["pools"][0]["holders"] == []
         assert srv.call(q("get", "alice", "deploy")).body == "YES"
-        holders = next_doc(1)["pools"][0]["holders"]
+        holders = watch.doc(1)["pools"][0]["holders"]
         assert [h["host"] for h in holders] == ["alice"]
         assert srv.call(q("release", "alice", "deploy")).body == "OK"
-        assert next_doc(2)["pools"][0]["holders"] == []
+        assert watch.doc(2)["pools"][0]["holders"] == []
     finally:
-        proc.terminate()
-        proc.wait(10)
+        watch.stop()
 
 
 # -- a hostile server -----------------------------------------------------------------------

@@ -31,7 +31,7 @@ from typing import Any
 import aiohttp
 
 from distributex.client import core
-from distributex.client.core import DEFAULT_TIMEOUT, MAX_BODY, Lease, Request, Sent, apply_renewal
+from distributex.client.core import DEFAULT_TIMEOUT, MAX_BODY, Lease, Request, apply_renewal
 from distributex.client.errors import (
     ConnectionLost,
     LockLost,
@@ -40,8 +40,7 @@ from distributex.client.errors import (
 )
 from distributex.client.schedule import Acquisition, Renew, Renewal, Sleep
 from distributex.client.transport import (
-    client_ssl_context,
-    default_host_id,
+    Driver,
     describe,
     set_keepalive,
     tls_failure,
@@ -72,7 +71,7 @@ def _connector() -> aiohttp.TCPConnector:
         return aiohttp.TCPConnector(force_close=True)
 
 
-class AsyncClient:
+class AsyncClient(Driver):
     """An asyncio client of one distributex server (see :class:`~.sync.Client`).
 
     Use ``async with AsyncClient(...) as client`` or call :meth:`close`.
@@ -90,29 +89,8 @@ class AsyncClient:
         cert: str | None = None,
         key: str | None = None,
     ) -> None:
-        self.endpoint = core.endpoint(server, port, host, token, cacert, cert, default_host_id)
-        self.server, self.port = self.endpoint.server, self.endpoint.port
-        self.tls, self.host, self._token = (
-            self.endpoint.tls,
-            self.endpoint.host,
-            self.endpoint.token,
-        )
-        self._ssl = client_ssl_context(cacert, cert, key) if self.tls else None
-        self.timeout = core.check_timeout(timeout)
-        self.sent = Sent(token=self._token is not None, cert=cert is not None)
+        super().__init__(server, port, host, timeout, token, cacert, cert, key)
         self._session: aiohttp.ClientSession | None = None
-
-    @property
-    def address(self) -> str:
-        return self.endpoint.address
-
-    @property
-    def url(self) -> str:
-        """``http(s)://host:port`` of the server."""
-        return self.endpoint.url
-
-    def __repr__(self) -> str:
-        return f"AsyncClient({self.url!r}, host={self.host!r})"  # never the token
 
     async def __aenter__(self) -> AsyncClient:
         return self

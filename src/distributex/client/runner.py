@@ -56,29 +56,24 @@ from dataclasses import dataclass
 from typing import TextIO
 from urllib.parse import quote
 
-from distributex.client import core, watchdog
+from distributex.client import core, exits, watchdog
+from distributex.client.config import ConfigProblem
+from distributex.client.connection import Connection
 from distributex.client.errors import (
     AuthenticationFailed,
-    CertificateMismatch,
     DistributexError,
     LockRefused,
     LockTimeout,
     ServerUnavailable,
-    TLSFailed,
 )
 from distributex.client.exits import (
     EXIT_CONFIG,
     EXIT_LOCALLOCK,
     EXIT_LOST,
-    EXIT_NAME_MISMATCH,
     EXIT_NOEXEC,
-    EXIT_NOT_AUTHENTICATED,
     EXIT_NOTFOUND,
-    EXIT_REFUSED,
     EXIT_SOFTWARE,
     EXIT_TIMEOUT,
-    EXIT_TLS,
-    EXIT_UNAVAILABLE,
 )
 from distributex.client.processes import (
     CommandProcesses,
@@ -349,23 +344,21 @@ class Runner:
                 fd = self._local_lock()
             if s.server:
                 try:
-                    client = Client(
-                        s.server,
-                        s.port,
-                        host=s.host_id,
-                        timeout=s.http_timeout,
-                        token=s.token,
-                        cacert=s.cacert,
-                        cert=s.cert,
-                        key=s.key,
-                    )
-                except ValueError as exc:
+                    client = self._connection().client(s.host_id)
+                except ConfigProblem as exc:
                     raise Exit(EXIT_CONFIG, f"{exc}; command not run") from None
                 lease = self._server_lock(client)
             return self._hold(client, lease)
         finally:
             if fd is not None:
                 os.close(fd)  # closing the last fd drops the flock
+
+    def _connection(self) -> Connection:
+        s = self.s
+        assert s.server is not None
+        return Connection(
+            s.server, s.port, s.http_timeout, s.cacert, s.cert, s.key, s.token, token_from=""
+        )
 
     def _local_lock(self) -> int:
         fd, directory = open_lock_file(self.s.pool, self.s.lock_dir)
@@ -433,26 +426,22 @@ class Runner:
                 )
             return lease
         error = outcome.get("error")
+        assert isinstance(error, BaseException)
         where = f"pool '{s.pool}' on {client.address}"
         if isinstance(error, LockTimeout):
-            if s.wait:
-                raise Exit(
-                    EXIT_TIMEOUT, f"{where} not obtained within {s.timeout:g}s; command not run"
-                )
-            raise Exit(EXIT_TIMEOUT, f"{where} is busy; command not run")
-        if isinstance(error, AuthenticationFailed):
-            raise Exit(EXIT_NOT_AUTHENTICATED, f"{where}: {error.reason}; command not run")
-        if isinstance(error, LockRefused):
-            raise Exit(EXIT_REFUSED, f"{where}: request refused ({error.reason}); command not run")
-        if isinstance(error, CertificateMismatch):
-            raise Exit(EXIT_NAME_MISMATCH, f"{error}; command not run")
-        if isinstance(error, TLSFailed):
-            raise Exit(EXIT_TLS, f"{error}; command not run")
-        if isinstance(error, ServerUnavailable):
-            raise Exit(EXIT_UNAVAILABLE, f"{error}; command not run")
-        if isinstance(error, ValueError | DistributexError):
-            raise Exit(EXIT_SOFTWARE, f"{where}: {error}; command not run")
-        raise Exit(EXIT_SOFTWARE, f"{where}: internal error: {error!r}; command not run")
+            timed = f"not obtained within {s.timeout:g}s" if s.wait else "is busy"
+            message = f"{where} {timed}"
+        elif isinstance(error, AuthenticationFailed):
+            message = f"{where}: {error.reason}"
+        elif isinstance(error, LockRefused):
+            message = f"{where}: request refused ({error.reason})"
+        elif isinstance(error, ServerUnavailable):
+            message = str(error)
+        elif isinstance(error, ValueError | DistributexError):
+            message = f"{where}: {error}"
+        else:
+            message = f"{where}: internal error: {error!r}"
+        raise Exit(exits.code_for(error), f"{message}; command not run")
 
     def _environment(self, client: Client | None, lease: Lease | None) -> dict[str, str]:
         env = dict(os.environ)

@@ -10,7 +10,8 @@ import socket
 import ssl
 import threading
 
-from distributex.client.core import one_line
+from distributex.client import core
+from distributex.client.core import Sent, one_line
 from distributex.client.errors import CertificateMismatch, TLSFailed
 
 log = logging.getLogger("distributex.client")
@@ -186,3 +187,39 @@ def default_host_id(timeout: float = HOST_LOOKUP_TIMEOUT) -> str:
     except queue.Empty:
         log.info("looking up %r took over %gs: using it as the host identity", name, timeout)
         return name
+
+
+class Driver:
+    """What both drivers share: the server, the credentials, the TLS context, the timeout."""
+
+    def __init__(
+        self,
+        server: str,
+        port: int | None,
+        host: str | None,
+        timeout: float,
+        token: str | None,
+        cacert: str | None,
+        cert: str | None,
+        key: str | None,
+        socket_class: type[ssl.SSLSocket] | None = None,
+    ) -> None:
+        self.endpoint = core.endpoint(server, port, host, token, cacert, cert, default_host_id)
+        self.server, self.port = self.endpoint.server, self.endpoint.port
+        self.tls, self.host = self.endpoint.tls, self.endpoint.host
+        self._token = self.endpoint.token
+        self._ssl = client_ssl_context(cacert, cert, key, socket_class) if self.tls else None
+        self.timeout = core.check_timeout(timeout)
+        self.sent = Sent(token=self._token is not None, cert=cert is not None)
+
+    @property
+    def address(self) -> str:
+        return self.endpoint.address
+
+    @property
+    def url(self) -> str:
+        """``http(s)://host:port`` of the server."""
+        return self.endpoint.url
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r}, host={self.host!r})"  # never the token
