@@ -147,6 +147,12 @@ def test_status_names_the_missing_credential_in_one_line(
         assert token not in line
 
 
+def test_plain_http_to_a_tls_server_names_https(srv: Server) -> None:
+    done = dx(["status", "-H", f"localhost:{srv.port}"], DB1_TOKEN)
+    assert done.returncode == exits.EXIT_UNAVAILABLE, done.stderr
+    assert "write the server as https://" in one_line(done)
+
+
 def test_a_plain_http_status_of_a_token_server_names_the_token(server_factory) -> None:
     srv = server_factory(TOKENS + POOLS)
     done = dx(["status", "-H", f"127.0.0.1:{srv.port}"])

@@ -33,7 +33,6 @@ import aiohttp
 from distributex.client import core
 from distributex.client.core import DEFAULT_TIMEOUT, MAX_BODY, Lease, Request, apply_renewal
 from distributex.client.errors import (
-    ConnectionLost,
     LockLost,
     LockRefused,
     ServerUnavailable,
@@ -41,9 +40,7 @@ from distributex.client.errors import (
 from distributex.client.schedule import Acquisition, Renew, Renewal, Sleep
 from distributex.client.transport import (
     Driver,
-    describe,
     set_keepalive,
-    tls_failure,
 )
 
 log = logging.getLogger("distributex.client")
@@ -120,15 +117,9 @@ class AsyncClient(Driver):
                 body = await resp.content.read(MAX_BODY)
                 return resp.status, body.decode("utf-8", "replace"), core.lower(resp.headers)
         except (aiohttp.ClientError, TimeoutError, OSError, UnicodeError) as exc:
-            failed = tls_failure(exc, self.address)
-            if failed is not None:
-                raise failed from exc
             # Reached the server, then lost it (it crashed or restarted mid-request)?
             lost = isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError)
-            kind = ConnectionLost if lost else ServerUnavailable
-            raise kind(
-                core.one_line(f"cannot reach distributex server {self.address}: {describe(exc)}")
-            ) from exc
+            raise self.unreachable(exc, lost) from exc
 
     async def acquire(
         self,

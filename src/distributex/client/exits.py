@@ -114,7 +114,7 @@ def help_text(command: str) -> str:
         lines.append("  Every status of our own but 0 comes with one line on stderr; the")
         lines.append("  command is not run unless the status is N, 128+N, 73, 126 or 127.")
     else:
-        lines.append("  Every status but 0 comes with one line on stderr.")
+        lines.append("  Every status from 2 up comes with one line on stderr.")
     return "\n".join(lines)
 
 

@@ -33,8 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="distributex release",
         usage="%(prog)s -r POOL --host HOST [-H SERVER] [-p PORT] [TLS and token options]",
-        description="Free the lock HOST holds on POOL (a forced release). Needs a token "
-        "marked admin: true in the server's configuration; anyone else is refused.",
+        description="Free the lock HOST holds on POOL (a forced release) and say what was\n"
+        "freed. Needs a token marked admin: true in the server's configuration;\n"
+        "anyone else is refused. The connection settings are those of distributex.",
         epilog=exits.help_text("release"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

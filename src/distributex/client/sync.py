@@ -79,7 +79,6 @@ from distributex.client.core import (
 )
 from distributex.client.errors import (
     Cancelled,
-    ConnectionLost,
     LockLost,
     ServerUnavailable,
 )
@@ -93,9 +92,7 @@ from distributex.client.schedule import (
 from distributex.client.transport import (
     Driver,
     default_host_id,
-    describe,
     set_keepalive,
-    tls_failure,
 )
 
 log = logging.getLogger("distributex.client")
@@ -196,13 +193,9 @@ class Client(Driver):
         except (OSError, http.client.HTTPException, UnicodeError, Cancelled) as exc:
             if cancel is not None and cancel.cancelled:
                 raise Cancelled(f"{path} cancelled") from None
-            failed = tls_failure(exc, self.address)
-            if failed is not None:
-                raise failed from exc
             # The server went away mid-request (crash, restart): not garbage or a timeout.
             lost = connected and isinstance(exc, ConnectionError | http.client.IncompleteRead)
-            kind = ConnectionLost if lost else ServerUnavailable
-            raise kind(f"cannot reach distributex server {self.address}: {describe(exc)}") from exc
+            raise self.unreachable(exc, lost) from exc
         finally:
             if cancel is not None and attached is not None:
                 cancel._detach(attached)

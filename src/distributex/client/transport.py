@@ -12,7 +12,12 @@ import threading
 
 from distributex.client import core
 from distributex.client.core import Sent, one_line
-from distributex.client.errors import CertificateMismatch, TLSFailed
+from distributex.client.errors import (
+    CertificateMismatch,
+    ConnectionLost,
+    ServerUnavailable,
+    TLSFailed,
+)
 
 log = logging.getLogger("distributex.client")
 
@@ -223,3 +228,15 @@ class Driver:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r}, host={self.host!r})"  # never the token
+
+    def unreachable(self, exc: BaseException, lost: bool) -> ServerUnavailable:
+        """A call that got no answer, as one line: a TLS failure, a connection the server
+        closed mid-request (``lost``: :class:`ConnectionLost`), or no server at all."""
+        failed = tls_failure(exc, self.address)
+        if failed is not None:
+            return failed
+        line = f"cannot reach distributex server {self.address}: {describe(exc)}"
+        if lost and not self.tls:
+            # A TLS server hangs up on plain HTTP: the likeliest missing setting.
+            line += " (if it speaks TLS, write the server as https://HOST[:PORT])"
+        return (ConnectionLost if lost else ServerUnavailable)(one_line(line))
