@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import socket
 import ssl
 import subprocess
@@ -254,7 +255,12 @@ def park_over_tls(server: Server, pki: Pki, cert: str, source: str, pool: str) -
 
 @pytest.fixture
 def full_server(server_factory, pki: Pki) -> Iterator[Server]:
-    """A mutual-TLS server whose two connections hold parked /wait/s: it closes new ones."""
+    """A mutual-TLS server whose two connections hold parked /wait/s: it is full.
+
+    (A new connection then gets one of the places kept for renewals, whose
+    answer to anything else is a 503 naming max_connections; with those
+    taken too, the connection is closed: either way, not the certificate.)
+    """
     server = server_factory(
         tls_keys(pki, client_ca=True) + "max_connections: 2\nautocreate: true\n"
     )
@@ -276,18 +282,19 @@ def test_a_server_at_its_connection_cap_is_not_blamed_on_the_certificate(
 ) -> None:
     marker = tmp_path / "ran"
     done = run_client([*tls_args(full_server, pki), "-r", "p", "--no-wait", f"touch {marker}"])
+    full = "max_connections|connection limit|closed by the server"
     assert done.returncode == 69, done.stderr
-    assert "connection limit" in done.stderr, done.stderr
+    assert re.search(full, done.stderr), done.stderr
     assert "certificate" not in done.stderr, done.stderr
     assert not marker.exists()
     creds = {"cacert": str(pki.ca), "cert": str(pki.cert("web1")), "key": str(pki.key("web1"))}
-    with pytest.raises(ServerUnavailable, match="connection limit") as raised:
+    with pytest.raises(ServerUnavailable, match=full) as raised:
         Client(f"https://localhost:{full_server.port}", **creds).acquire("p", wait=False)
     assert not isinstance(raised.value, TLSFailed)
 
     async def main() -> None:
         async with AsyncClient(f"https://localhost:{full_server.port}", **creds) as client:
-            with pytest.raises(ServerUnavailable, match="closed by the server") as raised:
+            with pytest.raises(ServerUnavailable, match=full) as raised:
                 await client.acquire("p", wait=False)
             assert not isinstance(raised.value, TLSFailed)
 
