@@ -42,15 +42,19 @@ server never holds a token, only its hash, and lease tokens are not logged.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
+import re
 import ssl
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Set
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
+from aiohttp.web_log import AccessLogger
 
 from distributex.config import Config
 from distributex.tls import peer_names
@@ -59,6 +63,7 @@ audit_log = logging.getLogger("distributex.audit")
 log = logging.getLogger("distributex.auth")
 
 IDENTITY_KEY = "distributex.identity"
+REVOKED_KEY = "distributex.revoked"  # why a reload ended this parked request
 HOST_KEY = "distributex.host"
 FORCED_KEY = "distributex.forced"
 
@@ -75,10 +80,11 @@ MAX_NAME = 255  # as httpapi.MAX_NAME
 class Refused(Exception):
     """A request refused for who sent it, or for a limit; a 4xx ``INVALID`` answer."""
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, who: Identity | None = None) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        self.who = who  # what was proven before the refusal (a certificate), for the audit
 
 
 @dataclass(frozen=True)
@@ -129,14 +135,17 @@ class Guard:
         pools = None
         admin = False
         if self.tokens:
+            # A refusal names the certificate's identity in the audit line.
+            proven = Identity(names, "certificate") if names else None
             spec = self.tokens.get(self._bearer_digest(request))
             if spec is None:
-                raise Refused(401, self._why_no_token(request))
+                raise Refused(401, self._why_no_token(request), proven)
             if names and spec.identity not in names:
                 raise Refused(
                     403,
                     f"the token speaks for '{spec.identity}', which the client certificate "
                     "does not name",
+                    proven,
                 )
             names = (spec.identity,)
             pools, admin = spec.pools, spec.admin
@@ -231,6 +240,57 @@ class WaiterCount:
                     del counter[key]
 
 
+class PoolShares:
+    """Pools made on first use that each host holds or waits on: ``max_pools_per_identity``.
+
+    Noted on a grant or a park; a pool leaves the count once it is idle (checked
+    when the host would make one more), so one identity cannot take every
+    place of ``max_pools``.
+    """
+
+    def __init__(self) -> None:
+        self.pools: dict[str, set[str]] = {}
+        self.noted = 0
+
+    def note(self, host: str, pool: str) -> None:
+        mine = self.pools.setdefault(host, set())
+        if pool not in mine:
+            mine.add(pool)
+            self.noted += 1
+
+    def check(self, config: Config, host: str, in_use: Set[str]) -> None:
+        """Before ``host`` makes a pool: :class:`Refused` (429) past its share."""
+        if self.noted > 2 * len(in_use) + 1024:
+            self._prune(in_use)  # hosts that went away: their idle pools are forgotten
+        mine = self.pools.get(host)
+        if not mine:
+            return
+        before = len(mine)
+        mine &= in_use
+        self.noted -= before - len(mine)
+        share = pools_per_identity(config)
+        if len(mine) >= share:
+            raise Refused(
+                429,
+                f"too many pools in use by '{host}': {share} pools made on first use already "
+                "have it as holder or waiter (max_pools_per_identity)",
+            )
+
+    def _prune(self, in_use: Set[str]) -> None:
+        for host, mine in list(self.pools.items()):
+            mine &= in_use
+            if not mine:
+                del self.pools[host]
+        self.noted = sum(len(mine) for mine in self.pools.values())
+
+
+def pools_per_identity(config: Config) -> int:
+    """``max_pools_per_identity``, or (0) a tenth of ``max_pools`` but at least 100
+    (``max_pools`` if smaller: a small site's one host is not held back)."""
+    share = config.max_pools_per_identity
+    return share or max(config.max_pools // 10, min(config.max_pools, 100))
+
+
 class Security:
     """Per-application state: the guard of the current configuration, waiters, counters."""
 
@@ -238,8 +298,39 @@ class Security:
         self._get_config = get_config
         self._guard: Guard | None = None
         self.waiters = WaiterCount()
+        self.shares = PoolShares()
         self.refusals: Counter[int] = Counter()
         self.forced_releases = 0
+        # Parked /wait/ and /status/events of token identities, ended if a reload
+        # removes or changes the token.
+        self.parked: dict[str, dict[asyncio.Task[object], web.Request]] = {}
+
+    @contextmanager
+    def tracked(self, request: web.Request) -> Iterator[None]:
+        """Know the request's task for the block, if a token proved its identity."""
+        identity = request.get(IDENTITY_KEY)
+        task = asyncio.current_task()
+        if identity is None or not identity.via.startswith("token") or task is None:
+            yield
+            return
+        mine = self.parked.setdefault(identity.name, {})
+        mine[task] = request
+        try:
+            yield
+        finally:
+            mine.pop(task, None)
+            if not mine:
+                self.parked.pop(identity.name, None)
+
+    def revoke(self, names: set[str]) -> int:
+        """End the parked requests of these identities (as a hang-up); how many."""
+        ended = 0
+        for name in names:
+            for task, request in list(self.parked.get(name, {}).items()):
+                request[REVOKED_KEY] = f"the token of '{name}' was removed or changed by a reload"
+                task.cancel()
+                ended += 1
+        return ended
 
     @property
     def guard(self) -> Guard:
@@ -320,12 +411,18 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
     except Refused as exc:
         security.refusals[exc.status] += 1
         if guard.audit:
-            _audit_refusal(request, request.get(IDENTITY_KEY), exc.status, exc.reason)
-        response = _refusal(request, exc.status, exc.reason)
+            who = request.get(IDENTITY_KEY) or exc.who
+            _audit_refusal(request, who, exc.status, exc.reason)
+        refusal = _refusal(request, exc.status, exc.reason)
         if exc.status in (411, 413):
-            response.force_close()  # the body was not read
-        return response
-    response = await handler(request)
+            refusal.force_close()  # the body was not read
+        return refusal
+    response: web.StreamResponse
+    if path == "/status/events":
+        with security.tracked(request):  # a reload that revokes its token ends it
+            response = await handler(request)
+    else:
+        response = await handler(request)
     host = request.get(HOST_KEY)
     if identity is not None and host is not None and response.status == 200 and host.isascii():
         # The host the lease is held under, for a client that left ``host`` out
@@ -383,6 +480,48 @@ def _who(request: web.Request, identity: Identity | None) -> str:
     name = identity.name if identity is not None else None
     via = identity.via if identity is not None else "none"
     return f"identity={_shown(name)} via={via} addr={request.remote or '-'}"
+
+
+def token_changes(old: Config, new: Config) -> tuple[list[str], list[str], list[str]]:
+    """Identities whose tokens a reload added, removed and changed (hash, pools, admin)."""
+
+    def by_name(config: Config) -> dict[str, set[object]]:
+        specs: dict[str, set[object]] = {}
+        for spec in config.tokens:
+            specs.setdefault(spec.identity, set()).add(spec)
+        return specs
+
+    before, after = by_name(old), by_name(new)
+    added = sorted(after.keys() - before.keys())
+    removed = sorted(before.keys() - after.keys())
+    changed = sorted(n for n in before.keys() & after.keys() if before[n] != after[n])
+    return added, removed, changed
+
+
+# A secret in a query (a lease token; a bearer token sent as ?token=) is never logged.
+_SECRET_PARAM = re.compile(r"(?i)((?:^|[?&;/])(?:lease|token|access_token)=)[^&;#\s\"]*")
+_SECRET_HEADERS = frozenset(("authorization", "proxy-authorization", "cookie"))
+
+
+def redact(text: str) -> str:
+    """``text`` (a path with its query) with the values of secret parameters hidden."""
+    return _SECRET_PARAM.sub(r"\1<redacted>", text) if "=" in text else text
+
+
+class AccessLog(AccessLogger):
+    """aiohttp's access log with secrets redacted (``lease=<redacted>``)."""
+
+    def _format_line(
+        self, request: web.BaseRequest, response: web.StreamResponse, time: float
+    ) -> list[tuple[Any, Any]]:
+        line: list[tuple[Any, Any]] = []
+        for key, value in super()._format_line(request, response, time):
+            if isinstance(key, tuple) and key[1].lower() in _SECRET_HEADERS:
+                value = "<redacted>"
+            elif isinstance(value, str):
+                value = redact(value)
+            line.append((key, value))
+        return line
 
 
 def install(app: web.Application, get_config: Callable[[], Config]) -> Security:

@@ -49,6 +49,9 @@ Limits (see the README's "Limits"):
 
 ``max_pools``        pools made on first use that may hold state at once: a
                      whole number >= 1 (default 10000).
+``max_pools_per_identity``  of those, the ones one host (identity) may hold or
+                     wait on: >= 0 (default 0: a tenth of ``max_pools``, at
+                     least 100 or ``max_pools`` if smaller).
 ``max_connections``  open connections at once: a whole number >= 0 (default
                      0: derived from the file descriptor limit).
 ``header_timeout``   seconds a connection may take to send its request head:
@@ -149,6 +152,7 @@ _TOP_KEYS = (
     "start_delay",
     "autocreate",
     "max_pools",
+    "max_pools_per_identity",
     "max_connections",
     "header_timeout",
     "idle_timeout",
@@ -239,6 +243,7 @@ class Config:
     # connection may take to send a request head; seconds a kept-alive
     # connection may sit idle between requests.
     max_pools: int = 10000
+    max_pools_per_identity: int = 0  # 0: a tenth of max_pools, >= 100 (auth.py)
     max_connections: int = 0
     header_timeout: float = 10.0
     idle_timeout: float = 60.0
@@ -698,6 +703,11 @@ class _Checker:
             kwargs["metrics"] = value
         if "max_pools" in top:
             kwargs["max_pools"] = self.whole(top["max_pools"][1], "max_pools", 1, MAX_POOLS)
+        if "max_pools_per_identity" in top:
+            node = top["max_pools_per_identity"][1]
+            kwargs["max_pools_per_identity"] = self.whole(
+                node, "max_pools_per_identity", 0, MAX_POOLS
+            )
         if "max_connections" in top:
             node = top["max_connections"][1]
             kwargs["max_connections"] = self.whole(node, "max_connections", 0, MAX_CONNECTIONS)

@@ -36,8 +36,10 @@ parameter given empty (``lease=``, ``timeout=``) is refused, never taken as
 left out.
 
 Pools made on first use (not listed in the configuration) that hold state
-at once are limited to ``max_pools``: a request that would make one more
-answers 429 INVALID.
+at once are limited to ``max_pools``, and those one host holds or waits on to
+``max_pools_per_identity``: a request that would make one more answers 429
+INVALID. A ``/wait/`` whose token a reload removed or changed leaves the queue
+and answers 403 INVALID.
 """
 
 from __future__ import annotations
@@ -272,14 +274,19 @@ def _draining(request: web.Request, verb: str, pool_name: str) -> PoolSpec:
     return spec
 
 
-def _check_room(request: web.Request, spec: PoolSpec, backend: LockBackend) -> None:
-    """Refuse (429) to give state to one more pool made on first use past ``max_pools``."""
+def _check_room(
+    request: web.Request, spec: PoolSpec, host: str, backend: LockBackend
+) -> auth.PoolShares | None:
+    """Refuse (429) to give state to one more pool made on first use past ``max_pools``,
+    or past the host's share of it; the shares to note the pool in (None: listed)."""
     config = request.app[CONFIG_KEY]
     if spec.name in config.pools:
-        return  # listed pools are the operator's own: never limited
+        return None  # listed pools are the operator's own: never limited
+    shares = request.app[auth.SECURITY_KEY].shares
     in_use = backend.pools_in_use()
     if spec.name in in_use:
-        return
+        return shares
+    shares.check(config, host, in_use)
     listed_in_use = len(config.pools.keys() & in_use) if config.pools else 0
     if len(in_use) - listed_in_use >= config.max_pools:
         raise Invalid(
@@ -287,14 +294,17 @@ def _check_room(request: web.Request, spec: PoolSpec, backend: LockBackend) -> N
             f"too many pools in use: {config.max_pools} pools made on first use "
             "already have holders or waiters (max_pools)",
         )
+    return shares
 
 
 async def _get(request: web.Request, spec: PoolSpec, host: str, backend: LockBackend) -> Any:
     ttl = _ttl(request)
-    _check_room(request, spec, backend)
+    shares = _check_room(request, spec, host, backend)
     lease = await backend.acquire(spec, host, ttl)
     if lease is None:
         return _answer("NO")
+    if shares is not None:
+        shares.note(host, spec.name)
     request.app[EVENTS_KEY].granted(spec.name, host, lease.fence, 0.0)
     return _answer("YES", headers=_lease_headers(lease))
 
@@ -302,17 +312,29 @@ async def _get(request: web.Request, spec: PoolSpec, host: str, backend: LockBac
 async def _wait(request: web.Request, spec: PoolSpec, host: str, backend: LockBackend) -> Any:
     ttl = _ttl(request)
     timeout = _seconds(request, "timeout")
-    _check_room(request, spec, backend)
+    shares = _check_room(request, spec, host, backend)
+    if shares is not None:
+        shares.note(host, spec.name)  # it waits on the pool
 
     def connected() -> bool:
         transport = request.transport
-        return transport is not None and not transport.is_closing()
+        revoked = auth.REVOKED_KEY in request
+        return transport is not None and not transport.is_closing() and not revoked
 
     loop = asyncio.get_running_loop()
     started = loop.time()
     config = request.app[CONFIG_KEY]
-    with request.app[auth.SECURITY_KEY].waiters.parked(config, spec.name, host):
-        lease = await backend.wait(spec, host, ttl, timeout, connected)
+    security = request.app[auth.SECURITY_KEY]
+    try:
+        with security.waiters.parked(config, spec.name, host), security.tracked(request):
+            lease = await backend.wait(spec, host, ttl, timeout, connected)
+    except asyncio.CancelledError:
+        revoked = request.get(auth.REVOKED_KEY)
+        task = asyncio.current_task()
+        if revoked is None or task is None:
+            raise  # a hang-up or a stop
+        task.uncancel()  # left the queue as a hang-up does; the client is told why
+        raise auth.Refused(403, revoked) from None
     events = request.app[EVENTS_KEY]
     if lease is None:
         if connected():

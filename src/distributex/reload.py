@@ -19,6 +19,11 @@ What a reload changes at once:
   in order. ``/status`` shows it with ``"draining": true`` until it has no
   holders and no waiters; then it is gone.
 * ``autocreate`` and ``max_pools`` apply to the next request.
+* **Token removed or changed** (its hash, ``pools`` or ``admin``): the
+  identity's parked ``/wait/`` requests leave their queues (as a hang-up) and
+  answer ``403 INVALID`` with the reason; its ``/status/events`` streams are
+  closed. The log line names the identities whose tokens were added,
+  changed or removed (never a token or its hash).
 
 Keys that only a restart can change (the backend and its settings, the
 listen address, ``start_delay``, connection limits, ``metrics``) keep their
@@ -38,6 +43,7 @@ from dataclasses import fields, replace
 
 from aiohttp import web
 
+from distributex import auth
 from distributex.config import Config
 from distributex.engine import PoolSpec
 from distributex.httpapi import BACKEND_KEY, CONFIG_KEY, DRAINING_KEY, EVENTS_KEY
@@ -113,7 +119,22 @@ def apply(app: web.Application, new: Config) -> str:
     draining_now = sorted(n for n in draining if n in removed or n in in_use)
     if draining_now:
         parts.append(f"draining {', '.join(draining_now)}")
-    return "; ".join(parts) or "no pool changed"
+    return "; ".join(parts + _tokens(app, old, new)) or "no pool changed"
+
+
+def _tokens(app: web.Application, old: Config, new: Config) -> list[str]:
+    """End the parked requests of removed or changed tokens; what changed (names only)."""
+    added, removed, changed = auth.token_changes(old, new)
+    if not (added or removed or changed):
+        return []
+    ended = app[auth.SECURITY_KEY].revoke(set(removed) | set(changed))
+    parts = [f"tokens: {len(new.tokens)} (was {len(old.tokens)})"]
+    for word, group in (("added", added), ("changed", changed), ("removed", removed)):
+        if group:
+            parts.append(f"tokens {word} for {', '.join(group)}")
+    if ended:
+        parts.append(f"ended {ended} parked request{'s' if ended > 1 else ''} of those tokens")
+    return parts
 
 
 _tasks: set[asyncio.Task[None]] = set()

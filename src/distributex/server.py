@@ -54,7 +54,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
-from distributex import __version__, fairness, reload, sdnotify
+from distributex import __version__, auth, fairness, reload, sdnotify
 from distributex.backends import BackendUnavailable, LockBackend, make_backend
 from distributex.config import DEFAULT_BIND, Config, ConfigError, default_config, load_config
 from distributex.events import Events, JsonFormatter
@@ -607,6 +607,7 @@ async def start_server(
         app,
         handler_cancellation=True,  # a hung-up /wait/ must leave the queue
         access_log=log.getChild("access") if access_log else None,
+        access_log_class=auth.AccessLog,  # lease and token values redacted
         shutdown_timeout=SHUTDOWN_GRACE,
         keepalive_timeout=config.idle_timeout,
         # Request line and each header line at most max_header_size bytes;
@@ -699,7 +700,7 @@ async def serve(
     log.info(
         "distributex %s serving %s on %s (%s backend, %s, %s loop%s)",
         __version__,
-        ", ".join(config.pools) or "pools made on first use",
+        served_pools(config),
         server_url(config.bind or DEFAULT_BIND, config.port, config.tls is not None),
         config.backend,
         source,
@@ -711,6 +712,16 @@ async def serve(
     log.info("stopping")
     sdnotify.stopping()
     await stop_server(runner, backend)
+
+
+def served_pools(config: Config) -> str:
+    """The pools the start-up line names (and a warning when none can be served)."""
+    if config.pools:
+        return ", ".join(config.pools)
+    if config.autocreate:
+        return "pools made on first use"
+    log.warning("no pools listed and autocreate is off: every lock request answers 404")
+    return "no pools (none listed, autocreate off)"
 
 
 def _cpus_note() -> str:

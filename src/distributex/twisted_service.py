@@ -47,6 +47,7 @@ from distributex.config import Config, ConfigError
 from distributex.server import (
     reload_config,
     resolve_config,
+    served_pools,
     server_url,
     start_server,
     stop_server,
@@ -235,7 +236,7 @@ class DistributexService(service.Service):
         log.info(
             "distributex %s serving %s on %s (%s backend, %s, under Twisted)",
             __version__,
-            ", ".join(config.pools) or "pools made on first use",
+            served_pools(config),
             server_url(config.bind or "0.0.0.0", config.port),
             config.backend,
             config.source or "built-in configuration",
