@@ -160,10 +160,10 @@ def memcached_bytes(port: int, known: set[str]) -> tuple[int, int, int]:
     for start in range(0, len(keys), 100):
         batch = keys[start : start + 100]
         data = ask(b"get " + " ".join(batch).encode() + b"\r\n", b"END\r\n")
-        for line in data.split(b"\r\n"):
-            if line.startswith(b"VALUE "):
+        for row in data.split(b"\r\n"):
+            if row.startswith(b"VALUE "):
                 found += 1
-                size = int(line.split()[3])
+                size = int(row.split()[3])
                 total += size
                 largest = max(largest, size)
     return found, total, largest
