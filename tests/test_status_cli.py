@@ -209,3 +209,18 @@ def test_hostile_reason_is_escaped_in_the_error_line(hostile: int) -> None:
     assert done.returncode == 77
     assert no_control_characters(done.stderr), repr(done.stderr)
     assert len(done.stderr.splitlines()) == 1, done.stderr
+
+
+def test_a_long_queue_listed_by_its_head_says_how_many_more() -> None:
+    from distributex.client.status import table
+
+    pool = {
+        "name": "reboot",
+        "maxlocks": 1,
+        "holders": [{"host": "h0", "fence": 1, "ttl_left": 10}],
+        "waiters": [{"host": "w1", "requests": 1}, {"host": "w2", "requests": 1}],
+        "more_waiting": 4998,
+        "waiting": 5000,
+    }
+    row = table({"pools": [pool]}).splitlines()[1]
+    assert row.endswith("5000: w1, w2, and 4998 more"), row

@@ -363,6 +363,11 @@ class LockEngine:
             _queue_by_arrival(state.queue, owner, waiter)
         return waiter
 
+    def holds_or_waits(self, pool: str, owner: str) -> bool:
+        """Is ``owner`` holding a slot of the pool, or in its queue?"""
+        state = self._pools.get(pool)
+        return state is not None and (owner in state.holders or owner in state.queue)
+
     def deliver(self, waiter: Waiter) -> bool:
         """Record that a granted waiter's answer is going out.
 

@@ -55,6 +55,8 @@ class PoolStatus:
     blocked_until: float | None = None  # no new grants before (store lost, start_delay)
     configured: bool = True
     draining: bool = False
+    # Waits beyond those listed (a long queue on a shared store lists its head).
+    more_waiting: int = 0
 
     def to_json(self, now: float) -> dict[str, Any]:
         """The pool as the ``/status`` document shows it, times judged at ``now``."""
@@ -92,7 +94,14 @@ class PoolStatus:
                 }
                 for w in self.waiters
             ],
+            "more_waiting": self.more_waiting,
+            "waiting": self.waiting,
         }
+
+    @property
+    def waiting(self) -> int:
+        """Every parked wait of the pool: those listed and those beyond."""
+        return sum(w.requests for w in self.waiters) + self.more_waiting
 
 
 def pool_status(

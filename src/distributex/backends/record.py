@@ -23,6 +23,29 @@ class StaleRecord(Exception):
     """A record this version cannot read (corrupt, or written by a newer version)."""
 
 
+@dataclass
+class PageMarks:
+    """Where a pool's queue goes on past the record (see ``pages.py``).
+
+    ``first``: the page whose waiters come next after the record's own (None:
+    the whole queue is in the record). ``top``: the highest page number used
+    so far, so that a new run of pages never reuses one.
+    """
+
+    first: int | None = None
+    top: int = 0
+
+
+@dataclass
+class PoolRecord:
+    """A pool's record, decoded."""
+
+    state: PoolState
+    epoch: str
+    pages: PageMarks
+    settings: list[Any] | None = None  # [maxlocks, expire] it was written with
+
+
 def encode_pool(
     name: str,
     state: PoolState | None,
@@ -31,6 +54,7 @@ def encode_pool(
     fragments: dict[str, str] | None = None,
     compress: bool = False,
     spec: PoolSpec | None = None,
+    pages: PageMarks | None = None,
 ) -> bytes:
     """A pool's record: JSON, times as absolute seconds on the store's clock.
 
@@ -59,7 +83,7 @@ def encode_pool(
         known: dict[str, str] = {} if fragments is None else fragments
 
         def entry(w: Waiter) -> str:
-            known[w.id] = text = _json([w.id, w.server, w.owner, w.ttl, w.since])
+            known[w.id] = text = queue_entry(w)
             return text
 
         queue = [known.get(w.id) or entry(w) for w in state.queue]
@@ -79,6 +103,8 @@ def encode_pool(
         "blocked": blocked,
         "holds": holds,
     }
+    if pages is not None and (pages.first is not None or pages.top):
+        head["pages"] = [pages.first, pages.top]
     if spec is not None:
         # The settings the writer ran the pool with: a server configured
         # otherwise says so (two servers, two maxlocks: more holders than one allows).
@@ -117,6 +143,23 @@ def decode_pool(raw: bytes, queue: bool = True) -> tuple[PoolState, str]:
 
     ``queue`` False leaves the queue out (empty): for a look at the grants only.
     """
+    record = decode_record(raw, queue)
+    return record.state, record.epoch
+
+
+def queue_entry(waiter: Waiter) -> str:
+    """A waiter as the JSON of its queue entry (in a record or a page)."""
+    return _json([waiter.id, waiter.server, waiter.owner, waiter.ttl, waiter.since])
+
+
+def waiter_of(pool: str, entry: list[Any]) -> Waiter:
+    """The waiter a decoded queue entry stands for."""
+    w_id, server, owner, ttl, since = entry
+    return Waiter(pool, owner, ttl, since, id=w_id, server=server)
+
+
+def decode_record(raw: bytes, queue: bool = True) -> PoolRecord:
+    """A pool's record (JSON, or JSON compressed), decoded; see :func:`decode_pool`."""
     try:
         record = json.loads(raw if raw[:1] == b"{" else zlib.decompress(raw))
         if not isinstance(record, dict) or "v" not in record:
@@ -143,9 +186,11 @@ def decode_pool(raw: bytes, queue: bool = True) -> tuple[PoolState, str]:
                     lease.waiter = Waiter(name, owner, w_ttl, since, lease, id=w_id, server=server)
                 hold.leases[token] = lease
             state.holds.append(hold)
-        for w_id, server, owner, ttl, since in record["queue"] if queue else ():
-            state.queue.append(Waiter(name, owner, ttl, since, id=w_id, server=server))
-        return state, str(record["epoch"])
+        for entry in record["queue"] if queue else ():
+            state.queue.append(waiter_of(name, entry))
+        first, top = record.get("pages") or (None, 0)
+        marks = PageMarks(None if first is None else int(first), int(top))
+        return PoolRecord(state, str(record["epoch"]), marks, record.get("spec"))
     except StaleRecord:
         raise
     except (ValueError, KeyError, TypeError, zlib.error) as exc:

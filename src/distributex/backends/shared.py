@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import hashlib
 import itertools
 import json
@@ -52,12 +53,21 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from distributex.backends.base import BackendUnavailable, LockBackend
+from distributex.backends.pages import (
+    PageQueue,
+    Sealed,
+    count_waiting,
+    move_into,
+    page_for_arrival,
+    pages_due,
+)
 from distributex.backends.record import (
     Epoch,
+    PageMarks,
     StaleRecord,
     decode_pool,
+    decode_record,
     encode_pool,
-    record_settings,
     settings_of,
 )
 from distributex.backends.store import Conflict, Store, Stored, StoreReplaced
@@ -152,6 +162,14 @@ class _LocalWaiter:
     cancelling: bool = False  # timed out: a step takes it off (no answering it on a read)
     came: float = 0.0  # when the request came (store clock)
     since: float | None = None  # its place in the queue (see ARRIVAL_TRUST)
+    page: int | None = None  # its entry is on this page of the queue's tail (pages.py)
+
+
+@dataclass(frozen=True)
+class _Paged:
+    """An arrival's step says: the queue is long, append to its pages from ``first`` on."""
+
+    first: int
 
 
 class SharedStateBackend(LockBackend):
@@ -207,6 +225,16 @@ class SharedStateBackend(LockBackend):
         self._fragments: dict[str, dict[str, str]] = {}  # pool -> queue entries' JSON
         self._alive: dict[str, tuple[bool, float]] = {}
         self._settings_checked: dict[str, float] = {}  # pool -> when (monotonic)
+        # The queue's tail in pages (pages.py): pool -> the marks of the record
+        # last read or written here, and of the step under way.
+        self.pages = PageQueue(store, self._call)
+        self._marks: dict[str, PageMarks] = {}
+        self._step_marks: dict[str, PageMarks] = {}
+        # Our waiters by where their entry is: pool -> id -> waiter in the record
+        # (or not yet written), and pool -> page -> id -> waiter on a page. A step
+        # looks at the first only: its cost does not grow with the queue.
+        self._window_local: dict[str, dict[str, _LocalWaiter]] = {}
+        self._paged_local: dict[str, dict[int, dict[str, _LocalWaiter]]] = {}
         self._listener: asyncio.Task[None] | None = None
         self._closed = False
         self._last_error: str | None = None
@@ -277,16 +305,20 @@ class SharedStateBackend(LockBackend):
         for spec, key in zip(specs, keys, strict=True):
             engine = LockEngine()
             stored = found.get(key)
+            more = 0
             if stored is not None:
                 try:
-                    state, _epoch = decode_pool(stored.value)
+                    decoded = decode_record(stored.value)
                 except StaleRecord as exc:
                     raise BackendUnavailable(f"pool '{spec.name}': {exc}") from None
-                engine.restore(spec, state)
+                engine.restore(spec, decoded.state)
                 engine.expire(now)
+                if decoded.pages.first is not None:
+                    more = await count_waiting(self.store, self._call, key, decoded.pages.first)
             else:
                 self._block_after_loss(engine, spec, self.life.epoch, now)
             result.append(pool_status(engine, spec, now=now))
+            result[-1].more_waiting = more
         return result
 
     async def check(self) -> None:
@@ -570,23 +602,29 @@ class SharedStateBackend(LockBackend):
             floor = self._fence_floor.get(spec.name, 0)
             if engine is not None:
                 engine.configure(spec)  # the cached engine is the state of ``stored`` already
+                marks = copy.copy(self._marks.get(spec.name) or PageMarks())
             elif stored is not None:
                 try:
-                    state, _written_in = decode_pool(stored.value)
+                    decoded = decode_record(stored.value)
                 except StaleRecord as exc:
                     raise BackendUnavailable(f"pool '{spec.name}': {exc}") from None
+                state, marks = decoded.state, decoded.pages
                 engine = LockEngine(first_fence=max(state.fence, floor) + 1)
                 if state.holds or state.queue or state.blocked_until != -math.inf:
                     engine.restore(spec, state)
-                self._compare_settings(spec, stored.value)
+                self._compare_settings(spec, decoded.settings)
             else:
                 # A new record: above the wall clock in µs (as the inmemory backend
                 # starts) and above anything seen here, so fences never go back.
                 engine = LockEngine(first_fence=max(int(now * 1_000_000), floor) + 1)
                 self._block_after_loss(engine, spec, epoch, now)
+                marks = PageMarks()
             promised = _promises(engine, spec.name)
-            await self._drop_stale(engine, spec, now)
             granted_before = self._granted_elsewhere(spec, engine)
+            await self._take_pages(spec, engine, marks, now)
+            # The ops see (and an arrival may start) this step's pages: see wait().
+            self._step_marks[spec.name] = marks
+            await self._drop_stale(engine, spec, now)
             expired: list[Lease] = []
             engine.on_expire = expired.append
             engine.expire(now)
@@ -644,12 +682,14 @@ class SharedStateBackend(LockBackend):
                 None if state is None else self._fragments.setdefault(spec.name, {}),
                 self.store.compress,
                 spec,
+                marks,
             )
             if (stored is None and state is None) or (
                 stored is not None and record == stored.value
             ):
                 if cached is not None:
                     continue  # answers from a record that may be stale: read it and redo
+                self._marks[spec.name] = marks
                 self._after(spec, engine, delivered)
                 self._report(expired, changed=False)
                 return results  # nothing to write
@@ -682,6 +722,7 @@ class SharedStateBackend(LockBackend):
             if written:
                 if written is not True:
                     self._written[spec.name] = (Stored(record, written), epoch, engine)
+                self._marks[spec.name] = marks
                 self._after(spec, engine, delivered)
                 if not extra:
                     self._nudge_others(spec, nudge)
@@ -698,14 +739,27 @@ class SharedStateBackend(LockBackend):
                 seen = written.current
         raise BackendUnavailable(f"pool '{spec.name}': too many conflicting writes, try again")
 
-    def _compare_settings(self, spec: PoolSpec, raw: bytes) -> None:
+    async def _take_pages(
+        self, spec: PoolSpec, engine: LockEngine, marks: PageMarks, now: float
+    ) -> None:
+        """Move the first pages of the queue's tail into the window while it runs low."""
+        key = self.pool_key(spec.name)
+        for _ in range(4):  # a few at most (pages emptied by departures)
+            if not pages_due(len(engine.waiter_ids(spec.name)), marks.first):
+                return
+            assert marks.first is not None
+            waiters, more = await self.pages.take(spec.name, key, marks.first)
+            marks.top = max(marks.top, marks.first)
+            marks.first = marks.first + 1 if more else None
+            move_into(engine, spec, waiters, now)
+
+    def _compare_settings(self, spec: PoolSpec, theirs: list[Any] | None) -> None:
         """Warn (once a minute per pool) if another server writes the pool with
         other settings: each grants by its own maxlocks."""
         clock = time.monotonic()
         if clock < self._settings_checked.get(spec.name, -math.inf) + SETTINGS_CHECK_EVERY:
             return
         self._settings_checked[spec.name] = clock
-        theirs = record_settings(raw)
         if theirs is not None and theirs != settings_of(spec):
             log.warning(
                 "pool '%s': another server runs it with maxlocks %s, expire %s (here: maxlocks "
@@ -862,7 +916,8 @@ class SharedStateBackend(LockBackend):
             waiter.lease = lease
             waiter.wake.set()
         answered = self._answered.get(spec.name)
-        local = self._local.get(spec.name)
+        self._promote_paged(spec.name)
+        local = self._window_local.get(spec.name)
         if not local and not answered:
             return
         present = engine.waiter_ids(spec.name)
@@ -884,6 +939,20 @@ class SharedStateBackend(LockBackend):
             if waiter is not None and waiter.queued and waiter not in delivered:
                 waiter.granted = True
                 waiter.wake.set()
+
+    def _promote_paged(self, pool: str) -> None:
+        """Our waiters on pages the record has moved past: in the record now (or dropped)."""
+        pages = self._paged_local.get(pool)
+        if not pages:
+            return
+        first = (self._marks.get(pool) or PageMarks()).first
+        window = self._window_local.setdefault(pool, {})
+        for number in sorted(n for n in pages if first is None or n < first):
+            for waiter_id, waiter in pages.pop(number).items():
+                waiter.page = None
+                window[waiter_id] = waiter
+        if not pages:
+            del self._paged_local[pool]
 
     # -- polling -------------------------------------------------------------------------
 
@@ -1041,6 +1110,7 @@ class SharedStateBackend(LockBackend):
             # ours takes it for a stray entry.
             local = _LocalWaiter(spec, secrets.token_urlsafe(9), still_wanted)
             self._local.setdefault(spec.name, {})[local.id] = local
+            self._window_local.setdefault(spec.name, {})[local.id] = local
             local.came = self.store.now()
 
             def enqueue(engine: LockEngine, now: float, local: _LocalWaiter = local) -> Any:
@@ -1052,6 +1122,12 @@ class SharedStateBackend(LockBackend):
                     if local.since is not None:  # its encoded entry holds the old time
                         self._fragments.get(spec.name, {}).pop(local.id, None)
                     local.since = since
+                marks = self._step_marks.get(spec.name)
+                first = None if marks is None else page_for_arrival(engine, spec.name, owner, marks)
+                if first is not None:
+                    # Behind a long queue: to the pages, after this step.
+                    local.queued = False  # (a redo of the step may come here after all)
+                    return _Paged(first)
                 waiter = engine.enqueue(
                     self._in_force(spec),
                     owner,
@@ -1077,6 +1153,15 @@ class SharedStateBackend(LockBackend):
                     undo=lambda lease: self._release_token(spec, owner, lease),
                     lazy=True,
                 )
+                while isinstance(lease, _Paged):
+                    if await self._to_pages(spec, owner, ttl, local, lease.first):
+                        lease = None
+                        break
+                    # The end of the pages was sealed (the pool may have left
+                    # paging): ask the record again, in order.
+                    lease = await self._step(
+                        spec, enqueue, undo=lambda lease: self._release_token(spec, owner, lease)
+                    )
                 if lease is not None:
                     clean = True
                     return None if lease is _NOTHING else lease
@@ -1087,7 +1172,9 @@ class SharedStateBackend(LockBackend):
                 if not clean:
                     # Hung up, or the store failed: the entry (or a grant to it) may
                     # still be stored; take it off in the background, until it is.
-                    self._background(self._cancel_waiter(spec, local.id, persist=True))
+                    self._background(
+                        self._cancel_waiter(spec, local.id, persist=True, page=local.page)
+                    )
                     if local.lease is not None:
                         self._background(self._release_token(spec, owner, local.lease))
             if outcome != "requeue":
@@ -1095,6 +1182,23 @@ class SharedStateBackend(LockBackend):
             log.info(
                 "a waiter on '%s' was dropped from the shared queue: queueing again", spec.name
             )
+
+    async def _to_pages(
+        self, spec: PoolSpec, owner: str, ttl: float | None, local: _LocalWaiter, first: int
+    ) -> bool:
+        """Put a waiter's entry at the end of the queue's pages; False if that end is sealed."""
+        assert local.since is not None
+        entry = [local.id, self.server_id, owner, spec.lease_ttl(ttl), local.since]
+        try:
+            page = await self.pages.append(self.pool_key(spec.name), first, entry)
+        except Sealed:
+            return False
+        if self._local.get(spec.name, {}).get(local.id) is local:
+            local.page = page
+            self._window_local[spec.name].pop(local.id, None)
+            self._paged_local.setdefault(spec.name, {}).setdefault(page, {})[local.id] = local
+        local.queued = True
+        return True
 
     async def _wait_for_grant(
         self,
@@ -1125,7 +1229,7 @@ class SharedStateBackend(LockBackend):
                     return await self._deliver(spec, owner, local, still_wanted)
         except TimeoutError:
             local.cancelling = True
-            await self._cancel_waiter(spec, local.id)
+            await self._cancel_waiter(spec, local.id, page=local.page)
             # A step may have delivered it just before the time ran out: then it is ours.
             return local.lease
 
@@ -1149,12 +1253,20 @@ class SharedStateBackend(LockBackend):
             spec, deliver, undo=lambda lease: self._release_token(spec, owner, lease)
         )
 
-    async def _cancel_waiter(self, spec: PoolSpec, waiter_id: str, persist: bool = False) -> None:
+    async def _cancel_waiter(
+        self, spec: PoolSpec, waiter_id: str, persist: bool = False, page: int | None = None
+    ) -> None:
         """Take a waiter off the queue (or undo its undelivered grant).
 
         ``persist``: keep trying while the store does not answer, so that no
-        entry of ours is left to be granted and never answered.
+        entry of ours is left to be granted and never answered. ``page``: its
+        entry was on that page of the queue's tail; taken off there if the
+        page is not sealed (else it is in the record, or on its way there).
         """
+        if page is not None:
+            with contextlib.suppress(BackendUnavailable):
+                if await self.pages.remove(self.pool_key(spec.name), page, waiter_id):
+                    return
 
         def cancel(engine: LockEngine, now: float) -> None:
             waiter = engine.find_waiter(spec.name, waiter_id)
@@ -1191,10 +1303,24 @@ class SharedStateBackend(LockBackend):
 
     def _forget_local(self, pool: str, waiter_id: str) -> None:
         local = self._local.get(pool)
-        if local is not None:
-            local.pop(waiter_id, None)
-            if not local:
-                del self._local[pool]
+        if local is None:
+            return
+        waiter = local.pop(waiter_id, None)
+        if not local:
+            del self._local[pool]
+        window = self._window_local.get(pool)
+        if window is not None:
+            window.pop(waiter_id, None)
+            if not window:
+                del self._window_local[pool]
+        if waiter is not None and waiter.page is not None:
+            pages = self._paged_local.get(pool, {})
+            on_page = pages.get(waiter.page, {})
+            on_page.pop(waiter_id, None)
+            if not on_page:
+                pages.pop(waiter.page, None)
+            if not pages:
+                self._paged_local.pop(pool, None)
 
     async def release(self, spec: PoolSpec, owner: str, token: str | None) -> bool:
         ended = await self._release(spec, owner, token)

@@ -1,0 +1,291 @@
+"""A long queue's tail in pages of the store: arrivals and departures cost the same at any length.
+
+A pool's record keeps its holders and the head of its queue (a *window* of
+at most WINDOW_MAX waiters): every step reads, decodes and writes that much,
+whatever the queue's length. Arrivals past a full window go to *pages*,
+keys of their own (``<pool key>/q/<n>``) of at most PAGE_SIZE entries each,
+appended to with compare-and-set on the page alone. A step whose window has
+run low (below WINDOW_LOW) takes the first page: it *seals* it (a sealed page
+takes no more arrivals or departures), and moves its waiters into the window
+in the same write that moves the record's mark to the next page. Moving is
+idempotent: a step that fails to write leaves the page sealed, and the next
+step moves it.
+
+The record's :class:`~distributex.backends.record.PageMarks` say which page
+comes next (``first``; None while the whole queue is in the record). While
+a pool is paged every arrival goes to the pages (except an owner already
+holding or in the window, which the engine joins to its hold or its wait),
+so that the order is the arrival order: window, then page after page. A
+page that filled up says ``more``: the next number has entries.
+
+The rules stay in the engine: it sees the record's holders and window only,
+and pages hold waiters in order, nothing else; a page's waiters join the
+record as any wait does (``LockEngine.enqueue``). One consequence: a host
+that asks again while its first wait is still on a page waits on the pages
+too (which of its waits are where is not looked up: that would cost the
+whole queue); the engine joins the two when the second reaches the record,
+granting it at once if the host holds by then. A departure from a page (a
+hang-up, a timeout) removes the entry with compare-and-set on the page; from
+a sealed page it is a step on the record, as from the window.
+
+Bytes per waiter in the store: one queue entry's JSON (about 80 bytes), in
+the record or in a page; sealed pages expire SEALED_TTL after sealing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from distributex.backends.base import BackendUnavailable
+from distributex.backends.record import PageMarks, waiter_of
+from distributex.backends.store import Conflict, Store, Stored
+from distributex.engine import LockEngine, PoolSpec, Waiter
+
+# Waiters the record keeps before arrivals go to pages.
+WINDOW_MAX = 128
+# A step whose window holds fewer waiters than this moves the first page in.
+WINDOW_LOW = 32
+# Entries per page.
+PAGE_SIZE = 128
+# A sealed page is dropped by the store this long after sealing (it is moved
+# into the record by then); pages still taking arrivals live as idle records do.
+SEALED_TTL = 300
+PAGE_TTL = 24 * 3600
+# Compare-and-set attempts on one page before the caller is told to try again.
+MAX_ATTEMPTS = 20
+
+#: One bounded store call: the backend's ``_call`` (a timeout, errors noted).
+Call = Callable[..., Awaitable[Any]]
+
+
+@dataclass
+class Page:
+    """One page of a queue's tail: entries (JSON arrays, as in the record), in order."""
+
+    entries: list[list[Any]] = field(default_factory=list)
+    sealed: bool = False
+    more: bool = False  # full: the next page number goes on
+
+    def encode(self) -> bytes:
+        body = {"sealed": self.sealed, "more": self.more, "entries": self.entries}
+        return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+
+    @classmethod
+    def decode(cls, stored: Stored | None) -> Page | None:
+        if stored is None:
+            return None
+        try:
+            body = json.loads(stored.value)
+            return cls(list(body["entries"]), bool(body["sealed"]), bool(body["more"]))
+        except (ValueError, KeyError, TypeError):
+            return None  # unreadable: taken as gone (its waiters queue again)
+
+
+class Sealed(Exception):
+    """The page takes no more changes (a step is moving it into the record)."""
+
+
+def page_key(pool_key: str, number: int) -> str:
+    return f"{pool_key}/q/{number}"
+
+
+class PageQueue:
+    """Appends to, removes from and takes pages, for every pool of one server."""
+
+    def __init__(self, store: Store, call: Call) -> None:
+        self.store = store
+        self._call = call
+        self._tail: dict[str, int] = {}  # pool key -> the page appended to last
+        # pool key -> entries waiting for the next append (one write for all)
+        self._pending: dict[str, list[tuple[list[Any], asyncio.Future[int]]]] = {}
+        self._appending: set[str] = set()
+
+    def forget(self, pool_key: str) -> None:
+        self._tail.pop(pool_key, None)
+
+    async def append(self, pool_key: str, first: int, entry: list[Any]) -> int:
+        """Add a waiter's entry at the end of the pages from ``first`` on; its page number.
+
+        Raises :class:`Sealed` if the page the queue ends in is sealed (the
+        pool may have left paging: the caller asks the record again).
+        Appends that come together on this server make one write.
+        """
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._pending.setdefault(pool_key, []).append((entry, future))
+        if pool_key not in self._appending:
+            self._appending.add(pool_key)
+            asyncio.get_running_loop().create_task(self._append_pending(pool_key, first))
+        return await future
+
+    async def _append_pending(self, pool_key: str, first: int) -> None:
+        try:
+            while batch := self._pending.pop(pool_key, []):
+                try:
+                    number = await self._write(pool_key, first, [e for e, _ in batch])
+                except BaseException as exc:
+                    for _entry, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                for _entry, future in batch:
+                    if not future.done():
+                        future.set_result(number)
+        finally:
+            self._appending.discard(pool_key)
+
+    async def _write(self, pool_key: str, first: int, entries: list[list[Any]]) -> int:
+        number = max(first, self._tail.get(pool_key, first))
+        seen: Stored | None = None
+        for _ in range(MAX_ATTEMPTS * 4):
+            key = page_key(pool_key, number)
+            stored = seen or (await self._call(self.store.get([key]))).get(key)
+            seen = None
+            page = Page.decode(stored) if stored is not None else Page()
+            if page is None or page.sealed:
+                self._tail.pop(pool_key, None)
+                raise Sealed(key)
+            if page.more:
+                number += 1
+                continue
+            room = PAGE_SIZE - len(page.entries)
+            if room <= 0:
+                # Full: say a next page goes on, then write there.
+                page.more = True
+                written = await self._call(
+                    self.store.put(key, page.encode(), stored.version if stored else None, PAGE_TTL)
+                )
+                if not written and isinstance(written, Conflict):
+                    seen = written.current
+                continue
+            page.entries += entries
+            written = await self._call(
+                self.store.put(key, page.encode(), stored.version if stored else None, PAGE_TTL)
+            )
+            if written:
+                self._tail[pool_key] = number
+                return number
+            if isinstance(written, Conflict):
+                seen = written.current
+        raise Sealed(page_key(pool_key, number))  # too busy: ask the record again
+
+    async def remove(self, pool_key: str, number: int, waiter_id: str) -> bool:
+        """Take a waiter's entry off its page; False if the page is sealed (or gone)."""
+        key = page_key(pool_key, number)
+        seen: Stored | None = None
+        for _ in range(MAX_ATTEMPTS):
+            stored = seen or (await self._call(self.store.get([key]))).get(key)
+            seen = None
+            page = Page.decode(stored)
+            if stored is None or page is None or page.sealed:
+                return False
+            kept = [e for e in page.entries if e[0] != waiter_id]
+            if len(kept) == len(page.entries):
+                return True  # not there (taken off before)
+            page.entries = kept
+            written = await self._call(self.store.put(key, page.encode(), stored.version, PAGE_TTL))
+            if written:
+                return True
+            if isinstance(written, Conflict):
+                seen = written.current
+        return False
+
+    async def take(self, pool_name: str, pool_key: str, number: int) -> tuple[list[Waiter], bool]:
+        """Seal page ``number`` and read its waiters, and whether a next page goes on.
+
+        A page that does not exist (nobody appended to it yet, or it expired)
+        is sealed empty, so that no arrival writes to it after this.
+        """
+        key = page_key(pool_key, number)
+        seen: Stored | None = None
+        for _ in range(MAX_ATTEMPTS):
+            stored = seen or (await self._call(self.store.get([key]))).get(key)
+            seen = None
+            page = Page.decode(stored) if stored is not None else Page()
+            if page is None:
+                page = Page()
+            if not page.sealed:
+                page.sealed = True
+                written = await self._call(
+                    self.store.put(
+                        key, page.encode(), stored.version if stored else None, SEALED_TTL
+                    )
+                )
+                if not written:
+                    if isinstance(written, Conflict):
+                        seen = written.current
+                    continue
+            self._tail.pop(pool_key, None)
+            return [waiter_of(pool_name, e) for e in page.entries], page.more
+        raise BackendUnavailable(f"queue page {key} kept changing: try again")
+
+
+async def count_waiting(store: Store, call: Call, pool_key: str, first: int) -> int:
+    """Entries on the pages from ``first`` on (for /status: a read of every page)."""
+    total, number = 0, first
+    while True:
+        keys = [page_key(pool_key, n) for n in range(number, number + 16)]
+        found = await call(store.get(keys))
+        for key in keys:
+            page = Page.decode(found.get(key))
+            if page is None:
+                return total
+            total += len(page.entries)
+            if not page.more:
+                return total
+        number += 16
+
+
+def page_for_arrival(engine: LockEngine, pool: str, owner: str, marks: PageMarks) -> int | None:
+    """Where a new wait goes: None into the record (the engine), else the first page
+    number of the pages it is appended to (a new run of pages begins if needed:
+    ``marks`` is changed, and the record must be written)."""
+    if not goes_to_pages(len(engine.waiter_ids(pool)), marks.first):
+        return None
+    if engine.holds_or_waits(pool, owner):
+        return None  # the engine joins it to its hold or its wait
+    if marks.first is None:
+        marks.top += 1
+        marks.first = marks.top
+    return marks.first
+
+
+def move_into(engine: LockEngine, spec: PoolSpec, waiters: list[Waiter], now: float) -> None:
+    """Queue a taken page's waiters in the record, in their order, as the engine
+    queues any wait: behind those that came before it, joined to its owner's
+    wait or hold if it has one (then granted at once). Those already in the
+    record (a step moved the page before) are skipped."""
+    present = engine.waiter_ids(spec.name)
+    for w in waiters:
+        if w.id not in present:
+            engine.enqueue(spec, w.owner, now, w.ttl, w.server, w.id, w.since)
+
+
+def pages_due(window: int, first: int | None) -> bool:
+    """Should a step move the first page into the record now?"""
+    return first is not None and window < WINDOW_LOW
+
+
+def goes_to_pages(window: int, first: int | None) -> bool:
+    """Does a new arrival (not an owner already holding or waiting) go to the pages?"""
+    return first is not None or window >= WINDOW_MAX
+
+
+__all__ = [
+    "PAGE_SIZE",
+    "WINDOW_LOW",
+    "WINDOW_MAX",
+    "PageQueue",
+    "Sealed",
+    "count_waiting",
+    "goes_to_pages",
+    "move_into",
+    "page_for_arrival",
+    "page_key",
+    "pages_due",
+]
