@@ -232,3 +232,40 @@ def test_the_checker_sees_a_page_moved_out_of_order() -> None:
     page.entries.reverse()
     layout.pages[number] = page.encode()
     assert queue_of(layout) != whole.engine.waiting("p")
+
+
+def test_a_burst_of_arrivals_fills_page_after_page_and_leaves_together(tmp_path) -> None:
+    """The page queue on a real store (SQLite): 300 arrivals at once make few writes
+    but no page holds more than PAGE_SIZE; hang-ups at once all leave their page."""
+    import asyncio
+
+    from distributex.backends.sqlite import SqliteStore
+
+    async def run() -> None:
+        store = SqliteStore(str(tmp_path / "state.db"))
+        await store.start()
+
+        async def call(coro):  # the layer's bounded call, without its bookkeeping
+            return await coro
+
+        queue = pages.PageQueue(store, call)
+        entries = [[f"id{i}", "s1", f"h{i}", 30.0, float(i)] for i in range(300)]
+        numbers = await asyncio.gather(*(queue.append("k", 1, e) for e in entries))
+        assert numbers == sorted(numbers)
+        keys = [pages.page_key("k", n) for n in range(1, 400)]
+        found = await store.get(keys)
+        laid = [Page.decode(found[k]) for k in keys if k in found]
+        assert all(p is not None and len(p.entries) <= pages.PAGE_SIZE for p in laid)
+        assert [e[0] for p in laid if p for e in p.entries] == [e[0] for e in entries]
+        assert [p.more for p in laid if p] == [True] * (len(laid) - 1) + [False]
+
+        leaving = [f"id{i}" for i in range(1, 300, 2)]
+        done = await asyncio.gather(
+            *(queue.remove("k", n, w) for n, w in zip(numbers[1::2], leaving, strict=True))
+        )
+        assert all(done)
+        found = await store.get(keys)
+        kept = [e[0] for k in keys if k in found for e in Page.decode(found[k]).entries]
+        assert kept == [f"id{i}" for i in range(0, 300, 2)]
+
+    asyncio.run(run())

@@ -38,7 +38,7 @@ import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from distributex.backends.base import BackendUnavailable
 from distributex.backends.record import PageMarks, waiter_of
@@ -57,6 +57,9 @@ SEALED_TTL = 300
 PAGE_TTL = 24 * 3600
 # Compare-and-set attempts on one page before the caller is told to try again.
 MAX_ATTEMPTS = 20
+
+Item = TypeVar("Item")
+Outcome = TypeVar("Outcome")
 
 #: One bounded store call: the backend's ``_call`` (a timeout, errors noted).
 Call = Callable[..., Awaitable[Any]]
@@ -93,6 +96,45 @@ def page_key(pool_key: str, number: int) -> str:
     return f"{pool_key}/q/{number}"
 
 
+class Batches(Generic[Item, Outcome]):
+    """Items for one key that come while a write for that key is under way wait
+    and go together in the next write; each caller gets its item's outcome."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[str, list[tuple[Item, asyncio.Future[Outcome]]]] = {}
+        self._writing: set[str] = set()
+
+    async def add(
+        self, key: str, item: Item, write: Callable[[list[Item]], Awaitable[list[Outcome]]]
+    ) -> Outcome:
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(key, []).append((item, future))
+        if key not in self._writing:
+            self._writing.add(key)
+            asyncio.get_running_loop().create_task(self._write_waiting(key, write))
+        return await future
+
+    async def _write_waiting(
+        self, key: str, write: Callable[[list[Item]], Awaitable[list[Outcome]]]
+    ) -> None:
+        try:
+            while batch := self._waiting.pop(key, []):
+                try:
+                    outcomes = await write([item for item, _ in batch])
+                except BaseException as exc:
+                    for _item, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                for (_item, future), outcome in zip(batch, outcomes, strict=True):
+                    if not future.done():
+                        future.set_result(outcome)
+        finally:
+            self._writing.discard(key)
+
+
 class PageQueue:
     """Appends to, removes from and takes pages, for every pool of one server."""
 
@@ -100,9 +142,11 @@ class PageQueue:
         self.store = store
         self._call = call
         self._tail: dict[str, int] = {}  # pool key -> the page appended to last
-        # pool key -> entries waiting for the next append (one write for all)
-        self._pending: dict[str, list[tuple[list[Any], asyncio.Future[int]]]] = {}
-        self._appending: set[str] = set()
+        # Arrivals of one pool, and departures from one page, that come
+        # together on this server make one write (two servers contend on a
+        # page less than two hundred waiters of one server would).
+        self._arrivals: Batches[list[Any], int | None] = Batches()
+        self._departures: Batches[str, bool] = Batches()
 
     def forget(self, pool_key: str) -> None:
         self._tail.pop(pool_key, None)
@@ -114,69 +158,61 @@ class PageQueue:
         pool may have left paging: the caller asks the record again).
         Appends that come together on this server make one write.
         """
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._pending.setdefault(pool_key, []).append((entry, future))
-        if pool_key not in self._appending:
-            self._appending.add(pool_key)
-            asyncio.get_running_loop().create_task(self._append_pending(pool_key, first))
-        return await future
+        number = await self._arrivals.add(
+            pool_key, entry, lambda entries: self._write(pool_key, first, entries)
+        )
+        if number is None:
+            raise Sealed(pool_key)  # the end is sealed, or too busy: ask the record again
+        return number
 
-    async def _append_pending(self, pool_key: str, first: int) -> None:
-        try:
-            while batch := self._pending.pop(pool_key, []):
-                try:
-                    number = await self._write(pool_key, first, [e for e, _ in batch])
-                except BaseException as exc:
-                    for _entry, future in batch:
-                        if not future.done():
-                            future.set_exception(exc)
-                    if not isinstance(exc, Exception):
-                        raise
-                    continue
-                for _entry, future in batch:
-                    if not future.done():
-                        future.set_result(number)
-        finally:
-            self._appending.discard(pool_key)
-
-    async def _write(self, pool_key: str, first: int, entries: list[list[Any]]) -> int:
+    async def _write(self, pool_key: str, first: int, entries: list[list[Any]]) -> list[int | None]:
+        """Append ``entries`` in order, filling page after page; the page of each
+        (None: not appended, the end of the queue was sealed or stayed too busy)."""
         number = max(first, self._tail.get(pool_key, first))
+        numbers: list[int | None] = []
+        left = entries
         seen: Stored | None = None
-        for _ in range(MAX_ATTEMPTS * 4):
+        misses = 0
+        while left and misses < MAX_ATTEMPTS:
             key = page_key(pool_key, number)
             stored = seen or (await self._call(self.store.get([key]))).get(key)
             seen = None
             page = Page.decode(stored) if stored is not None else Page()
             if page is None or page.sealed:
                 self._tail.pop(pool_key, None)
-                raise Sealed(key)
+                break
             if page.more:
                 number += 1
                 continue
-            room = PAGE_SIZE - len(page.entries)
-            if room <= 0:
-                # Full: say a next page goes on, then write there.
-                page.more = True
-                written = await self._call(
-                    self.store.put(key, page.encode(), stored.version if stored else None, PAGE_TTL)
-                )
-                if not written and isinstance(written, Conflict):
-                    seen = written.current
-                continue
-            page.entries += entries
+            taken = left[: max(0, PAGE_SIZE - len(page.entries))]
+            page.entries += taken
+            # Full with more to come: say so in the same write, then go on.
+            page.more = len(taken) < len(left)
             written = await self._call(
                 self.store.put(key, page.encode(), stored.version if stored else None, PAGE_TTL)
             )
             if written:
+                numbers += [number] * len(taken)
+                left = left[len(taken) :]
                 self._tail[pool_key] = number
-                return number
+                misses = 0
+                continue
+            misses += 1
             if isinstance(written, Conflict):
                 seen = written.current
-        raise Sealed(page_key(pool_key, number))  # too busy: ask the record again
+        return numbers + [None] * len(left)
 
     async def remove(self, pool_key: str, number: int, waiter_id: str) -> bool:
-        """Take a waiter's entry off its page; False if the page is sealed (or gone)."""
+        """Take a waiter's entry off its page; False if the page is sealed (or gone),
+        or stayed too busy to change (the caller tries the record)."""
         key = page_key(pool_key, number)
+        return await self._departures.add(key, waiter_id, lambda ids: self._remove(key, ids))
+
+    async def _remove(self, key: str, waiter_ids: list[str]) -> list[bool]:
+        done = await self._remove_all(key, set(waiter_ids))
+        return [done] * len(waiter_ids)
+
+    async def _remove_all(self, key: str, leaving: set[str]) -> bool:
         seen: Stored | None = None
         for _ in range(MAX_ATTEMPTS):
             stored = seen or (await self._call(self.store.get([key]))).get(key)
@@ -184,7 +220,7 @@ class PageQueue:
             page = Page.decode(stored)
             if stored is None or page is None or page.sealed:
                 return False
-            kept = [e for e in page.entries if e[0] != waiter_id]
+            kept = [e for e in page.entries if e[0] not in leaving]
             if len(kept) == len(page.entries):
                 return True  # not there (taken off before)
             page.entries = kept
