@@ -412,8 +412,8 @@ class LockEngine:
         Returns the hold that ended (or None) and the waiters granted.
         """
         state = self._pools.get(pool)
-        hold = state.holders.get(owner) if state else None
-        if hold is None:
+        hold = state.holders.get(owner) if state is not None else None
+        if state is None or hold is None:
             return None, []
         for token in hold.leases:
             del self._leases[token]

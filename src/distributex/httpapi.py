@@ -238,6 +238,7 @@ def _verb(verb: str, handler: Handler) -> Callable[[web.Request], Awaitable[web.
                         _name(request, "host") if _param(request, "host") is not None else None
                     )
                     host = auth.host_for(request, identity, claimed, pool_name, handler is _release)
+                assert host is not None  # named on both paths above
                 request[auth.HOST_KEY] = host
                 spec = request.app[CONFIG_KEY].pool(pool_name)
                 if spec is None:

@@ -39,6 +39,7 @@ import argparse
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import os
 import re
@@ -417,8 +418,12 @@ class _Site(web.BaseSite):
             protocol.reserved = reserved
             connections.add(protocol)
             context = self.tls.context
+
+            def same(p: _Connection = protocol) -> _Connection:
+                return p  # the protocol made above, with its reservation
+
             accepted = loop.connect_accepted_socket(
-                lambda p=protocol: p,
+                same,
                 conn,
                 ssl=context,
                 # A handshake counts against the time a request head may take.
@@ -427,7 +432,7 @@ class _Site(web.BaseSite):
             task = loop.create_task(accepted)
             protocol.making = task
             self._tasks.add(task)
-            task.add_done_callback(lambda task, p=protocol: self._connected(task, p))
+            task.add_done_callback(functools.partial(self._connected, protocol=protocol))
 
     def _connected(self, task: asyncio.Task[Any], protocol: _Connection) -> None:
         self._tasks.discard(task)

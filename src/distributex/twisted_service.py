@@ -177,7 +177,7 @@ class _TwistedLogHandler(logging.Handler):
 class DistributexService(service.Service):
     """The aiohttp server, started and stopped by twistd on its asyncio loop."""
 
-    name = "distributex"
+    name = "distributex"  # type: ignore[assignment]  # twisted's stubs declare it None
 
     def __init__(
         self,
@@ -308,7 +308,8 @@ def _stop_reactor_on_failure(task: asyncio.Future[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         from twisted.internet import reactor
 
-        reactor.stop()  # the reason is logged already
+        # twisted's stubs type the global reactor's stop() without self.
+        reactor.stop()  # type: ignore[misc]  # the reason is logged already
 
 
 def _exit_zero_after_stop_signal() -> None:
@@ -321,7 +322,7 @@ def _exit_zero_after_stop_signal() -> None:
     from twisted.internet import reactor
 
     if getattr(reactor, "_exitSignal", None) in (signal.SIGTERM, signal.SIGINT):
-        reactor._exitSignal = None  # type: ignore[attr-defined]
+        reactor._exitSignal = None
 
 
 def makeService(options: Options) -> DistributexService:  # twistd looks up this name

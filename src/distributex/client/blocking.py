@@ -175,7 +175,7 @@ class DeadlineMixin(_SocketBase):
 
     def sendall(self, *args: Any, **kwargs: Any) -> None:
         self._arm()
-        super().sendall(*args, **kwargs)  # type: ignore[misc]
+        super().sendall(*args, **kwargs)
 
 
 class DeadlineSocket(DeadlineMixin, socket.socket):
