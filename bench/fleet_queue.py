@@ -289,7 +289,12 @@ async def _read_answer(reader: asyncio.StreamReader) -> tuple[bytes, str | None]
             length = int(value)
         elif name == b"x-distributex-fence":
             fence = value.strip().decode()
-    return await reader.readexactly(length), fence
+        elif name == b"x-distributex-reason":
+            fence = fence or "reason: " + value.strip().decode(errors="replace")
+    body = await reader.readexactly(length)
+    if fence is not None and fence.startswith("reason: "):
+        return body + b" (" + fence[8:].encode() + b")", None  # an answer's reason, shown
+    return body, fence
 
 
 def _request(verb: str, host: str, extra: str = "") -> bytes:
@@ -422,6 +427,33 @@ async def scenario(
     except TimeoutError:
         result["arrivals_timed_out"] = True
         result["arrivals_written"] = sum(1 for w in crowd if w.written_ns)
+        answered: dict[str, int] = {}
+        for w in crowd:
+            if w.answer:
+                answered[w.answer[:60]] = answered.get(w.answer[:60], 0) + 1
+        result["arrivals_answered"] = answered  # what the waits that did not park were told
+        if os.environ.get("FQDEBUG"):
+            for server in setup.servers:
+                ss = subprocess.run(
+                    ["ss", "-Htn", "state", "established", f"( sport = :{server.port} )"],
+                    capture_output=True,
+                    text=True,
+                )
+                lines = ss.stdout.splitlines()
+                unread = sum(1 for line in lines if line.split()[0] != "0")
+                print(
+                    f"server :{server.port}: {len(lines)} connections, {unread} with unread bytes",
+                    file=sys.stderr,
+                )
+                kinds: dict[str, int] = {}
+                log_file = server._log  # the whole log (log() keeps its end)
+                log_file.seek(0)
+                for line in log_file.read().decode(errors="replace").splitlines():
+                    if " INFO " not in line and " DEBUG " not in line:
+                        kind = line.split(" ", 3)[-1][:100]
+                        kinds[kind] = kinds.get(kind, 0) + 1
+                for kind, count in sorted(kinds.items(), key=lambda kv: -kv[1])[:8]:
+                    print(f"  {count} x {kind}", file=sys.stderr)
         await _cleanup(tasks, crowd)
         return result
     result["park_s"] = t1 - t0
@@ -563,6 +595,8 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
     ]
     if r.get("arrivals_timed_out"):
         out.append(("arrivals", f"not done in the bound ({r['arrivals_written']:,} written)"))
+        for answer, count in r.get("arrivals_answered", {}).items():
+            out.append(("  answered meanwhile", f"{count:,} x {answer!r}"))
         return out
     out += [
         ("parked (queue on /status)", f"{r['park_s']:.1f} s ({fmt_int(r['queued'])})"),

@@ -81,7 +81,8 @@ class _PoolGauges:
         slots = GaugeMetricFamily("distributex_maxlocks", "Slots of the pool", labels=["pool"])
         for pool in self.pools:
             holders.add_metric([pool.name], len(pool.holders))
-            waiters.add_metric([pool.name], len(pool.waiters))
+            # Hosts listed, and the waits beyond a long queue's listed head.
+            waiters.add_metric([pool.name], len(pool.waiters) + pool.more_waiting)
             slots.add_metric([pool.name], pool.maxlocks)
         yield holders
         yield waiters
