@@ -39,10 +39,10 @@ CHROMIUM = os.environ.get("DISTRIBUTEX_CHROMIUM", "/usr/bin/chromium")
 WAIT_MS = 15_000
 
 
-def build_site(dest: Path) -> subprocess.CompletedProcess[str]:
+def build_site(dest: Path, root: Path = ROOT) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(dest)],
-        cwd=ROOT,
+        cwd=root,
         capture_output=True,
         text=True,
         timeout=240,
@@ -97,13 +97,18 @@ def test_site_builds_strictly_with_every_page(site: Path) -> None:
 @pytest.mark.timeout(300)
 def test_strict_build_fails_on_a_broken_link(tmp_path: Path) -> None:
     # The build is strict: a page linking to a page that does not exist fails it.
+    # (On a copy of the sources, so the tree is never touched.)
     pytest.importorskip("mkdocs", reason="pip install '.[docs]'")
-    page = DOCS / "zz-broken-link-probe.md"
-    page.write_text("# Probe\n\n[gone](no-such-page.md)\n")
-    try:
-        result = build_site(tmp_path / "site")
-    finally:
-        page.unlink()
+    copy = tmp_path / "copy"
+    shutil.copytree(DOCS, copy / "docs")
+    shutil.copy(ROOT / "mkdocs.yml", copy)
+    (copy / "bench").mkdir()
+    shutil.copy(ROOT / "bench" / "README.md", copy / "bench")
+    (copy / "src").symlink_to(ROOT / "src")
+    assert build_site(tmp_path / "site-ok", copy).returncode == 0
+    page = copy / "docs" / "getting-started.md"
+    page.write_text(page.read_text() + "\n[gone](no-such-page.md)\n")
+    result = build_site(tmp_path / "site", copy)
     assert result.returncode != 0
     assert "no-such-page.md" in result.stdout + result.stderr
 
