@@ -10,9 +10,10 @@ VENV=${VENV:-.venv}
 # Debian packages the test suite needs: the real servers the backend tests
 # start on loopback (memcached, redis-server, etcd-server and etcd-client),
 # faketime for a server whose clock is off, openssl for the TLS tests'
-# certificates, and chromium, the browser the dashboard test drives (through
-# Playwright).
-DEBIAN_PACKAGES=(memcached redis-server etcd-server etcd-client faketime openssl chromium)
+# certificates, chromium, the browser the dashboard and documentation tests
+# drive (through Playwright), and prometheus (promtool and the server) for the
+# operator kit's alert rules and dashboard.
+DEBIAN_PACKAGES=(memcached redis-server etcd-server etcd-client faketime openssl chromium prometheus)
 if [ ${#DEBIAN_PACKAGES[@]} -gt 0 ]; then
     missing=()
     for pkg in "${DEBIAN_PACKAGES[@]}"; do
@@ -26,7 +27,7 @@ fi
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q -e '.[test,twisted,all]'
+"$VENV/bin/python" -m pip install -q -e '.[test,twisted,all,docs]'
 
 "$VENV/bin/ruff" check .
 "$VENV/bin/ruff" format --check .

@@ -5,97 +5,10 @@ allowed. The file is checked as a whole at start-up and the first problem
 comes back as a :class:`ConfigError` whose message is one line naming the
 file, the line and column, and what is wrong.
 
-Top-level keys:
-
-``backend``       ``inmemory`` (default), ``sqlite``, ``memcache``, ``redis`` or ``etcd``.
-``memcachehost``  memcache backend: host (default ``localhost``).
-``memcacheport``  memcache backend: port (default 11211).
-``key_prefix``    memcache and etcd backends: prefix of every key, so one store
-                  serves several clusters (default ``distributex/``).
-``etcd_endpoints`` etcd backend: the cluster's client URLs (``http://`` or
-                  ``https://``, port 2379 if none), a comma-separated string
-                  or a list (default ``http://127.0.0.1:2379``).
-``etcd_cacert``, ``etcd_cert``, ``etcd_key``  etcd backend over https: the CA
-                  file that signs the members' certificates (default: the
-                  system's), and a client certificate and its key.
-``etcd_user``, ``etcd_password``  etcd backend with auth enabled.
-``redis_url``     redis backend: ``redis://[user:password@]host[:port][/db]``,
-                  ``rediss://`` for TLS, ``unix:///path?db=N``, or
-                  ``redis+sentinel://[user:password@]host:26379[,host...]/service[/db]``
-                  (default ``redis://localhost:6379/0``); ``key_prefix`` applies.
-``sqlite_path``   sqlite backend (required with it): the state file, made if
-                  missing (its folder must exist).
-``sqlite_sync``   sqlite backend: ``full`` (default; a YES survives a power
-                  loss) or ``normal`` (survives a crash of the server only).
-``unsafe_store``  shared backends: ``refuse`` (default) stops the server on a
-                  store set up to lose locks (memcached that evicts items,
-                  started without ``-M``); ``warn`` runs anyway, logging it.
-``bind``          address to listen on (default: ``127.0.0.1`` for
-                  ``distributexd``; every interface under ``twistd``, as 0.7).
-``port``          port to listen on (default 9889).
-``start_delay``   seconds after start-up during which nothing is granted
-                  (default 0): see the README's "Restarts".
-``autocreate``    ``true``: a pool not listed is created on first use as a
-                  mutex with the default expire (default ``false`` when the
-                  file lists pools; ``true`` with no file at all).
-``metrics``       ``false`` turns off the Prometheus metrics (``/metrics``
-                  answers 404); default ``true``.
-``pools``         a list of pools, each with ``name`` (required), ``expire``
-                  (seconds, default 1800, 0 = never), ``maxlocks`` (default
-                  1) and ``servers`` (allow-list: comma-separated string or a
-                  list).
-
-Limits (see the README's "Limits"):
-
-``max_pools``        pools made on first use that may hold state at once: a
-                     whole number >= 1 (default 10000).
-``max_pools_per_identity``  of those, the ones one host (identity) may hold or
-                     wait on: >= 0 (default 0: a tenth of ``max_pools``, at
-                     least 100 or ``max_pools`` if smaller).
-``max_connections``  open connections at once: a whole number >= 0 (default
-                     0: derived from the file descriptor limit).
-``header_timeout``   seconds a connection may take to send its request head:
-                     > 0 (default 10).
-``idle_timeout``     seconds a kept-alive connection may sit idle between
-                     requests: > 0 (default 60).
-``max_connections_per_peer``  open connections from one peer address: a whole
-                     number >= 0 (default 0: half the connection cap).
-``max_requests_per_identity``  parked ``/wait/`` and status streams of one
-                     proven identity at once: >= 0 (default 0: half the cap).
-``max_status_streams``  ``/status/events`` viewers at once: >= 1 (default 100).
-
-Authentication and TLS (see :mod:`distributex.auth` and the README's
-"Running it securely"; off unless given):
-
-``tls``           ``cert`` and ``key`` (PEM files): serve HTTPS; ``client_ca``:
-                  require client certificates signed by it (mutual TLS).
-``tokens``        a list of ``identity``, ``sha256`` (64 hex digits: the SHA-256
-                  of the token, never the token), ``pools`` (optional list of
-                  pools it may use; they must exist unless ``autocreate``) and
-                  ``admin`` (optional, false: may release others' locks).
-``status_public`` ``true``: ``/status``, ``/metrics`` and ``/`` need no
-                  credentials (default false).
-``audit``         the audit log; default on when authentication is on.
-``max_waiters_per_pool``, ``max_waiters_per_host``  parked waits at once
-                  (default 10000 and 100); ``max_body_size`` bytes of a request
-                  body (4096); ``max_header_size`` bytes of the request line and
-                  of each header line (8190); ``max_headers`` header lines (64).
-
-Rules beyond the keys:
-
-- Names (pool ``name``, ``servers`` entries, ``bind``, ``memcachehost``) are
-  the text written: ``name: 010`` is the pool "010", not 8, and ``12:30``,
-  ``0x1F``, ``1e3``, ``yes`` and ``2001-12-14`` stay as written. A name YAML
-  reads as null (nothing, ``~``, ``null``) is refused; quote it to mean the
-  text. A name must be printable (no control characters) and at most 255
-  characters, as the HTTP API requires.
-- Numbers are finite: seconds at most 10**9 (about 31 years), ``maxlocks`` at
-  most 1,000,000, ``max_pools`` and ``max_connections`` at most 10,000,000.
-  Other numbers keep their YAML 1.1 meaning (``expire: 1:30`` is 90 seconds).
-- The file is at most 1 MiB of UTF-8 text, nested at most 64 levels deep.
-  Anchors and aliases work; merge keys (``<<``) and tags other than the
-  standard ``!!str``, ``!!int``, ``!!float``, ``!!bool``, ``!!null``,
-  ``!!seq`` and ``!!map`` are refused.
+The keys, their defaults and the file's rules are documented in one place,
+docs/configuration.md; tests/test_docs.py checks that page against the tables
+below (``_TOP_KEYS``, ``_POOL_KEYS``, ``_TLS_KEYS``, ``_TOKEN_KEYS``) and the
+defaults of :class:`Config`, so a key added here must be added there.
 """
 
 from __future__ import annotations
@@ -161,7 +74,7 @@ _TOP_KEYS = (
     "max_status_streams",
     "metrics",
     "pools",
-    # Authentication, TLS and their limits (README "Running it securely").
+    # Authentication, TLS and their limits (docs/security.md).
     "tls",
     "tokens",
     "status_public",
@@ -238,7 +151,7 @@ class Config:
     port: int = DEFAULT_PORT
     start_delay: float = 0.0
     autocreate: bool = True
-    # Limits (see the README's "Limits"): pools made on first use that may
+    # Limits (docs/configuration.md#limits): pools made on first use that may
     # hold state at once; open connections (0: from the fd limit); seconds a
     # connection may take to send a request head; seconds a kept-alive
     # connection may sit idle between requests.
@@ -259,7 +172,7 @@ class Config:
     tokens: tuple[TokenSpec, ...] = ()
     status_public: bool = False  # /status, /metrics and / without credentials
     audit: bool | None = None  # None: on when authentication is on
-    # Limits against exhaustion (README "Limits").
+    # Limits against exhaustion (docs/configuration.md#limits).
     max_waiters_per_pool: int = 10000
     max_waiters_per_host: int = 100
     max_body_size: int = 4096
