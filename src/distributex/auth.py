@@ -26,7 +26,7 @@ another ``host`` on ``/release/`` (a *forced release*: logged at WARNING and
 counted). ``/status``, ``/metrics`` and ``/`` need a proven identity too,
 unless ``status_public: true`` opens them (they only read).
 
-Limits (always on, see the README's "Limits"): a request body larger than
+Limits (always on, see docs/configuration.md, "Limits"): a request body larger than
 ``max_body_size`` answers ``413`` (a body of unknown length, chunked, ``411``)
 and the connection is closed; parked ``/wait/`` requests of one pool beyond
 ``max_waiters_per_pool``, or of one host beyond ``max_waiters_per_host``,
