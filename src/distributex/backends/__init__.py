@@ -6,14 +6,20 @@ The HTTP layer talks to a :class:`~distributex.backends.base.LockBackend` only;
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from distributex.backends.base import BackendUnavailable, LockBackend
 from distributex.config import DEFAULT_BIND, Config
+
+if TYPE_CHECKING:
+    from distributex.backends.store import Store
 
 __all__ = ["BackendUnavailable", "LockBackend", "make_backend"]
 
 
 def make_backend(config: Config) -> LockBackend:
     """The backend named by ``config.backend``; raises BackendUnavailable if it can't be built."""
+    store: Store
     if config.backend == "inmemory":
         from distributex.backends.inmemory import InMemoryBackend
 

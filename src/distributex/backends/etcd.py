@@ -55,7 +55,7 @@ import random
 import re
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Sequence
 from typing import Any, TypeVar
 
 from distributex.backends.base import BackendUnavailable
@@ -70,8 +70,8 @@ try:  # the ``etcd`` extra
     import grpc
     from aetcd import rpc
 except ImportError:  # pragma: no cover - make_backend says what to install
-    grpc = None  # type: ignore[assignment]
-    rpc = None  # type: ignore[assignment]
+    grpc = None
+    rpc = None
 
 log = logging.getLogger("distributex.etcd")
 
@@ -109,6 +109,18 @@ AUTH_RETRY = ("etcdserver: invalid auth token", "etcdserver: user name is empty"
 # gRPC's words for a call that never reached a member.
 NOT_CONNECTED = "failed to connect to all addresses"
 _GRPC_PREFIX = re.compile(r"^[A-Z_]+: (?:(?:ipv4|ipv6|unix):\S+: )?")
+
+
+# One request to a member: ``(member, metadata) -> awaitable answer``.
+MemberCall = Callable[[Any, Any], Awaitable[Any]]
+
+
+def _txn(request: Any) -> MemberCall:
+    return lambda member, metadata: member.kv.Txn(request, metadata=metadata)
+
+
+def _put(request: Any) -> MemberCall:
+    return lambda member, metadata: member.kv.Put(request, metadata=metadata)
 
 
 def _host(endpoint: str) -> str:
@@ -397,7 +409,7 @@ class EtcdStore(Store):
                     for k in keys[first : first + MAX_TXN_OPS]
                 ]
                 request = rpc.TxnRequest(success=ops)
-                answer = await self._call(lambda m, md, r=request: m.kv.Txn(r, metadata=md))
+                answer = await self._call(_txn(request))
                 ranges += [r.response_range for r in answer.responses]
         return {
             kv.key.decode(): Stored(kv.value, kv.mod_revision)
@@ -477,7 +489,7 @@ class EtcdStore(Store):
                 self._leases[key] = lease
             request = rpc.PutRequest(key=name, value=value, lease=lease)
             try:
-                await self._request(lambda m, md, r=request: m.kv.Put(r, metadata=md), True)
+                await self._request(_put(request), True)
             except EtcdError as exc:
                 if exc.code == grpc.StatusCode.NOT_FOUND and attempt == 0:
                     lease = None
@@ -571,7 +583,7 @@ class EtcdStore(Store):
             await asyncio.sleep(random.uniform(delay / 2, delay))
             delay = min(WATCH_BACKOFF_MAX, delay * 2)
 
-    async def _watch(self, member: _Member, key: bytes, start: int) -> AsyncIterator[Any]:
+    async def _watch(self, member: _Member, key: bytes, start: int) -> AsyncGenerator[Any, None]:
         """The answers of one watch stream on ``key`` from revision ``start``, as they come.
 
         Made within WATCH_CREATE_TIMEOUT (a member that drops packets would

@@ -164,8 +164,9 @@ class StoreLife:
         after = time.time()
         readings = []
         if store_clock is not None:
+            store_time, resolution = store_clock
             readings.append(
-                clocks.store_reading(self.store.description, *store_clock, before, after)
+                clocks.store_reading(self.store.description, store_time, resolution, before, after)
             )
         for key, value in (beats or {}).items():
             server = key.rsplit("/", 1)[-1]
