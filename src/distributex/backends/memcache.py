@@ -28,6 +28,7 @@ them only.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from distributex.backends.base import BackendUnavailable
@@ -96,7 +97,14 @@ class MemcacheStore(Store):
         return {k.decode(): Stored(v, versions.get(k)) for k, v in values.items()}
 
     async def put(
-        self, key: str, value: bytes, version: Any | None, ttl: int = 0, durable: bool = True
+        self,
+        key: str,
+        value: bytes,
+        version: Any | None,
+        ttl: int = 0,
+        durable: bool = True,
+        nudge: Collection[str] = (),
+        pool: str = "",
     ) -> bool:
         # memcached does not say the new cas value: True, and the layer reads first.
         client = self._connect()

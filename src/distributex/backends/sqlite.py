@@ -51,7 +51,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from distributex.backends.base import BackendUnavailable
@@ -234,7 +234,14 @@ class SqliteStore(Store):
         return await self._submit(("get", keys))
 
     async def put(
-        self, key: str, value: bytes, version: Any | None, ttl: int = 0, durable: bool = True
+        self,
+        key: str,
+        value: bytes,
+        version: Any | None,
+        ttl: int = 0,
+        durable: bool = True,
+        nudge: Collection[str] = (),
+        pool: str = "",
     ) -> Any:
         return await self._submit(("put", key, value, version, ttl, durable))
 
