@@ -118,7 +118,10 @@ class MemcacheStore(Store):
 
     async def own_clock(self) -> tuple[float, float]:
         # memcached's clock ticks in whole seconds.
-        return float(await self._stat(b"", b"time")), 1.0
+        now = await self._stat(b"", b"time")
+        if now is None:
+            raise BackendUnavailable(f"{self.description}: no time in its stats")
+        return float(now), 1.0
 
     async def unsafe_setting(self) -> str | None:
         if await self._stat(b"settings", b"evictions") == b"on":

@@ -304,6 +304,7 @@ class SqliteStore(Store):
             self._open()  # a reopen failed before: try again
         self._check_identity()
         conn = self._conn
+        assert conn is not None  # opened above (or by _check_identity)
         now = time.time()
         writes = any(op[0] != "get" for op in ops) or now >= self._next_cleanup
         if not writes:
@@ -327,14 +328,15 @@ class SqliteStore(Store):
             return [result]
         conn.execute("BEGIN IMMEDIATE")
         try:
-            results = []
+            results: list[Any] = []
             for op in ops:
                 if op[0] == "get":
                     results.append(self._get(conn, op[1], now))
                 elif op[0] == "put":
                     results.append(self._put(conn, now, *op[1:-1]))
                 else:
-                    results.append(self._set(conn, now, *op[1:-1]))
+                    self._set(conn, now, *op[1:-1])
+                    results.append(None)
             if now >= self._next_cleanup:
                 conn.execute("DELETE FROM kv WHERE expires IS NOT NULL AND expires <= ?", (now,))
                 self._next_cleanup = now + CLEANUP_EVERY
