@@ -603,9 +603,7 @@ class TwoServers:
     @staticmethod
     def came(backend) -> bool:
         """A wait on ``backend`` has run on the engine once (its place is set)."""
-        return any(
-            w.since is not None for waiters in backend._local.values() for w in waiters.values()
-        )
+        return any(w.since is not None for room in backend.pools for w in room.waiters.all.values())
 
 
 def test_a_wait_written_late_takes_its_place_by_arrival(
@@ -613,13 +611,13 @@ def test_a_wait_written_late_takes_its_place_by_arrival(
 ) -> None:
     """A queue entry that lingered (written after a later request's entry on the
     other server) is served first."""
-    from distributex.backends import shared
+    from distributex.backends import steps
     from distributex.engine import PoolSpec
 
     # Steps that only queue linger until another request comes (not 2-50 ms),
     # so the order of events below does not depend on the machine's speed.
-    monkeypatch.setattr(shared, "LINGER", 30.0)
-    monkeypatch.setattr(shared, "LINGER_MAX", 30.0)
+    monkeypatch.setattr(steps, "LINGER", 30.0)
+    monkeypatch.setattr(steps, "LINGER_MAX", 30.0)
 
     async def scenario() -> list[str]:
         async with TwoServers(rs, PoolSpec("late", maxlocks=1, expire=60)) as s:
@@ -647,10 +645,10 @@ def test_a_server_whose_clock_is_behind_passes_no_entry_queued_before_it(
     is behind still queues behind every entry that came more than ARRIVAL_TRUST
     (here 0) before the latest one queued, also when its first try ran on the
     record it kept from its own last write (holder taken on it)."""
-    from distributex.backends import shared
+    from distributex.backends import waiting
     from distributex.engine import PoolSpec
 
-    monkeypatch.setattr(shared, "ARRIVAL_TRUST", 0.0)
+    monkeypatch.setattr(waiting, "ARRIVAL_TRUST", 0.0)
 
     async def scenario() -> list[str]:
         async with TwoServers(rs, PoolSpec("skew", maxlocks=1, expire=600)) as s:
@@ -690,9 +688,13 @@ def test_a_wait_held_up_behind_a_step_keeps_its_place(
             monkeypatch.setattr(s.a.store, "put", held_put)
             # A renewal: a step of a's that writes, held at its write.
             busy = asyncio.create_task(s.a.renew(s.spec, "holder", holder.token, 60))
-            await s.until(lambda: "held" in s.a._runners)
+            await s.until(
+                lambda: (room := s.a.pools.get("held")) is not None and room.runner is not None
+            )
             s.wait(s.a, "early")  # waits for a's step
-            await s.until(lambda: any(s.a._local.get("held", {})))
+            await s.until(
+                lambda: (room := s.a.pools.get("held")) is not None and bool(room.waiters)
+            )
             s.wait(s.b, "late")
             await s.until(lambda: s.queued("late"))
             gate.set()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from distributex.backends import shared, sqlite
+from distributex.backends import shared, sqlite, steps
 from distributex.backends.shared import SharedStateBackend
 from distributex.backends.sqlite import SqliteStore
 from distributex.engine import PoolSpec
@@ -274,13 +274,21 @@ class OneFile:
 
         async def in_flight() -> bool:
             backend = self.reloaded
-            return backend.store._in_flight is not None and "p" in backend._runners
+            room = backend.pools.get("p")
+            return (
+                backend.store._in_flight is not None
+                and room is not None
+                and room.runner is not None
+            )
 
         await _until(in_flight)
 
     async def until_idle(self) -> None:
         async def idle() -> bool:
-            return not any(b._runners or b._tasks for b in (self.reloaded, self.other))
+            return not any(
+                any(room.runner for room in b.pools) or b._tasks
+                for b in (self.reloaded, self.other)
+            )
 
         await _until(idle)
 
@@ -343,7 +351,7 @@ def test_a_lowered_maxlocks_holds_in_a_step_begun_before_the_reload(
     # The write lock below is held past the lease's end: store calls wait for it.
     monkeypatch.setattr(sqlite, "BUSY_TIMEOUT_MS", 60_000)
     monkeypatch.setattr(shared, "CALL_TIMEOUT", 60.0)
-    monkeypatch.setattr(shared, "STEP_TIMEOUT", 60.0)
+    monkeypatch.setattr(steps, "STEP_TIMEOUT", 60.0)
     two, one = PoolSpec("p", maxlocks=2, expire=300), PoolSpec("p", maxlocks=1, expire=300)
 
     async def scenario() -> None:

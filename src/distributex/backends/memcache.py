@@ -28,6 +28,7 @@ them only.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from distributex.backends.base import BackendUnavailable
@@ -96,7 +97,14 @@ class MemcacheStore(Store):
         return {k.decode(): Stored(v, versions.get(k)) for k, v in values.items()}
 
     async def put(
-        self, key: str, value: bytes, version: Any | None, ttl: int = 0, durable: bool = True
+        self,
+        key: str,
+        value: bytes,
+        version: Any | None,
+        ttl: int = 0,
+        durable: bool = True,
+        nudge: Collection[str] = (),
+        pool: str = "",
     ) -> bool:
         # memcached does not say the new cas value: True, and the layer reads first.
         client = self._connect()
@@ -108,10 +116,10 @@ class MemcacheStore(Store):
             # e.g. SERVER_ERROR out of memory (memcached -M), object too large
             raise BackendUnavailable(f"{self.description} refused a write: {exc}") from None
 
-    async def own_clock(self) -> tuple[float, float] | None:
+    async def own_clock(self) -> tuple[float, float]:
         # memcached's clock ticks in whole seconds.
         seconds = await self._stat(b"", b"time")
-        return None if seconds is None else (float(seconds), 1.0)
+        return None if seconds is None else (float(seconds), 1.0)  # None: not shown
 
     async def unsafe_setting(self) -> str | None:
         if await self._stat(b"settings", b"evictions") == b"on":

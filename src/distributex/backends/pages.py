@@ -325,3 +325,22 @@ __all__ = [
     "page_key",
     "pages_due",
 ]
+
+
+async def take_due(
+    pages: PageQueue,
+    engine: LockEngine,
+    spec: PoolSpec,
+    pool_key: str,
+    marks: PageMarks,
+    now: float,
+) -> None:
+    """Move the first pages of the queue's tail into the window while it runs low."""
+    for _ in range(4):  # a few at most (pages emptied by departures)
+        if not pages_due(len(engine.waiter_ids(spec.name)), marks.first):
+            return
+        assert marks.first is not None
+        waiters, more = await pages.take(spec.name, pool_key, marks.first)
+        marks.top = max(marks.top, marks.first)
+        marks.first = marks.first + 1 if more else None
+        move_into(engine, spec, waiters, now)

@@ -51,7 +51,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from distributex.backends.base import BackendUnavailable
@@ -234,7 +234,14 @@ class SqliteStore(Store):
         return await self._submit(("get", keys))
 
     async def put(
-        self, key: str, value: bytes, version: Any | None, ttl: int = 0, durable: bool = True
+        self,
+        key: str,
+        value: bytes,
+        version: Any | None,
+        ttl: int = 0,
+        durable: bool = True,
+        nudge: Collection[str] = (),
+        pool: str = "",
     ) -> Any:
         return await self._submit(("put", key, value, version, ttl, durable))
 
@@ -297,8 +304,7 @@ class SqliteStore(Store):
             self._open()  # a reopen failed before: try again
         self._check_identity()
         conn = self._conn
-        if conn is None:  # _open() raises when it cannot open the file
-            raise BackendUnavailable(f"{self.description} is not open")
+        assert conn is not None  # opened above (or by _check_identity)
         now = time.time()
         writes = any(op[0] != "get" for op in ops) or now >= self._next_cleanup
         if not writes:

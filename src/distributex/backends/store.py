@@ -82,13 +82,23 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def put(
-        self, key: str, value: bytes, version: Any | None, ttl: int = 0, durable: bool = True
+        self,
+        key: str,
+        value: bytes,
+        version: Any | None,
+        ttl: int = 0,
+        durable: bool = True,
+        nudge: Collection[str] = (),
+        pool: str = "",
     ) -> Any:
         """Write if the key is still at ``version`` (None: only if it does not exist).
 
         ``ttl`` > 0 lets the store drop the key after that many seconds.
         ``durable`` False: the write may be lost in a crash (a store that
         syncs to disk may skip the sync for it).
+        ``nudge`` and ``pool``: the servers to nudge about ``pool`` once the
+        write succeeds; only a store with :attr:`nudges_with_put` is given
+        them (the others ignore them: the layer nudges on its own).
         Returns something false (None, False, or a :class:`Conflict` with
         what is stored now, which saves the layer a read) if another write
         came first; else the new version if the store knows it (the layer then need not
