@@ -116,7 +116,7 @@ class MemcacheStore(Store):
             # e.g. SERVER_ERROR out of memory (memcached -M), object too large
             raise BackendUnavailable(f"{self.description} refused a write: {exc}") from None
 
-    async def own_clock(self) -> tuple[float, float]:
+    async def own_clock(self) -> tuple[float, float] | None:
         # memcached's clock ticks in whole seconds.
         seconds = await self._stat(b"", b"time")
         return None if seconds is None else (float(seconds), 1.0)  # None: not shown
