@@ -214,6 +214,15 @@ class Prometheus:
         except RuntimeError:
             self.stop()
             raise RuntimeError(f"prometheus did not start: {self.log.read_text()}") from None
+        # Its port opens before its storage is ready; the API answers 503 until then.
+        wait_until(self.ready, timeout=60, what="Prometheus ready", every=0.2)
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/-/ready", timeout=5) as r:
+                return r.status == 200
+        except OSError:  # HTTPError 503 included
+            return False
 
     def api(self, path: str, **params: str) -> Any:
         url = f"http://127.0.0.1:{self.port}/api/v1/{path}"
