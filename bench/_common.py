@@ -141,11 +141,13 @@ class Server:
         self.stop()
         raise RuntimeError(f"server not ready within {ready_timeout} s: {self.log()}")
 
-    def log(self) -> str:
+    def log(self, tail: int | None = 2000) -> str:
+        """The server's output: its last ``tail`` characters (None: all of it)."""
         if self._log is None:
             return ""
         self._log.seek(0)
-        return self._log.read().decode(errors="replace")[-2000:]
+        text = self._log.read().decode(errors="replace")
+        return text if tail is None else text[-tail:]
 
     def cpu_seconds(self) -> float:
         return proc_cpu_seconds(self.pid)

@@ -446,9 +446,7 @@ async def scenario(
                     file=sys.stderr,
                 )
                 kinds: dict[str, int] = {}
-                log_file = server._log  # the whole log (log() keeps its end)
-                log_file.seek(0)
-                for line in log_file.read().decode(errors="replace").splitlines():
+                for line in server.log(tail=None).splitlines():
                     if " INFO " not in line and " DEBUG " not in line:
                         kind = line.split(" ", 3)[-1][:100]
                         kinds[kind] = kinds.get(kind, 0) + 1

@@ -71,11 +71,13 @@ def table(doc: dict[str, Any]) -> str:
         slots = f"{len(pool['holders'])}/{shown(pool['maxlocks'])}"
         queue = pool["waiters"]
         waiting = ", ".join(shown(w["host"]) for w in queue) if queue else "-"
-        beyond = pool.get("more_waiting", 0)  # a long queue on a shared store lists its head
-        if isinstance(beyond, int) and beyond > 0:
+        # A long queue on a shared store lists its head; older servers send no count.
+        beyond = pool.get("more_waiting")
+        beyond = beyond if isinstance(beyond, int) and beyond > 0 else 0
+        if beyond:
             waiting = f"{waiting}, and {beyond} more"
-        if len(queue) > 1 or beyond:
-            waiting = f"{len(queue) + (beyond if isinstance(beyond, int) else 0)}: {waiting}"
+        if len(queue) + beyond > 1:
+            waiting = f"{len(queue) + beyond}: {waiting}"
         holders = pool["holders"] or [None]
         for i, holder in enumerate(holders):
             first = i == 0
