@@ -4,7 +4,9 @@ For each backend and each number of waiters W (``--waiters 100,1000,10000``)
 the script starts the store and the servers on it (memcache, redis, etcd: 2
 servers; sqlite and inmemory: 1), a holder takes the pool, then W clients,
 each on its own TCP connection (waiter i on server i mod S, from source
-addresses 127.0.0.1.. when W is large), park on ``/wait/``. Then:
+addresses 127.0.0.1.. when W is large), park on ``/wait/``. One process may
+hold 20,000 open files here, so past 18,000 waiters the crowd is split over
+load-generator processes (``--generators``; ``_crowd.py``). Then:
 
 * **arrivals**: server CPU from the first ``/wait/`` until the servers are
   quiet again with all W connected, / W; the queue's length is then checked
@@ -29,7 +31,7 @@ stopped (SIGTERM, then SIGKILL) at the end. The growth of each cost from the
 smallest W to the largest is printed last.
 
     .venv/bin/python bench/fleet_queue.py --backend redis --waiters 100,1000,5000
-        [--cancel K] [--timeout 120] [--servers S] [--members 3] [--sources N]
+        [--cancel K] [--timeout 120] [--servers S] [--members 3] [--sources N] [--generators G]
         [--profile FILE] [--json]
 """
 
@@ -68,31 +70,16 @@ from _common import (
     start_py_spy,
     summarize_profile,
 )
+from _crowd import PER_SOURCE, Crowds, Plan, Waiter, read_answer, request
 from shared_mutex import start_etcd, start_memcached, start_redis
 
 POOL = "fleet"
 PREFIX = "distributex/"  # the servers' default key_prefix
 BACKENDS = ("inmemory", "sqlite", "memcache", "redis", "etcd")
-CONNECT_WINDOW = 500  # connections being opened at once (the server's backlog is 4096)
-PER_SOURCE = 10_000  # waiters per source address (ephemeral ports per address and server)
+GENERATOR_SOCKETS = 18_000  # waiters one load generator parks at most (20,000 open files)
 FIFO_SLACK_NS = 1_000_000  # requests written closer than this may reach the server either way
 HOLDER_TTL = 3600  # the holder's lease outlives every phase
 WAITER_TTL = 60
-
-
-@dataclass
-class Waiter:
-    """One parked client: its connection and what it saw (monotonic ns)."""
-
-    index: int
-    server: int
-    written_ns: int = 0  # /wait/ written to the socket
-    yes_ns: int = 0
-    release_ns: int = 0
-    fence: int = 0
-    answer: str = ""
-    released: bool = False
-    writer: asyncio.StreamWriter | None = None
 
 
 @dataclass
@@ -279,35 +266,12 @@ def start_setup(backend: str, servers_n: int | None, members: int, nofile: int) 
 # -- the clients ---------------------------------------------------------------------------
 
 
-async def _read_answer(reader: asyncio.StreamReader) -> tuple[bytes, str | None]:
-    head = await reader.readuntil(b"\r\n\r\n")
-    length, fence = 0, None
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        name = name.strip().lower()
-        if name == b"content-length":
-            length = int(value)
-        elif name == b"x-distributex-fence":
-            fence = value.strip().decode()
-        elif name == b"x-distributex-reason":
-            fence = fence or "reason: " + value.strip().decode(errors="replace")
-    body = await reader.readexactly(length)
-    if fence is not None and fence.startswith("reason: "):
-        return body + b" (" + fence[8:].encode() + b")", None  # an answer's reason, shown
-    return body, fence
-
-
-def _request(verb: str, host: str, extra: str = "") -> bytes:
-    target = f"/{verb}/?host={host}&pool={POOL}{extra}"
-    return f"GET {target} HTTP/1.1\r\nHost: {LOOPBACK}\r\n\r\n".encode()
-
-
 async def ask(port: int, verb: str, host: str, extra: str = "") -> tuple[bytes, str | None]:
     """One request on a connection of its own."""
     reader, writer = await asyncio.open_connection(LOOPBACK, port)
     try:
-        writer.write(_request(verb, host, extra))
-        return await _read_answer(reader)
+        writer.write(request(verb, POOL, host, extra))
+        return await read_answer(reader)
     finally:
         writer.close()
 
@@ -317,7 +281,7 @@ async def queue_length(port: int) -> int:
     reader, writer = await asyncio.open_connection(LOOPBACK, port)
     try:
         writer.write(f"GET /status?pool={POOL} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        body, _ = await _read_answer(reader)
+        body, _ = await read_answer(reader)
     finally:
         writer.close()
     pool = json.loads(body)["pools"][0]
@@ -325,38 +289,6 @@ async def queue_length(port: int) -> int:
         if isinstance(pool.get(name), int):
             return int(pool[name])
     return sum(int(w.get("requests", 1)) for w in pool.get("waiters", []))
-
-
-async def run_waiter(
-    waiter: Waiter, port: int, source: str, opened: asyncio.Semaphore, release: asyncio.Event
-) -> None:
-    """Park on /wait/; on YES release at once (after the holder let go) on the same connection."""
-    writer = None
-    try:
-        reader, writer = await asyncio.open_connection(LOOPBACK, port, local_addr=(source, 0))
-        waiter.writer = writer
-        host = f"w{waiter.index}"
-        writer.write(_request("wait", host, f"&ttl={WAITER_TTL}"))
-        await writer.drain()
-        waiter.written_ns = time.monotonic_ns()
-    finally:
-        opened.release()
-    if writer is None:
-        return
-    try:
-        body, fence = await _read_answer(reader)
-        waiter.yes_ns = time.monotonic_ns()
-        waiter.answer = body.decode(errors="replace")
-        if body != b"YES" or fence is None:
-            return
-        waiter.fence = int(fence)
-        waiter.release_ns = time.monotonic_ns()
-        writer.write(_request("release", host))
-        body, _ = await _read_answer(reader)
-        waiter.released = body == b"OK"
-        release.set()
-    finally:
-        writer.close()
 
 
 async def settle(setup: Setup, queued: int, bound: float) -> tuple[float, float, float]:
@@ -406,26 +338,32 @@ async def scenario(
         result["store_keys_idle"], result["store_bytes_idle"], _ = setup.store_bytes()
 
     sources = args.sources or max(1, math.ceil(waiters_n / PER_SOURCE))
-    result["sources"] = sources
+    generators = args.generators or max(1, math.ceil(waiters_n / GENERATOR_SOCKETS))
+    result["sources"], result["generators"] = sources, generators
     crowd = [Waiter(i, i % len(servers)) for i in range(waiters_n)]
-    opened = asyncio.Semaphore(CONNECT_WINDOW)
-    released = asyncio.Event()
-    tasks: list[asyncio.Task[None]] = []
+    plan = Plan(POOL, [s.port for s in servers], sources, WAITER_TTL, args.nofile)
+    crowds = Crowds(plan, crowd, generators)
+    try:
+        return await _phases(setup, crowds, cancel, bound, args, result)
+    finally:
+        await crowds.close()
+
+
+async def _phases(
+    setup: Setup, crowds: Crowds, cancel: int, bound: float, args: Any, result: dict[str, Any]
+) -> dict[str, Any]:
+    servers, s0, crowd = setup.servers, setup.servers[0], crowds.waiters
+    waiters_n = len(crowd)
 
     # Arrivals.
     cpu0, store0, t0 = setup.server_cpu(), setup.store_cpu(), time.monotonic()
     try:
         async with asyncio.timeout(bound):
-            for waiter in crowd:
-                await opened.acquire()
-                source = f"127.0.0.{1 + (waiter.index // PER_SOURCE) % sources}"
-                port = servers[waiter.server].port
-                tasks.append(
-                    asyncio.create_task(run_waiter(waiter, port, source, opened, released))
-                )
+            await crowds.park()
         cpu1, store1, t1 = await settle(setup, waiters_n, bound)
     except TimeoutError:
         result["arrivals_timed_out"] = True
+        await crowds.gather_seen()
         result["arrivals_written"] = sum(1 for w in crowd if w.written_ns)
         answered: dict[str, int] = {}
         for w in crowd:
@@ -452,7 +390,6 @@ async def scenario(
                         kinds[kind] = kinds.get(kind, 0) + 1
                 for kind, count in sorted(kinds.items(), key=lambda kv: -kv[1])[:8]:
                     print(f"  {count} x {kind}", file=sys.stderr)
-        await _cleanup(tasks, crowd)
         return result
     result["park_s"] = t1 - t0
     result["server_cpu_us_per_arrival"] = (cpu1 - cpu0) / waiters_n * 1e6
@@ -469,9 +406,7 @@ async def scenario(
     leaving = crowd[middle : middle + cancel]
     if leaving:
         cpu0, store0 = setup.server_cpu(), setup.store_cpu()
-        for waiter in leaving:
-            if waiter.writer is not None:
-                waiter.writer.transport.abort()
+        await crowds.hang_up([w.index for w in leaving])
         try:
             cpu1, store1, _ = await settle(setup, waiters_n - cancel, bound)
             result["server_cpu_us_per_departure"] = (cpu1 - cpu0) / cancel * 1e6
@@ -490,10 +425,10 @@ async def scenario(
     t0_ns = time.monotonic_ns()
     answer, _ = await ask(s0.port, "release", "holder")
     assert answer == b"OK", answer
-    pending = [tasks[w.index] for w in staying]
-    _done, still = await asyncio.wait(pending, timeout=bound)
+    still = await crowds.finish(bound, skip=sorted(gone))
     end_ns = time.monotonic_ns()
     cpu1, store1 = setup.server_cpu(), setup.store_cpu()
+    await crowds.gather_seen()
     if spy is not None:
         with contextlib.suppress(subprocess.TimeoutExpired):
             spy.wait(bound)
@@ -529,7 +464,6 @@ async def scenario(
     result["safety_violations"] = safety_violations(
         Grant(w.index, POOL, w.written_ns, w.yes_ns, w.release_ns, w.fence) for w in granted
     )
-    await _cleanup(tasks, crowd)
     return result
 
 
@@ -548,18 +482,9 @@ def _answers(crowd: Sequence[Waiter]) -> dict[str, int]:
     return counts
 
 
-async def _cleanup(tasks: list[asyncio.Task[None]], crowd: list[Waiter]) -> None:
-    for task in tasks:
-        task.cancel()
-    for waiter in crowd:
-        if waiter.writer is not None:
-            waiter.writer.transport.abort()
-    await asyncio.gather(*tasks, return_exceptions=True)
-
-
 def run_one(backend: str, waiters_n: int, args: Any) -> dict[str, Any]:
-    nofile = waiters_n + 4096
-    raise_nofile(nofile)
+    nofile = raise_nofile(waiters_n + 4096)
+    args.nofile = nofile
     # Enough departures to see past the CPU clock's 10 ms ticks.
     cancel = (
         args.cancel if args.cancel is not None else max(waiters_n // 10, min(50, waiters_n // 2))
@@ -590,6 +515,7 @@ def _us(r: dict[str, Any], key: str) -> str:
 def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
     out = [
         ("backend, servers, waiters", f"{r['backend']}, {r['servers']}, {fmt_int(r['waiters'])}"),
+        ("load generators, source addresses", f"{r['generators']}, {r['sources']}"),
     ]
     if r.get("arrivals_timed_out"):
         out.append(("arrivals", f"not done in the bound ({r['arrivals_written']:,} written)"))
@@ -680,6 +606,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--servers", type=int, default=None, help="default 2; sqlite 1")
     parser.add_argument("--members", type=int, default=3, help="etcd cluster size")
     parser.add_argument("--sources", type=int, default=None, help="127.0.0.x source addresses")
+    parser.add_argument(
+        "--generators", type=int, default=None, help="load-generator processes (default W/18,000)"
+    )
     parser.add_argument("--profile", metavar="FILE", help="py-spy server 0 during the drain")
     parser.add_argument("--profile-seconds", type=float, default=10.0)
     parser.add_argument("--json", action="store_true")
