@@ -291,24 +291,36 @@ async def queue_length(port: int) -> int:
     return sum(int(w.get("requests", 1)) for w in pool.get("waiters", []))
 
 
-async def settle(setup: Setup, queued: int, bound: float) -> tuple[float, float, float]:
+async def settle(setup: Setup, queued: int, bound: float) -> tuple[float, float, float, int]:
     """Poll ``/status`` (every 0.5 s) until the pool's queue is ``queued`` long.
 
-    Returns (server CPU, store CPU, monotonic s) at that moment. The polls'
-    own cost (a read of the pool) is in the figures.
+    Returns (server CPU, store CPU, monotonic s) at that moment and the polls
+    made. The polls' own cost (a read of every page) is in the CPU figures;
+    ``status_cost`` measures it so that it can be taken out.
     """
     deadline = time.monotonic() + bound
     port = setup.servers[0].port
+    polls = 0
     while time.monotonic() < deadline:
         await asyncio.sleep(0.5)
+        polls += 1
         now = time.monotonic()
         async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
             length = await queue_length(port)
         if os.environ.get("FQDEBUG"):
             print(f"settle: queue {length}", file=sys.stderr)
         if length == queued:
-            return setup.server_cpu(), setup.store_cpu(), now
+            return setup.server_cpu(), setup.store_cpu(), now, polls
     raise TimeoutError
+
+
+async def status_cost(setup: Setup, polls: int = 10) -> tuple[float, float]:
+    """Server and store CPU seconds of one ``/status?pool=`` poll, the queue at rest."""
+    port = setup.servers[0].port
+    cpu0, store0 = setup.server_cpu(), setup.store_cpu()
+    for _ in range(polls):
+        await queue_length(port)
+    return (setup.server_cpu() - cpu0) / polls, (setup.store_cpu() - store0) / polls
 
 
 async def at_rest(setup: Setup, seconds: float = 2.0) -> float:
@@ -360,7 +372,7 @@ async def _phases(
     try:
         async with asyncio.timeout(bound):
             await crowds.park()
-        cpu1, store1, t1 = await settle(setup, waiters_n, bound)
+        cpu1, store1, t1, polls = await settle(setup, waiters_n, bound)
     except TimeoutError:
         result["arrivals_timed_out"] = True
         await crowds.gather_seen()
@@ -396,6 +408,15 @@ async def _phases(
     result["store_cpu_us_per_arrival"] = (store1 - store0) / waiters_n * 1e6
     result["queued"] = waiters_n
     result["server_cpu_pct_parked"] = await at_rest(setup)
+    poll_cpu, poll_store = await status_cost(setup)
+    result["status_polls_while_parking"] = polls
+    result["server_cpu_us_per_status"] = poll_cpu * 1e6
+    result["server_cpu_us_per_arrival_without_polls"] = (
+        (cpu1 - cpu0 - polls * poll_cpu) / waiters_n * 1e6
+    )
+    result["store_cpu_us_per_arrival_without_polls"] = (
+        (store1 - store0 - polls * poll_store) / waiters_n * 1e6
+    )
     if setup.store_bytes is not None:
         keys, size, largest = setup.store_bytes()
         result.update(store_keys_parked=keys, store_bytes_parked=size, store_largest_value=largest)
@@ -408,7 +429,7 @@ async def _phases(
         cpu0, store0 = setup.server_cpu(), setup.store_cpu()
         await crowds.hang_up([w.index for w in leaving])
         try:
-            cpu1, store1, _ = await settle(setup, waiters_n - cancel, bound)
+            cpu1, store1, _, _ = await settle(setup, waiters_n - cancel, bound)
             result["server_cpu_us_per_departure"] = (cpu1 - cpu0) / cancel * 1e6
             result["store_cpu_us_per_departure"] = (store1 - store0) / cancel * 1e6
         except TimeoutError:
@@ -530,6 +551,14 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
         ),
     ]
     out.append(
+        (
+            "  without the /status polls (polls; each)",
+            f"{_us(r, 'server_cpu_us_per_arrival_without_polls')} / "
+            f"{_us(r, 'store_cpu_us_per_arrival_without_polls')} "
+            f"({r['status_polls_while_parking']}; {_us(r, 'server_cpu_us_per_status')})",
+        )
+    )
+    out.append(
         ("server CPU while parked, at rest", f"{r['server_cpu_pct_parked']:.1f} % of a core")
     )
     if "store_bytes_per_waiter" in r:
@@ -586,7 +615,7 @@ def growth(results: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     for backend in dict.fromkeys(r["backend"] for r in results):
         mine = sorted((r for r in results if r["backend"] == backend), key=lambda r: r["waiters"])
         ratios: dict[str, float] = {}
-        for cost in ("arrival", "departure", "handoff"):
+        for cost in ("arrival", "arrival_without_polls", "departure", "handoff"):
             key = f"server_cpu_us_per_{cost}"
             done = [r for r in mine if r.get(key) and not r.get("drain_timed_out")]
             if len(done) >= 2:
