@@ -170,3 +170,46 @@ def test_frozen_memcached_is_a_bounded_503_for_every_request(mc: Memcached, serv
         mc.proc.send_signal(signal.SIGCONT)
     took = wait_until(lambda: server.call(q("get", "b", "other")).body == "YES", 15, "back")
     assert took < 10
+
+
+def test_a_write_whose_connection_closes_mid_answer_fails_and_never_spins(mc: Memcached) -> None:
+    # A write waits for memcached's answer (frozen here) when its connection is
+    # closed: by reset() after another call timed out, or by memcached going
+    # away. aiomcache's own reader looped for good on the end of file without
+    # ever yielding (the server froze at 100 % CPU with 20,000 waiters parked);
+    # the alarm below breaks such a loop, which fails the test.
+    import asyncio
+
+    from distributex.backends.memcache import MemcacheStore
+
+    def alarm(signum: int, frame: object) -> None:
+        raise AssertionError("the write spun on a closed connection")
+
+    async def scenario() -> None:
+        store = MemcacheStore("127.0.0.1", mc.port)
+        await store.start()
+        assert await store.put("k", b"before", None)
+        assert mc.proc is not None
+        mc.proc.send_signal(signal.SIGSTOP)
+        try:
+            write = asyncio.create_task(store.put("k2", b"value", None))
+            client = store._client
+            while not client._pool._in_use:  # the write holds its connection
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0)  # and has written its command
+            store.reset()
+            with pytest.raises(ConnectionResetError, match="mid-answer"):
+                await asyncio.wait_for(write, 10)
+        finally:
+            mc.proc.send_signal(signal.SIGCONT)
+        values = await store.get(["k"])  # a new connection works
+        assert values["k"].value == b"before"
+        await store.close()
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, 15)
+    try:
+        asyncio.run(scenario())
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

@@ -46,11 +46,28 @@ POOL_SIZE = 8
 if aiomcache is not None:
 
     class _Client(aiomcache.Client):
-        """aiomcache's client with ``gets`` of several keys in one round trip."""
+        """aiomcache's client with ``gets`` of several keys in one round trip, and
+        a one-line answer that ends at a closed connection."""
 
         @_with_connection
         async def gets_many(self, conn: Any, *keys: bytes) -> tuple[dict[bytes, bytes], dict]:
             return await self._multi_get(conn, *keys, with_cas=True)
+
+        async def _execute_simple_command(self, conn: Any, raw_command: bytes) -> bytes:
+            # aiomcache 0.8.2's own loop reads lines until one ends in CRLF; at end
+            # of file readline() gives b"" at once, so a connection closed in the
+            # middle of an answer (memcached restarting, or reset() closing a busy
+            # connection) spun the event loop for good: the server froze at 100 %
+            # CPU and did not even stop on SIGTERM (aio-libs/aiomcache#502).
+            conn.writer.write(raw_command)
+            await conn.writer.drain()
+            answer = bytearray()
+            while not answer.endswith(b"\r\n"):
+                line = await conn.reader.readline()
+                if not line:
+                    raise ConnectionResetError("memcached closed the connection mid-answer")
+                answer.extend(line)
+            return bytes(answer[:-2])
 
 
 class MemcacheStore(Store):
