@@ -6,14 +6,17 @@ the test, and real distributexd processes sharing it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any
 
 import pytest
 
+from distributex.backends.memcache import MemcacheStore
 from tests.conftest import Memcached, Server, start_memcached, wait_until
 from tests.test_http import ParkedWait, q
 
@@ -172,19 +175,32 @@ def test_frozen_memcached_is_a_bounded_503_for_every_request(mc: Memcached, serv
     assert took < 10
 
 
-def test_a_write_whose_connection_closes_mid_answer_fails_and_never_spins(mc: Memcached) -> None:
-    # A write waits for memcached's answer (frozen here) when its connection is
-    # closed: by reset() after another call timed out, or by memcached going
-    # away. aiomcache's own reader looped for good on the end of file without
-    # ever yielding (the server froze at 100 % CPU with 20,000 waiters parked);
-    # the alarm below breaks such a loop, which fails the test.
-    import asyncio
-
-    from distributex.backends.memcache import MemcacheStore
+def _with_alarm(seconds: float, scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run ``scenario``; an event loop spinning without yielding is broken by SIGALRM."""
 
     def alarm(signum: int, frame: object) -> None:
-        raise AssertionError("the write spun on a closed connection")
+        raise AssertionError("the event loop spun or hung past its time")
 
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        asyncio.run(scenario())
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+async def _in_flight(store: MemcacheStore, count: int) -> None:
+    """Until ``count`` calls hold a connection (and one more turn: they have written)."""
+    while len(store._client._pool._in_use) < count:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0)
+
+
+def test_a_write_whose_connection_closes_mid_answer_fails_and_never_spins(mc: Memcached) -> None:
+    # The connection ends while a write waits for its answer. aiomcache's own
+    # reader looped for good on the end of file without ever yielding (a server
+    # froze at 100 % CPU with 20,000 waiters parked, deaf to SIGTERM).
     async def scenario() -> None:
         store = MemcacheStore("127.0.0.1", mc.port)
         await store.start()
@@ -193,23 +209,50 @@ def test_a_write_whose_connection_closes_mid_answer_fails_and_never_spins(mc: Me
         mc.proc.send_signal(signal.SIGSTOP)
         try:
             write = asyncio.create_task(store.put("k2", b"value", None))
-            client = store._client
-            while not client._pool._in_use:  # the write holds its connection
-                await asyncio.sleep(0.01)
-            await asyncio.sleep(0)  # and has written its command
-            store.reset()
+            await _in_flight(store, 1)
+            for conn in store._client._pool._in_use:  # the connection ends: end of file
+                conn.writer.close()
             with pytest.raises(ConnectionResetError, match="mid-answer"):
                 await asyncio.wait_for(write, 10)
         finally:
             mc.proc.send_signal(signal.SIGCONT)
-        values = await store.get(["k"])  # a new connection works
-        assert values["k"].value == b"before"
+        assert await store.put("k", b"after", 12345) is False  # a new connection works
+        assert (await store.get(["k"]))["k"].value == b"before"
         await store.close()
 
-    previous = signal.signal(signal.SIGALRM, alarm)
-    signal.setitimer(signal.ITIMER_REAL, 15)
-    try:
-        asyncio.run(scenario())
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+    _with_alarm(15, scenario)
+
+
+def test_a_call_that_times_out_fails_alone_and_its_connection_is_not_reused(
+    mc: Memcached,
+) -> None:
+    # The layer gives up on a call after its time and resets the store. Only
+    # that call's connection is out of step; closing every busy one failed all
+    # calls in flight with it (4,898 of 20,000 arrivals answered 503).
+    async def scenario() -> None:
+        store = MemcacheStore("127.0.0.1", mc.port)
+        await store.start()
+        assert mc.proc is not None
+        mc.proc.send_signal(signal.SIGSTOP)
+        try:
+            late = asyncio.create_task(store.put("late", b"1", None))
+            await _in_flight(store, 1)
+            other = asyncio.create_task(store.put("other", b"2", None))
+            await _in_flight(store, 2)
+            late.cancel()  # as the layer's timeout does
+            with pytest.raises(asyncio.CancelledError):
+                await late
+            store.reset()
+        finally:
+            mc.proc.send_signal(signal.SIGCONT)
+        assert await asyncio.wait_for(other, 10) is True
+        # memcached did store "late" (its answer was never read): every later
+        # answer is its own call's, not a leftover line of that one.
+        for _ in range(10):
+            assert await store.put("late", b"again", None) is False  # NOT_STORED
+            found = await store.get(["late", "other"])
+            assert (found["late"].value, found["other"].value) == (b"1", b"2")
+            assert await store.put("late", b"3", 12345) is False  # EXISTS: wrong version
+        await store.close()
+
+    _with_alarm(20, scenario)
