@@ -32,6 +32,7 @@ class Waiter:
 
     index: int
     server: int
+    generator: int = 0  # the process that parks it
     written_ns: int = 0  # /wait/ written to the socket
     yes_ns: int = 0
     release_ns: int = 0
@@ -98,7 +99,7 @@ class Crowd:
 
     async def _run(self, waiter: Waiter, opened: asyncio.Semaphore) -> None:
         plan = self.plan
-        source = f"127.0.0.{1 + (waiter.index // PER_SOURCE) % plan.sources}"
+        source = f"127.0.0.{1 + waiter.index % plan.sources}"
         host = f"w{waiter.index}"
         writer = None
         try:
@@ -234,7 +235,8 @@ class Crowds:
         servers = len(plan.ports)
         shares: list[list[Waiter]] = [[] for _ in range(generators)]
         for waiter in waiters:
-            shares[(waiter.index // servers) % generators].append(waiter)
+            waiter.generator = (waiter.index // servers) % generators
+            shares[waiter.generator].append(waiter)
         self.waiters = waiters
         self.local = Crowd(plan, shares[0])
         self.remote = [RemoteCrowd(plan, share) for share in shares[1:]]
