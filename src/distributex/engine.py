@@ -28,6 +28,21 @@ Rules kept here, whoever drives the engine:
 * Every hold gets a fencing token from one engine-wide counter, so tokens
   strictly increase within each pool and are never reused. The leases of one
   hold share its token.
+* Modes: a hold is ``exclusive`` (the default, the 0.7 behaviour) or
+  ``shared``. Exclusive holds keep the ``maxlocks`` rule; shared holds
+  coexist with each other, up to ``max_shared`` (None: no limit), and never
+  with an exclusive hold. The queue is one FIFO across modes: its head is
+  granted when its mode fits, and nobody behind it is granted before it, so
+  a shared request behind a waiting exclusive one waits (no starvation of
+  either kind), and a run of shared requests at the head is granted together.
+  An owner's request joins its hold when the hold gives at least what it
+  asks (any request joins an exclusive hold, a shared one a shared hold); an
+  exclusive request of a shared holder is not an upgrade: ``acquire`` says
+  no and ``enqueue`` queues it, to be granted once its shared hold has ended.
+* Lock-delay: when a hold ends because its last lease *expired* (never on a
+  release or a hang-up), its slot stays taken for the pool's ``lock_delay``
+  seconds after the lease's end, by a *delay* of the hold's mode, so that a
+  holder that was only slow or cut off can notice before anyone else starts.
 """
 
 from __future__ import annotations
@@ -39,6 +54,12 @@ from collections.abc import Callable, Iterator, KeysView
 from dataclasses import dataclass, field
 
 NEVER = math.inf
+
+#: The default mode: a slot of the ``maxlocks`` rule, alone with other exclusive holds.
+EXCLUSIVE = "exclusive"
+#: Shared holds coexist with each other (up to ``max_shared``), never with exclusive ones.
+SHARED = "shared"
+MODES = (EXCLUSIVE, SHARED)
 
 # More leases than this in one hold means a client re-asks in a loop without
 # releasing; the lease closest to its end is then dropped to bound memory.
@@ -55,12 +76,16 @@ class PoolSpec:
 
     ``expire`` is the lease time in seconds (0: leases never expire).
     ``servers`` is the allow-list of hosts, or None for any host.
+    ``max_shared`` bounds the shared holds at once (None: no limit);
+    ``lock_delay`` is how long a slot stays taken after its lease expired.
     """
 
     name: str
     maxlocks: int = 1
     expire: float = 1800.0
     servers: frozenset[str] | None = None
+    max_shared: int | None = None
+    lock_delay: float = 0.0
 
     def lease_ttl(self, requested: float | None) -> float:
         """The time-to-live a lease gets when a client asks for ``requested``.
@@ -85,6 +110,7 @@ class Hold:
     fence: int
     granted_at: float
     leases: dict[str, Lease] = field(default_factory=dict, repr=False)
+    mode: str = EXCLUSIVE
 
     @property
     def expires_at(self) -> float:
@@ -139,6 +165,7 @@ class Waiter:
     lease: Lease | None = None
     id: str = field(default_factory=lambda: secrets.token_urlsafe(9))
     server: str = ""
+    mode: str = EXCLUSIVE
 
 
 @dataclass(eq=False)
@@ -149,9 +176,24 @@ class _Pool:
     queue: dict[str, list[Waiter]] = field(default_factory=dict)
     # Grant no new hold before this time (state lost: old leases may be live).
     blocked_until: float = -math.inf
+    # Lock-delays: (until, mode) of holds that expired, each still taking its slot.
+    delays: list[tuple[float, str]] = field(default_factory=list)
 
     def idle(self) -> bool:
-        return not self.holders and not self.queue and self.blocked_until == -math.inf
+        return (
+            not self.holders
+            and not self.queue
+            and self.blocked_until == -math.inf
+            and not self.delays
+        )
+
+    def taken(self, now: float) -> tuple[int, int]:
+        """Slots taken now: (exclusive, shared), holds and lock-delays alike."""
+        if self.delays:
+            self.delays = [d for d in self.delays if d[0] > now]
+        shared = sum(1 for h in self.holders.values() if h.mode == SHARED)
+        shared += sum(1 for d in self.delays if d[1] == SHARED)
+        return len(self.holders) + len(self.delays) - shared, shared
 
 
 @dataclass
@@ -168,12 +210,30 @@ class PoolState:
     holds: list[Hold] = field(default_factory=list)
     queue: list[Waiter] = field(default_factory=list)
     blocked_until: float = -math.inf
+    delays: list[tuple[float, str]] = field(default_factory=list)
 
 
 def _bounded(spec: PoolSpec, ttl: float) -> float:
     """A time-to-live given under an earlier ``expire``, bounded by the pool's
     current one (0, never ending, is the longest of all)."""
     return spec.lease_ttl(ttl or None)
+
+
+def _fits(spec: PoolSpec, mode: str, exclusive: int, shared: int) -> bool:
+    """May a hold of ``mode`` start while these slots are taken?"""
+    if mode == SHARED:
+        return exclusive == 0 and (spec.max_shared is None or shared < spec.max_shared)
+    return shared == 0 and exclusive < spec.maxlocks
+
+
+def _joins(hold: Hold, mode: str) -> bool:
+    """Does a request of ``mode`` join its owner's hold (the hold gives what it asks)?"""
+    return hold.mode == EXCLUSIVE or mode == SHARED
+
+
+def _mode_of(waiters: list[Waiter]) -> str:
+    """The mode an owner's place in the queue asks: exclusive if any of its waits does."""
+    return EXCLUSIVE if any(w.mode != SHARED for w in waiters) else SHARED
 
 
 def _came(waiters: list[Waiter]) -> float:
@@ -213,6 +273,8 @@ class LockEngine:
         # (expires_at, seq, token); entries go stale on renew and release
         # and are dropped lazily, or all at once by _compact().
         self._deadlines: list[tuple[float, int, str]] = []
+        # (until, pool) of lock-delays; an entry of a pool gone is a harmless wake-up.
+        self._delay_ends: list[tuple[float, str]] = []
         self._seq = 0
         self._last_fence = first_fence - 1
         self._new_token = new_token
@@ -284,7 +346,13 @@ class LockEngine:
         return self._pools.keys()
 
     def next_deadline(self) -> float | None:
-        """When the earliest lease ends, or None if no lease can end."""
+        """When the earliest lease or lock-delay ends, or None if none can end."""
+        lease_end = self._next_lease_end()
+        if self._delay_ends and (lease_end is None or self._delay_ends[0][0] < lease_end):
+            return self._delay_ends[0][0]
+        return lease_end
+
+    def _next_lease_end(self) -> float | None:
         heap = self._deadlines
         while heap:
             when, _seq, token = heap[0]
@@ -297,24 +365,32 @@ class LockEngine:
     # -- requests ----------------------------------------------------------
 
     def acquire(
-        self, spec: PoolSpec, owner: str, now: float, ttl: float | None = None
+        self,
+        spec: PoolSpec,
+        owner: str,
+        now: float,
+        ttl: float | None = None,
+        mode: str = EXCLUSIVE,
     ) -> Lease | None:
         """Try once for a slot (the ``/get/`` verb); never waits.
 
-        Returns a new lease if the owner already holds the pool (a lease of
-        its hold) or a slot is free and nobody is waiting, else None.
+        Returns a new lease if the owner already holds the pool in a mode
+        that gives ``mode`` (a lease of its hold) or a slot of ``mode`` is
+        free and nobody is waiting, else None.
         """
         state = self._pool(spec)
         hold = state.holders.get(owner)
+        if hold is not None and not _joins(hold, mode):
+            return None
         if hold is None:
             if (
                 not self._may_grant(state, now)
                 or state.queue
-                or len(state.holders) >= spec.maxlocks
+                or not _fits(spec, mode, *state.taken(now))
             ):
                 self._forget_if_idle(state)
                 return None
-            hold = self._hold(state, owner, now)
+            hold = self._hold(state, owner, now, mode)
         lease = self._lease(hold, spec.lease_ttl(ttl), now)
         lease.delivered = True
         return lease
@@ -328,6 +404,7 @@ class LockEngine:
         server: str = "",
         waiter_id: str | None = None,
         since: float | None = None,
+        mode: str = EXCLUSIVE,
     ) -> Waiter:
         """Ask for a slot and wait for it (the ``/wait/`` verb).
 
@@ -343,17 +420,19 @@ class LockEngine:
         """
         state = self._pool(spec)
         arrived = now if since is None else since
-        waiter = Waiter(spec.name, owner, spec.lease_ttl(ttl), arrived, server=server)
+        waiter = Waiter(spec.name, owner, spec.lease_ttl(ttl), arrived, server=server, mode=mode)
         if waiter_id is not None:
             waiter.id = waiter_id
         hold = state.holders.get(owner)
-        if (
+        if hold is not None and not _joins(hold, mode):
+            hold = None  # queued: granted once its shared hold has ended
+        elif (
             hold is None
             and self._may_grant(state, now)
             and not state.queue
-            and len(state.holders) < spec.maxlocks
+            and _fits(spec, mode, *state.taken(now))
         ):
-            hold = self._hold(state, owner, now)
+            hold = self._hold(state, owner, now, mode)
         if hold is not None:
             waiter.lease = self._lease(hold, waiter.ttl, now)
             waiter.lease.waiter = waiter
@@ -456,17 +535,22 @@ class LockEngine:
         return lease
 
     def expire(self, now: float) -> list[Waiter]:
-        """End every lease whose time is up at ``now``; returns waiters granted."""
+        """End every lease and lock-delay whose time is up at ``now``; returns waiters granted."""
         granted: list[Waiter] = []
         while True:
-            when = self.next_deadline()
+            when = self._next_lease_end()
+            if self._delay_ends and self._delay_ends[0][0] <= now:
+                if when is None or self._delay_ends[0][0] < when:
+                    _until, pool = heapq.heappop(self._delay_ends)
+                    granted += self.fill(pool, now)
+                    continue
             if when is None or when > now:
                 return granted
             _when, _seq, token = heapq.heappop(self._deadlines)
             lease = self._leases[token]
             if self.on_expire is not None and lease.delivered:
                 self.on_expire(lease)
-            granted += self._end(lease, now)
+            granted += self._end(lease, now, expired=True)
 
     def reconfigure(self, spec: PoolSpec, now: float) -> list[Waiter]:
         """A pool's configuration changed; returns the waiters a raised ``maxlocks`` granted.
@@ -492,7 +576,9 @@ class LockEngine:
         The engine's fence counter moves up to the pool's, never down.
         """
         self._pools.pop(spec.name, None)
-        state = _Pool(spec, blocked_until=stored.blocked_until)
+        state = _Pool(spec, blocked_until=stored.blocked_until, delays=list(stored.delays))
+        for until, _mode in stored.delays:
+            heapq.heappush(self._delay_ends, (until, spec.name))
         for hold in stored.holds:
             state.holders[hold.owner] = hold
             for lease in hold.leases.values():
@@ -515,6 +601,7 @@ class LockEngine:
             holds=self.holders(pool),
             queue=[w for waiters in state.queue.values() for w in waiters],
             blocked_until=state.blocked_until,
+            delays=list(state.delays),
         )
 
     def block(self, spec: PoolSpec, until: float) -> None:
@@ -571,6 +658,7 @@ class LockEngine:
         state = self._pools.get(pool)
         if state is None:
             return []
+        state.taken(now)  # lock-delays that are over are dropped
         granted = list(self._fill(state, now))
         self._forget_if_idle(state)
         return granted
@@ -592,9 +680,11 @@ class LockEngine:
         if state.idle():
             self._pools.pop(state.spec.name, None)
 
-    def _hold(self, state: _Pool, owner: str, now: float) -> Hold:
+    def _hold(self, state: _Pool, owner: str, now: float, mode: str = EXCLUSIVE) -> Hold:
         self._last_fence += 1
-        hold = Hold(pool=state.spec.name, owner=owner, fence=self._last_fence, granted_at=now)
+        hold = Hold(
+            pool=state.spec.name, owner=owner, fence=self._last_fence, granted_at=now, mode=mode
+        )
         state.holders[owner] = hold
         return hold
 
@@ -626,14 +716,21 @@ class LockEngine:
         ]
         heapq.heapify(self._deadlines)
 
-    def _end(self, lease: Lease, now: float) -> list[Waiter]:
-        """End one lease; the hold ends with its last lease."""
+    def _end(self, lease: Lease, now: float, expired: bool = False) -> list[Waiter]:
+        """End one lease; the hold ends with its last lease (and, if that
+        expired, its slot stays taken for the pool's lock-delay)."""
         hold = lease.hold
         del self._leases[lease.token]
         del hold.leases[lease.token]
         if hold.leases:
             return []
-        return self._vacate(self._pools[hold.pool], hold, now)
+        state = self._pools[hold.pool]
+        if expired and state.spec.lock_delay > 0:
+            until = lease.expires_at + state.spec.lock_delay
+            if until > now:
+                state.delays.append((until, hold.mode))
+                heapq.heappush(self._delay_ends, (until, hold.pool))
+        return self._vacate(state, hold, now)
 
     def _vacate(self, state: _Pool, hold: Hold, now: float) -> list[Waiter]:
         del state.holders[hold.owner]
@@ -647,14 +744,23 @@ class LockEngine:
         return not self._paused and now >= state.blocked_until
 
     def _fill(self, state: _Pool, now: float) -> Iterator[Waiter]:
-        # Hand free slots to the head of the queue. An owner's waits share
-        # its place, so one grant answers all of them, a lease each.
-        while (
-            self._may_grant(state, now) and state.queue and len(state.holders) < state.spec.maxlocks
-        ):
+        # Hand free slots to the head of the queue while its mode fits; the
+        # head that does not fit stops everyone behind it (FIFO across modes).
+        # An owner's waits share its place, so one grant answers all of them.
+        if not self._may_grant(state, now) or not state.queue:
+            return
+        exclusive, shared = state.taken(now)
+        while state.queue:
             owner = next(iter(state.queue))
+            mode = _mode_of(state.queue[owner])
+            if not _fits(state.spec, mode, exclusive, shared):
+                return
             waiters = state.queue.pop(owner)
-            hold = self._hold(state, owner, now)
+            hold = self._hold(state, owner, now, mode)
+            if mode == SHARED:
+                shared += 1
+            else:
+                exclusive += 1
             for waiter in waiters:
                 # Queued before a reload lowered ``expire``: the grant gets the new bound.
                 waiter.lease = self._lease(hold, _bounded(state.spec, waiter.ttl), now)
