@@ -62,7 +62,7 @@ class Model:
 
     def grant_heads(self, now: float) -> list[Waiter]:
         granted: list[Waiter] = []
-        while self.queue and self.fits(self.place_mode(self.queue[0][1])):
+        while self.queue and all(self.fits(w.mode) for w in self.queue[0][1]):
             owner, waits = self.queue.pop(0)
             leases = {}
             for w in waits:

@@ -39,6 +39,8 @@ Rules kept here, whoever drives the engine:
   asks (any request joins an exclusive hold, a shared one a shared hold); an
   exclusive request of a shared holder is not an upgrade: ``acquire`` says
   no and ``enqueue`` queues it, to be granted once its shared hold has ended.
+  An owner's queued waits share one place; if they ask both modes, the place
+  is granted (exclusive) only when there is room for each mode.
 * Lock-delay: when a hold ends because its last lease *expired* (never on a
   release or a hang-up), its slot stays taken for the pool's ``lock_delay``
   seconds after the lease's end, by a *delay* of the hold's mode, so that a
@@ -232,8 +234,15 @@ def _joins(hold: Hold, mode: str) -> bool:
 
 
 def _mode_of(waiters: list[Waiter]) -> str:
-    """The mode an owner's place in the queue asks: exclusive if any of its waits does."""
+    """The mode an owner's place in the queue is granted: exclusive if any of its waits asks it."""
     return EXCLUSIVE if any(w.mode != SHARED for w in waiters) else SHARED
+
+
+def _place_fits(spec: PoolSpec, waiters: list[Waiter], exclusive: int, shared: int) -> bool:
+    """May an owner's place be granted? Waits of both modes in one place need
+    room for each (so a wait joining a place never makes it grantable: no
+    grant is missed while nobody looks)."""
+    return all(_fits(spec, mode, exclusive, shared) for mode in {w.mode for w in waiters})
 
 
 def _came(waiters: list[Waiter]) -> float:
@@ -539,11 +548,11 @@ class LockEngine:
         granted: list[Waiter] = []
         while True:
             when = self._next_lease_end()
-            if self._delay_ends and self._delay_ends[0][0] <= now:
-                if when is None or self._delay_ends[0][0] < when:
-                    _until, pool = heapq.heappop(self._delay_ends)
-                    granted += self.fill(pool, now)
-                    continue
+            delay_end = self._delay_ends[0][0] if self._delay_ends else NEVER
+            if delay_end <= now and (when is None or delay_end < when):
+                _until, pool = heapq.heappop(self._delay_ends)
+                granted += self.fill(pool, now)
+                continue
             if when is None or when > now:
                 return granted
             _when, _seq, token = heapq.heappop(self._deadlines)
@@ -752,9 +761,9 @@ class LockEngine:
         exclusive, shared = state.taken(now)
         while state.queue:
             owner = next(iter(state.queue))
-            mode = _mode_of(state.queue[owner])
-            if not _fits(state.spec, mode, exclusive, shared):
+            if not _place_fits(state.spec, state.queue[owner], exclusive, shared):
                 return
+            mode = _mode_of(state.queue[owner])
             waiters = state.queue.pop(owner)
             hold = self._hold(state, owner, now, mode)
             if mode == SHARED:
