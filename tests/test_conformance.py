@@ -9,13 +9,14 @@ A new backend joins by adding its name to the ``backend_name`` fixture.
 from __future__ import annotations
 
 import itertools
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.conftest import Cluster
+from tests.conftest import Cluster, wait_until
 from tests.test_http import ParkedWait, q
 
 pytestmark = pytest.mark.timeout(120)
@@ -235,3 +236,135 @@ def test_lease_gone_after_expiry(cluster: Cluster) -> None:
     token = cluster.call(q("get", "a", "short", "&ttl=0.3")).headers["X-Distributex-Lease"]
     time.sleep(0.6)
     assert cluster.call(q("renew", "a", "short", f"&lease={token}")).status == 410
+
+
+# -- lock modes and lock-delay (every backend) -------------------------------------------
+
+MODE_POOLS = """\
+pools:
+  - name: rw
+    expire: 300
+  - name: rsem
+    maxlocks: 2
+    max_shared: 2
+  - name: delayed
+    expire: 1
+    lock_delay: 1.5
+"""
+
+
+def _pool_status(cluster: Cluster, pool: str) -> dict:
+    answer = cluster.servers[0].call("/status")
+    assert answer.status == 200, answer.body
+    return next(p for p in json.loads(answer.body)["pools"] if p["name"] == pool)
+
+
+def _until_waiting(cluster: Cluster, pool: str, hosts: list[str]) -> None:
+    wait_until(
+        lambda: [w["host"] for w in _pool_status(cluster, pool)["waiters"]] == hosts,
+        what=f"{hosts} waiting on {pool}",
+    )
+
+
+@pytest.fixture
+def modes(cluster_factory) -> Cluster:
+    return cluster_factory(MODE_POOLS)
+
+
+def test_shared_holders_coexist_and_never_with_the_default_mode(modes: Cluster) -> None:
+    shared = "&mode=shared"
+    for reader in ("r1", "r2", "r3"):
+        answer = modes.call(q("get", reader, "rw", shared))
+        assert answer.body == "YES", reader
+        assert answer.headers["X-Distributex-Mode"] == "shared"
+    assert modes.call(q("get", "writer", "rw")).body == "NO"
+    assert modes.call(q("get", "writer", "rw", "&mode=exclusive")).body == "NO"
+    pool = _pool_status(modes, "rw")
+    assert [(h["host"], h["mode"]) for h in pool["holders"]] == [
+        ("r1", "shared"),
+        ("r2", "shared"),
+        ("r3", "shared"),
+    ]
+    assert pool["max_shared"] is None and pool["lock_delay"] == 0
+    # A shared holder asking exclusive is not upgraded.
+    assert modes.call(q("get", "r1", "rw", "&mode=exclusive")).body == "NO"
+    for reader in ("r1", "r2", "r3"):
+        assert modes.call(q("release", reader, "rw")).body == "OK"
+    writer = modes.call(q("get", "writer", "rw"))
+    assert writer.body == "YES" and "X-Distributex-Mode" not in writer.headers  # 0.7 answer
+    assert modes.call(q("get", "r1", "rw", shared)).body == "NO"
+    # The exclusive holder asking shared gets a lease of its exclusive hold.
+    again = modes.call(q("get", "writer", "rw", shared))
+    assert again.headers["X-Distributex-Mode"] == "exclusive"
+    assert modes.call(q("get", "w", "rw", "&mode=read")).status == 400
+
+
+def test_shared_waits_behind_a_waiting_exclusive_and_runs_are_granted_together(
+    modes: Cluster,
+) -> None:
+    shared = "&mode=shared"
+    assert modes.call(q("get", "r1", "rw", shared)).body == "YES"
+    writer = ParkedWait(modes.next(), "writer", "rw")
+    _until_waiting(modes, "rw", ["writer"])
+    # No starvation of the writer: a shared request behind it waits.
+    assert modes.call(q("get", "r2", "rw", shared)).body == "NO"
+    r2 = ParkedWait(modes.next(), "r2", "rw", shared)
+    _until_waiting(modes, "rw", ["writer", "r2"])
+    r3 = ParkedWait(modes.next(), "r3", "rw", shared)
+    _until_waiting(modes, "rw", ["writer", "r2", "r3"])
+    waiters = _pool_status(modes, "rw")["waiters"]
+    assert [w["mode"] for w in waiters] == ["exclusive", "shared", "shared"]
+    assert modes.call(q("release", "r1", "rw")).body == "OK"
+    status, headers, body = writer.answer()
+    assert (status, body) == (200, "YES")
+    assert not r2.answered() and not r3.answered()
+    writer_fence = int(headers["X-Distributex-Fence"])
+    assert modes.call(q("release", "writer", "rw")).body == "OK"
+    # Both readers at the head are granted together, with later fences.
+    fences = []
+    for reader in (r2, r3):
+        status, headers, body = reader.answer()
+        assert (status, body, headers["X-Distributex-Mode"]) == (200, "YES", "shared")
+        fences.append(int(headers["X-Distributex-Fence"]))
+    assert writer_fence < fences[0] < fences[1]
+
+
+def test_max_shared_bounds_shared_holders_and_maxlocks_the_others(modes: Cluster) -> None:
+    shared = "&mode=shared"
+    assert modes.call(q("get", "r1", "rsem", shared)).body == "YES"
+    assert modes.call(q("get", "r2", "rsem", shared)).body == "YES"
+    assert modes.call(q("get", "r3", "rsem", shared)).body == "NO"
+    assert _pool_status(modes, "rsem")["max_shared"] == 2
+    r3 = ParkedWait(modes.next(), "r3", "rsem", shared)
+    _until_waiting(modes, "rsem", ["r3"])
+    assert modes.call(q("release", "r1", "rsem")).body == "OK"
+    assert r3.answer()[2] == "YES"
+    for reader in ("r2", "r3"):
+        modes.call(q("release", reader, "rsem"))
+    # Default-mode holders keep maxlocks (2), as a semaphore.
+    assert modes.call(q("get", "w1", "rsem")).body == "YES"
+    assert modes.call(q("get", "w2", "rsem")).body == "YES"
+    assert modes.call(q("get", "w3", "rsem")).body == "NO"
+    assert modes.call(q("get", "r1", "rsem", shared)).body == "NO"
+
+
+def test_lock_delay_after_an_expiry_and_never_after_a_release(modes: Cluster) -> None:
+    granted = time.monotonic()
+    assert modes.call(q("get", "lost", "delayed")).body == "YES"
+    waiter = ParkedWait(modes.next(), "next", "delayed")
+    # The lease ends after 1 s; the slot stays taken 1.5 s more.
+    wait_until(
+        lambda: _pool_status(modes, "delayed")["lock_delays"], what="a lock-delay", every=0.02
+    )
+    assert time.monotonic() - granted >= 0.9
+    assert modes.call(q("get", "other", "delayed")).body == "NO"
+    pool = _pool_status(modes, "delayed")
+    assert pool["lock_delay"] == 1.5 and pool["holders"] == []
+    assert [d["mode"] for d in pool["lock_delays"]] == ["exclusive"]
+    assert waiter.answer()[2] == "YES"
+    elapsed = time.monotonic() - granted
+    assert 2.3 <= elapsed <= 4.5, elapsed
+    # A release frees the slot at once.
+    assert modes.call(q("release", "next", "delayed")).body == "OK"
+    assert modes.call(q("get", "other", "delayed")).body == "YES"
+    assert _pool_status(modes, "delayed")["lock_delays"] == []

@@ -154,20 +154,15 @@ class ModesMachine(RuleBasedStateMachine):
             return
         waiter = queued[pick % len(queued)]
         model = self.models[waiter.pool]
-        assert self.engine.cancel(waiter, self.now) == []
+        granted = self.engine.cancel(waiter, self.now)
         self.parked.remove(waiter)
         place = next(p for p in model.queue if p[0] == waiter.owner)
         place[1].remove(waiter)
         if not place[1]:
             model.queue.remove(place)
         # A waiting exclusive request that leaves can let shared ones behind it in.
-        self._delivered(self._fill(waiter.pool))
-
-    def _fill(self, pool: str) -> list[Waiter]:
-        granted = self.engine.fill(pool, self.now)
-        expected = self.models[pool].grant_heads(self.now)
-        assert granted == expected
-        return granted
+        assert granted == model.grant_heads(self.now)
+        self._delivered(granted)
 
     @rule(pool=POOL_NAMES, owner=OWNERS)
     def release(self, pool: str, owner: str) -> None:

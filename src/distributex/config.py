@@ -40,6 +40,8 @@ MAX_DEPTH = 64
 MAX_NAME_LENGTH = 255  # httpapi.MAX_NAME: longer names are refused there
 MAX_SECONDS = 10**9
 MAX_MAXLOCKS = 1_000_000
+# A lock-delay past an hour would keep a pool from everyone long after a crash.
+MAX_LOCK_DELAY = 3600
 MAX_POOLS = 10_000_000
 MAX_CONNECTIONS = 10_000_000
 # Store keys are at most 250 bytes; the rest of a key is under 60.
@@ -85,7 +87,7 @@ _TOP_KEYS = (
     "max_header_size",
     "max_headers",
 )
-_POOL_KEYS = ("name", "expire", "maxlocks", "servers")
+_POOL_KEYS = ("name", "expire", "maxlocks", "servers", "max_shared", "lock_delay")
 _TLS_KEYS = ("cert", "key", "client_ca")
 _TOKEN_KEYS = ("identity", "sha256", "pools", "admin")
 _SHA256_HEX = frozenset("0123456789abcdef")
@@ -798,7 +800,27 @@ class _Checker:
         servers = None
         if "servers" in keys:
             servers = self.servers(keys["servers"][1], where)
-        return PoolSpec(name=name, maxlocks=maxlocks, expire=expire, servers=servers)
+        max_shared = None  # no limit
+        if "max_shared" in keys and self.value(keys["max_shared"][1]) is not None:
+            max_shared = self.whole(keys["max_shared"][1], f"{where}: max_shared", 1, MAX_MAXLOCKS)
+        lock_delay = 0.0
+        if "lock_delay" in keys:
+            node = keys["lock_delay"][1]
+            lock_delay = self.number(node, f"{where}: lock_delay", minimum=0)
+            if lock_delay > MAX_LOCK_DELAY:
+                raise self.fail(
+                    node,
+                    f"{where}: lock_delay must be at most {MAX_LOCK_DELAY} seconds, "
+                    f"not {_show(self.value(node))}",
+                )
+        return PoolSpec(
+            name=name,
+            maxlocks=maxlocks,
+            expire=expire,
+            servers=servers,
+            max_shared=max_shared,
+            lock_delay=lock_delay,
+        )
 
     def servers(self, node: yaml.Node, where: str, what: str = "servers") -> frozenset[str] | None:
         if isinstance(node, yaml.SequenceNode):

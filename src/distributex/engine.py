@@ -484,12 +484,16 @@ class LockEngine:
             if state is None:
                 return []
             waiters = state.queue.get(waiter.owner)
+            granted: list[Waiter] = []
             if waiters and waiter in waiters:
                 waiters.remove(waiter)
                 if not waiters:
                     del state.queue[waiter.owner]
+                # An exclusive wait that stopped shared ones behind it (or in
+                # its owner's place) has gone: they may fit now.
+                granted = list(self._fill(state, now))
             self._forget_if_idle(state)
-            return []
+            return granted
         if lease.delivered or self._leases.get(lease.token) is not lease:
             return []
         return self._end(lease, now)

@@ -25,6 +25,10 @@ Optional query parameters, never sent by 0.7 clients:
 * ``ttl=SECONDS`` on ``/get/``, ``/wait/`` and ``/renew/``: a lease time
   shorter than the pool's ``expire`` (it cannot be longer).
 * ``lease=TOKEN`` on ``/release/``: release exactly that lease.
+* ``mode=shared`` on ``/get/`` and ``/wait/``: a shared (read) lock, held
+  beside other shared holders and never beside default-mode ones;
+  ``mode=exclusive`` is the default. A YES to a request that named a mode
+  says the mode held in ``X-Distributex-Mode``.
 
 ``/renew/?host=H&pool=P&lease=TOKEN`` restarts the lease's time-to-live.
 
@@ -58,7 +62,7 @@ from aiohttp import web
 from distributex import auth
 from distributex.backends.base import BackendUnavailable, LockBackend
 from distributex.config import Config
-from distributex.engine import Lease, PoolSpec
+from distributex.engine import EXCLUSIVE, MODES, Lease, PoolSpec
 from distributex.events import Events
 
 log = logging.getLogger("distributex.http")
@@ -117,12 +121,15 @@ def _seconds_text(seconds: float) -> str:
     return repr(seconds)
 
 
-def _lease_headers(lease: Lease) -> dict[str, str]:
-    return {
+def _lease_headers(lease: Lease, mode: str | None = None) -> dict[str, str]:
+    headers = {
         "X-Distributex-Fence": str(lease.fence),
         "X-Distributex-Lease": lease.token,
         "X-Distributex-TTL": _seconds_text(lease.ttl),
     }
+    if mode is not None:  # asked with mode=: the mode held (0.7 answers stay as they were)
+        headers["X-Distributex-Mode"] = lease.hold.mode
+    return headers
 
 
 def _unquote(raw: str, what: str) -> str:
@@ -199,6 +206,14 @@ def _ttl(request: web.Request) -> float | None:
     if ttl == 0:
         raise Invalid(400, "parameter 'ttl' must be > 0 (leave it out for the pool's expire)")
     return ttl
+
+
+def _mode(request: web.Request) -> str | None:
+    """The ``mode=`` asked (None: not given, the default mode)."""
+    mode = _param(request, "mode")
+    if mode is not None and mode not in MODES:
+        raise Invalid(400, "parameter 'mode' must be 'shared' or 'exclusive'")
+    return mode
 
 
 def _token(request: web.Request, required: bool) -> str | None:
@@ -300,19 +315,21 @@ def _check_room(
 
 async def _get(request: web.Request, spec: PoolSpec, host: str, backend: LockBackend) -> Any:
     ttl = _ttl(request)
+    mode = _mode(request)
     shares = _check_room(request, spec, host, backend)
-    lease = await backend.acquire(spec, host, ttl)
+    lease = await backend.acquire(spec, host, ttl, mode or EXCLUSIVE)
     if lease is None:
         return _answer("NO")
     if shares is not None:
         shares.note(host, spec.name)
     request.app[EVENTS_KEY].granted(spec.name, host, lease.fence, 0.0)
-    return _answer("YES", headers=_lease_headers(lease))
+    return _answer("YES", headers=_lease_headers(lease, mode))
 
 
 async def _wait(request: web.Request, spec: PoolSpec, host: str, backend: LockBackend) -> Any:
     ttl = _ttl(request)
     timeout = _seconds(request, "timeout")
+    mode = _mode(request)
     shares = _check_room(request, spec, host, backend)
     if shares is not None:
         shares.note(host, spec.name)  # it waits on the pool
@@ -328,7 +345,7 @@ async def _wait(request: web.Request, spec: PoolSpec, host: str, backend: LockBa
     security = request.app[auth.SECURITY_KEY]
     try:
         with security.waiters.parked(config, spec.name, host), security.tracked(request):
-            lease = await backend.wait(spec, host, ttl, timeout, connected)
+            lease = await backend.wait(spec, host, ttl, timeout, connected, mode or EXCLUSIVE)
     except asyncio.CancelledError:
         revoked = request.get(auth.REVOKED_KEY)
         task = asyncio.current_task()
@@ -344,7 +361,7 @@ async def _wait(request: web.Request, spec: PoolSpec, host: str, backend: LockBa
             events.queued()  # hung up: it left the queue
         return _answer("NO")
     events.granted(spec.name, host, lease.fence, loop.time() - started)
-    return _answer("YES", headers=_lease_headers(lease))
+    return _answer("YES", headers=_lease_headers(lease, mode))
 
 
 async def _release(request: web.Request, spec: PoolSpec, host: str, backend: LockBackend) -> Any:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Mapping, Sequence, Set
 
-from distributex.engine import Lease, PoolSpec
+from distributex.engine import EXCLUSIVE, Lease, PoolSpec
 from distributex.events import NULL_EVENTS, Events
 from distributex.status import PoolStatus
 
@@ -35,8 +35,10 @@ class LockBackend(abc.ABC):
         """Stop timers, wake every waiter with a refusal, drop connections."""
 
     @abc.abstractmethod
-    async def acquire(self, spec: PoolSpec, owner: str, ttl: float | None) -> Lease | None:
-        """Try once; the owner's lease, or None if no slot is free."""
+    async def acquire(
+        self, spec: PoolSpec, owner: str, ttl: float | None, mode: str = EXCLUSIVE
+    ) -> Lease | None:
+        """Try once; the owner's lease, or None if no slot of ``mode`` is free."""
 
     @abc.abstractmethod
     async def wait(
@@ -46,6 +48,7 @@ class LockBackend(abc.ABC):
         ttl: float | None,
         timeout: float | None,
         still_wanted: Callable[[], bool],
+        mode: str = EXCLUSIVE,
     ) -> Lease | None:
         """Wait in the pool's queue until granted (a lease) or ``timeout`` (None).
 

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 
 from distributex.backends.base import BackendUnavailable, LockBackend
-from distributex.engine import Hold, Lease, LockEngine, PoolSpec, Waiter
+from distributex.engine import EXCLUSIVE, Hold, Lease, LockEngine, PoolSpec, Waiter
 from distributex.status import PoolStatus, pool_status
 
 
@@ -80,9 +80,11 @@ class InMemoryBackend(LockBackend):
         if self._closed:
             raise BackendUnavailable("server is shutting down")
 
-    async def acquire(self, spec: PoolSpec, owner: str, ttl: float | None) -> Lease | None:
+    async def acquire(
+        self, spec: PoolSpec, owner: str, ttl: float | None, mode: str = EXCLUSIVE
+    ) -> Lease | None:
         self._check_open()
-        lease = self.engine.acquire(spec, owner, self.now(), ttl)
+        lease = self.engine.acquire(spec, owner, self.now(), ttl, mode)
         self._reschedule()
         return lease
 
@@ -93,10 +95,11 @@ class InMemoryBackend(LockBackend):
         ttl: float | None,
         timeout: float | None,
         still_wanted: Callable[[], bool],
+        mode: str = EXCLUSIVE,
     ) -> Lease | None:
         self._check_open()
         engine = self.engine
-        waiter = engine.enqueue(spec, owner, self.now(), ttl)
+        waiter = engine.enqueue(spec, owner, self.now(), ttl, mode=mode)
         self._reschedule()
         try:
             if waiter.lease is None:

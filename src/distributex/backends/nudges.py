@@ -287,6 +287,7 @@ class Wakeups:
         except StaleRecord:
             return math.inf, frozenset()
         at = state.blocked_until if state.blocked_until != -math.inf else math.inf
+        at = min([at, *(until for until, _mode in state.delays)])  # a lock-delay ends
         waiters = list(state.queue)
         for hold in state.holds:
             for lease in hold.leases.values():

@@ -299,7 +299,7 @@ def move_into(engine: LockEngine, spec: PoolSpec, waiters: list[Waiter], now: fl
     present = engine.waiter_ids(spec.name)
     for w in waiters:
         if w.id not in present:
-            engine.enqueue(spec, w.owner, now, w.ttl, w.server, w.id, w.since)
+            engine.enqueue(spec, w.owner, now, w.ttl, w.server, w.id, w.since, w.mode)
 
 
 def pages_due(window: int, first: int | None) -> bool:

@@ -13,7 +13,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
-from distributex.engine import NEVER, Hold, Lease, PoolSpec, PoolState, Waiter
+from distributex.engine import EXCLUSIVE, MODES, NEVER, Hold, Lease, PoolSpec, PoolState, Waiter
 
 # The stored record's format; a record of a newer format is refused.
 RECORD_VERSION = 1
@@ -75,11 +75,16 @@ def encode_pool(
             leases = []
             for lease in hold.leases.values():
                 w = lease.waiter
-                waiter = None if w is None else [w.id, w.server, w.since, w.ttl]
+                waiter: list[Any] | None = None
+                if w is not None:
+                    waiter = [w.id, w.server, w.since, w.ttl]
+                    waiter += [] if w.mode == EXCLUSIVE else [w.mode]
                 leases.append(
                     [lease.token, lease.ttl, lease.granted_at, when(lease.expires_at), waiter]
                 )
-            holds.append([hold.owner, hold.fence, hold.granted_at, leases])
+            # A mode other than the default is a fifth item (records as before otherwise).
+            mode = [] if hold.mode == EXCLUSIVE else [hold.mode]
+            holds.append([hold.owner, hold.fence, hold.granted_at, leases, *mode])
         known: dict[str, str] = {} if fragments is None else fragments
 
         def entry(w: Waiter) -> str:
@@ -103,6 +108,8 @@ def encode_pool(
         "blocked": blocked,
         "holds": holds,
     }
+    if state is not None and state.delays:
+        head["delays"] = [[until, mode] for until, mode in state.delays]
     if pages is not None and (pages.first is not None or pages.top):
         head["pages"] = [pages.first, pages.top]
     if spec is not None:
@@ -148,14 +155,25 @@ def decode_pool(raw: bytes, queue: bool = True) -> tuple[PoolState, str]:
 
 
 def queue_entry(waiter: Waiter) -> str:
-    """A waiter as the JSON of its queue entry (in a record or a page)."""
-    return _json([waiter.id, waiter.server, waiter.owner, waiter.ttl, waiter.since])
+    """A waiter as the JSON of its queue entry (in a record or a page); a mode
+    other than the default is a sixth item."""
+    entry = [waiter.id, waiter.server, waiter.owner, waiter.ttl, waiter.since]
+    if waiter.mode != EXCLUSIVE:
+        entry.append(waiter.mode)
+    return _json(entry)
+
+
+def _mode(rest: list[Any]) -> str:
+    mode = rest[0] if rest else EXCLUSIVE
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}")
+    return str(mode)
 
 
 def waiter_of(pool: str, entry: list[Any]) -> Waiter:
     """The waiter a decoded queue entry stands for."""
-    w_id, server, owner, ttl, since = entry
-    return Waiter(pool, owner, ttl, since, id=w_id, server=server)
+    w_id, server, owner, ttl, since, *rest = entry
+    return Waiter(pool, owner, ttl, since, id=w_id, server=server, mode=_mode(rest))
 
 
 def decode_record(raw: bytes, queue: bool = True) -> PoolRecord:
@@ -170,8 +188,10 @@ def decode_record(raw: bytes, queue: bool = True) -> PoolRecord:
         state = PoolState(fence=int(record["fence"]))
         if record["blocked"] is not None:
             state.blocked_until = float(record["blocked"])
-        for owner, fence, granted_at, leases in record["holds"]:
-            hold = Hold(pool=name, owner=owner, fence=int(fence), granted_at=granted_at)
+        for owner, fence, granted_at, leases, *mode in record["holds"]:
+            hold = Hold(
+                pool=name, owner=owner, fence=int(fence), granted_at=granted_at, mode=_mode(mode)
+            )
             for token, ttl, l_granted, expires_at, waiter in leases:
                 lease = Lease(
                     hold=hold,
@@ -182,10 +202,13 @@ def decode_record(raw: bytes, queue: bool = True) -> PoolRecord:
                     delivered=waiter is None,
                 )
                 if waiter is not None:
-                    w_id, server, since, w_ttl = waiter
-                    lease.waiter = Waiter(name, owner, w_ttl, since, lease, id=w_id, server=server)
+                    w_id, server, since, w_ttl, *w_mode = waiter
+                    lease.waiter = Waiter(
+                        name, owner, w_ttl, since, lease, id=w_id, server=server, mode=_mode(w_mode)
+                    )
                 hold.leases[token] = lease
             state.holds.append(hold)
+        state.delays = [(float(until), _mode([mode])) for until, mode in record.get("delays", ())]
         for entry in record["queue"] if queue else ():
             state.queue.append(waiter_of(name, entry))
         first, top = record.get("pages") or (None, 0)

@@ -61,7 +61,7 @@ from distributex.backends.steps import Steps, no_change
 from distributex.backends.store import Store, Stored, StoreReplaced
 from distributex.backends.storelife import StoreLife
 from distributex.backends.waiting import Waits
-from distributex.engine import Hold, Lease, LockEngine, PoolSpec
+from distributex.engine import EXCLUSIVE, Hold, Lease, LockEngine, PoolSpec
 from distributex.status import PoolStatus, pool_status
 
 log = logging.getLogger("distributex.shared")
@@ -304,10 +304,12 @@ class SharedStateBackend(LockBackend):
 
     # -- the verbs -----------------------------------------------------------------------
 
-    async def acquire(self, spec: PoolSpec, owner: str, ttl: float | None) -> Lease | None:
+    async def acquire(
+        self, spec: PoolSpec, owner: str, ttl: float | None, mode: str = EXCLUSIVE
+    ) -> Lease | None:
         return await self.steps.step(
             spec,
-            lambda engine, now: engine.acquire(self.pools.in_force(spec), owner, now, ttl),
+            lambda engine, now: engine.acquire(self.pools.in_force(spec), owner, now, ttl, mode),
             undo=lambda lease: self.waits.release_token(spec, owner, lease),
         )
 
@@ -318,8 +320,9 @@ class SharedStateBackend(LockBackend):
         ttl: float | None,
         timeout: float | None,
         still_wanted: Callable[[], bool],
+        mode: str = EXCLUSIVE,
     ) -> Lease | None:
-        return await self.waits.wait(spec, owner, ttl, timeout, still_wanted)
+        return await self.waits.wait(spec, owner, ttl, timeout, still_wanted, mode)
 
     async def release(self, spec: PoolSpec, owner: str, token: str | None) -> bool:
         ended = await self._release(spec, owner, token)

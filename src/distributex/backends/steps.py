@@ -232,7 +232,12 @@ class Steps:
                     raise BackendUnavailable(f"pool '{spec.name}': {exc}") from None
                 restored, marks = decoded.state, decoded.pages
                 engine = LockEngine(first_fence=max(restored.fence, floor) + 1)
-                if restored.holds or restored.queue or restored.blocked_until != -math.inf:
+                if (
+                    restored.holds
+                    or restored.queue
+                    or restored.blocked_until != -math.inf
+                    or restored.delays
+                ):
                     engine.restore(spec, restored)
                 room.compare_settings(spec, decoded.settings)
             else:

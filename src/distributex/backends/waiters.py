@@ -13,7 +13,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from distributex.engine import Lease, LockEngine, PoolSpec, PoolState
+from distributex.engine import EXCLUSIVE, Lease, LockEngine, PoolSpec, PoolState
 
 log = logging.getLogger("distributex.shared")
 
@@ -48,6 +48,7 @@ class LocalWaiter:
     came: float = 0.0  # when the request came (store clock)
     since: float | None = None  # its place in the queue (see ARRIVAL_TRUST)
     page: int | None = None  # its entry is on this page of the queue's tail (pages.py)
+    mode: str = EXCLUSIVE  # the mode it asks
 
 
 class LocalWaiters:

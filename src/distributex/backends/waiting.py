@@ -21,7 +21,7 @@ from distributex.backends.pages import PageQueue, Sealed, page_for_arrival
 from distributex.backends.pool import Pools
 from distributex.backends.steps import Steps
 from distributex.backends.waiters import LocalWaiter
-from distributex.engine import Lease, LockEngine, PoolSpec
+from distributex.engine import EXCLUSIVE, Lease, LockEngine, PoolSpec
 
 log = logging.getLogger("distributex.shared")
 
@@ -76,6 +76,7 @@ class Waits:
         ttl: float | None,
         timeout: float | None,
         still_wanted: Callable[[], bool],
+        mode: str = EXCLUSIVE,
     ) -> Lease | None:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
@@ -83,7 +84,7 @@ class Waits:
         while True:
             # Known to this server before its entry is written, so no step of
             # ours takes it for a stray entry.
-            local = LocalWaiter(spec, secrets.token_urlsafe(9), still_wanted)
+            local = LocalWaiter(spec, secrets.token_urlsafe(9), still_wanted, mode=mode)
             room.waiters.add(local)
             local.came = self.store.now()
 
@@ -110,6 +111,7 @@ class Waits:
                     server=self.server_id,
                     waiter_id=local.id,
                     since=local.since,
+                    mode=mode,
                 )
                 if waiter.lease is None:
                     local.queued = True  # later steps of this batch may grant and deliver it
@@ -163,6 +165,8 @@ class Waits:
         """Put a waiter's entry at the end of the queue's pages; False if that end is sealed."""
         assert local.since is not None
         entry = [local.id, self.server_id, owner, spec.lease_ttl(ttl), local.since]
+        if local.mode != EXCLUSIVE:
+            entry.append(local.mode)  # as in the record (queue_entry)
         try:
             page = await self.pages.append(self.steps.pool_key(spec.name), first, entry)
         except Sealed:
