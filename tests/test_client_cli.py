@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import signal
 import socket
@@ -474,3 +475,65 @@ def test_defaults_from_environment_and_config_file(server: Server, tmp_path: Pat
     assert result.returncode == 78
     assert f"{conf}:2" in result.stderr
     assert not (tmp_path / "ran").exists()
+
+
+# -- shared locks (-s) ----------------------------------------------------------------------
+
+
+def _hold_until(marker: Path, go: Path) -> str:
+    """A command that says it runs, then holds on until ``go`` exists."""
+    return f"touch {marker}; while [ ! -e {go} ]; do sleep 0.05; done"
+
+
+def test_shared_clients_run_side_by_side_and_never_beside_an_exclusive_one(
+    server: Server, tmp_path: Path
+) -> None:
+    go = tmp_path / "go"
+    readers = [
+        start(
+            [
+                *srv(server),
+                "-r",
+                "db",
+                "--host-id",
+                f"r{i}",
+                "-s",
+                _hold_until(tmp_path / f"r{i}", go),
+            ]
+        )
+        for i in range(2)
+    ]
+    # Both commands run at once: neither ends before both have started.
+    for i in range(2):
+        wait_for_file_exists(tmp_path / f"r{i}")
+    status = server.call("/status")
+    pool = next(p for p in json.loads(status.body)["pools"] if p["name"] == "db")
+    assert sorted((h["host"], h["mode"]) for h in pool["holders"]) == [
+        ("r0", "shared"),
+        ("r1", "shared"),
+    ]
+    ran = tmp_path / "writer-ran"
+    busy = run([*srv(server), "-r", "db", "--host-id", "w", "--no-wait", f"touch {ran}"])
+    assert busy.returncode == 75 and not ran.exists(), busy.stderr
+    go.touch()
+    assert [r.wait(20) for r in readers] == [0, 0]
+    writer = start(
+        [*srv(server), "-r", "db", "--host-id", "w", _hold_until(ran, go.with_name("go2"))]
+    )
+    wait_for_file_exists(ran)
+    late = run([*srv(server), "-r", "db", "--host-id", "r9", "--shared", "--no-wait", "true"])
+    assert late.returncode == 75, late.stderr
+    (tmp_path / "go2").touch()
+    assert writer.wait(20) == 0
+
+
+def test_shared_local_locks_overlap_and_exclude_an_exclusive_one(tmp_path: Path) -> None:
+    locks = ["-l", "--lock-dir", str(tmp_path / "locks"), "-r", "job"]
+    go = tmp_path / "go"
+    readers = [start([*locks, "-s", _hold_until(tmp_path / f"r{i}", go)]) for i in range(2)]
+    for i in range(2):
+        wait_for_file_exists(tmp_path / f"r{i}")
+    busy = run([*locks, "--no-wait", "true"])
+    assert busy.returncode == 75, busy.stderr
+    go.touch()
+    assert [r.wait(20) for r in readers] == [0, 0]

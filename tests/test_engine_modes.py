@@ -18,6 +18,8 @@ the engine must agree with a model kept in plain lists and dicts:
 
 from __future__ import annotations
 
+import json
+
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
@@ -267,3 +269,34 @@ def test_lock_delay_after_expiry_only() -> None:
     # A release frees the slot at once.
     engine.release_lease("p", waiter.lease.token, 16.0)
     assert engine.acquire(spec, "c", 16.0) is not None
+
+
+def test_modes_and_lock_delays_survive_the_stored_record_and_pages() -> None:
+    """What the shared backends store: a hold's mode, a waiter's (in the record
+    and in a page entry), and a lock-delay's end, read back into an engine."""
+    from distributex.backends.record import decode_pool, encode_pool, queue_entry, waiter_of
+
+    spec = PoolSpec("p", maxlocks=2, expire=10.0, lock_delay=5.0)
+    engine = LockEngine()
+    reader = engine.acquire(spec, "r", 0.0, mode=SHARED)
+    lost = engine.acquire(PoolSpec("q", expire=1.0, lock_delay=5.0), "x", 0.0)
+    assert reader is not None and lost is not None
+    writer = engine.enqueue(spec, "w", 0.0)
+    late = engine.enqueue(spec, "r2", 0.0, mode=SHARED)
+    engine.expire(1.0)
+    for name in ("p", "q"):
+        state = engine.state(name)
+        assert state is not None
+        raw = encode_pool(name, state, engine.last_fence, "epoch")
+        back, _epoch = decode_pool(raw)
+        again = LockEngine()
+        again.restore(POOLS["rw"] if name == "x" else PoolSpec(name, lock_delay=5.0), back)
+        assert [h.mode for h in again.holders(name)] == [h.mode for h in state.holds]
+        assert [w.mode for w in back.queue] == [w.mode for w in state.queue]
+        assert back.delays == state.delays
+    assert engine.state("q").delays == [(6.0, EXCLUSIVE)]  # type: ignore[union-attr]
+    entry = waiter_of("p", json.loads(queue_entry(late)))
+    assert (entry.mode, entry.id) == (SHARED, late.id)
+    assert waiter_of("p", json.loads(queue_entry(writer))).mode == EXCLUSIVE
+    # A 0.7-style record (no modes) reads as exclusive.
+    assert b'"exclusive"' not in encode_pool("p", engine.state("p"), 9, "e")

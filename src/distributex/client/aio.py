@@ -127,9 +127,13 @@ class AsyncClient(Driver):
         timeout: float | None = None,
         ttl: float | None = None,
         wait: bool = True,
+        shared: bool = False,
     ) -> AsyncLease:
-        """Get a slot of ``pool`` without background renewal (see :meth:`lock`)."""
-        plan = Acquisition(pool, self.host, timeout, ttl, wait, self.timeout, core.clock())
+        """Get a slot of ``pool`` without background renewal (see :meth:`lock`);
+        ``shared=True``: a shared lock (``mode=shared``)."""
+        plan = Acquisition(
+            pool, self.host, timeout, ttl, wait, self.timeout, core.clock(), shared=shared
+        )
         while True:
             try:
                 status, body, headers = await self._send(plan.request(core.clock()))
@@ -194,13 +198,14 @@ class AsyncClient(Driver):
         wait: bool = True,
         on_lost: Callable[[AsyncLease], object] | None = None,
         lost_margin: float | None = None,
+        shared: bool = False,
     ) -> AsyncIterator[AsyncLease]:
         """Hold a slot of ``pool`` for the ``async with`` block, renewing it in a task.
 
         Same contract as :meth:`distributex.client.sync.Client.lock`;
         ``on_lost`` may be a plain function or a coroutine function.
         """
-        lease = await self.acquire(pool, timeout=timeout, ttl=ttl, wait=wait)
+        lease = await self.acquire(pool, timeout=timeout, ttl=ttl, wait=wait, shared=shared)
         renewal = Renewal(lease, lost_margin)
         keeper = asyncio.create_task(self._keep(lease, renewal, ttl, on_lost))
         try:

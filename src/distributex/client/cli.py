@@ -134,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
         "-l", "--local", action="store_true",
         help="also take a local flock: no overlap of this pool on this host",
     )  # fmt: skip
+    p.add_argument(
+        "-s", "--shared", action="store_true",
+        help="a shared lock: runs beside other --shared holders of the pool, never beside "
+        "a holder without it (as flock -s; the server's max_shared bounds how many)",
+    )  # fmt: skip
     when = p.add_mutually_exclusive_group()
     when.add_argument(
         "--timeout", type=arg(config.seconds), metavar="SECONDS",
@@ -230,6 +235,7 @@ def resolve(
         lock_dir=str(lock_dir) if lock_dir else None,
         timeout=args.timeout,
         wait=not args.no_wait,
+        shared=args.shared,
         ttl=ttl or None,
         grace=grace,
         min_hold=args.min_hold,

@@ -410,6 +410,7 @@ class Lease:
     lost_reason: str | None = None
     lost_at: float | None = None
     released: bool = False
+    mode: str = "exclusive"  # the mode held: "shared" or "exclusive"
 
     @property
     def confirmed_until(self) -> float:

@@ -223,6 +223,7 @@ class Settings:
     lock_dir: str | None = None
     timeout: float | None = None
     wait: bool = True
+    shared: bool = False  # -s: a shared lock (mode=shared)
     ttl: float | None = 60.0
     grace: float = 10.0
     min_hold: float = 0.0
@@ -365,7 +366,9 @@ class Runner:
         path = os.path.join(directory, lock_file_name(self.s.pool))
         while True:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                # -s: the local lock is shared too (flock -s), as on the server.
+                kind = fcntl.LOCK_SH if self.s.shared else fcntl.LOCK_EX
+                fcntl.flock(fd, kind | fcntl.LOCK_NB)
                 self.debug(f"local lock {path} taken")
                 return fd
             except OSError as exc:
@@ -395,7 +398,12 @@ class Runner:
         def acquire() -> None:
             try:
                 outcome["lease"] = client.acquire(
-                    s.pool, timeout=self._remaining(), ttl=s.ttl, wait=s.wait, cancel=cancel
+                    s.pool,
+                    timeout=self._remaining(),
+                    ttl=s.ttl,
+                    wait=s.wait,
+                    cancel=cancel,
+                    shared=s.shared,
                 )
             except BaseException as exc:
                 outcome["error"] = exc

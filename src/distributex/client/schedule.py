@@ -114,11 +114,14 @@ class Acquisition:
         wait: bool,
         call_timeout: float,
         now: float,
+        shared: bool = False,
     ) -> None:
         check_durations(timeout, ttl)
         self.pool, self.host, self.timeout, self.wait = pool, host, timeout, wait
         self.call_timeout = call_timeout
         self.params: dict[str, str | None] = {"host": host, "pool": pool, "ttl": fmt_seconds(ttl)}
+        if shared:  # only then: a default request is the one 0.7 sent
+            self.params["mode"] = "shared"
         self.deadline = None if timeout is None else now + timeout
         self.requeue = Requeue(self.deadline)
         self.pause = REWAIT_PAUSE
@@ -170,7 +173,10 @@ class Acquisition:
         """The lease a YES granted; :class:`ServerUnavailable` if its headers are
         malformed (then :meth:`unusable` is what to give back)."""
         fence, token, ttl = grant_fields(headers)
-        return make(self.pool, held_as(headers, self.host), fence, token, ttl, self.sent)
+        lease = make(self.pool, held_as(headers, self.host), fence, token, ttl, self.sent)
+        # A server that knows no modes (0.7) ignored mode=shared: the lock is exclusive.
+        lease.mode = "shared" if headers.get("x-distributex-mode") == "shared" else "exclusive"
+        return lease
 
     def unusable(self, headers: Mapping[str, str], make: type[Lease] = Lease) -> Lease | None:
         """A YES we cannot use (bad lease headers): exactly what was granted, to release."""

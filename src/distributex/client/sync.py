@@ -230,6 +230,7 @@ class Client(Driver):
         ttl: float | None = None,
         wait: bool = True,
         cancel: CancelToken | None = None,
+        shared: bool = False,
     ) -> Lease:
         """Get a slot of ``pool`` (no background renewal; see :meth:`lock`).
 
@@ -238,11 +239,15 @@ class Client(Driver):
         A ``/wait/`` answered ``NO`` before that (the server could not hand
         a grant over) is asked again for the time that is left.
         ``ttl`` asks for a lease time shorter than the pool's ``expire``.
+        ``shared=True`` asks a shared lock (``mode=shared``): held beside other
+        shared holders, never beside exclusive ones (``lease.mode`` says which).
 
         Raises :class:`LockTimeout`, :class:`LockRefused`,
         :class:`ServerUnavailable` or :class:`Cancelled`.
         """
-        plan = Acquisition(pool, self.host, timeout, ttl, wait, self.timeout, core.clock())
+        plan = Acquisition(
+            pool, self.host, timeout, ttl, wait, self.timeout, core.clock(), shared=shared
+        )
         while True:
             try:
                 status, body, headers = self._send(plan.request(core.clock()), cancel)
@@ -319,6 +324,7 @@ class Client(Driver):
         wait: bool = True,
         on_lost: Callable[[Lease], object] | None = None,
         lost_margin: float | None = None,
+        shared: bool = False,
     ) -> Iterator[Lease]:
         """Hold a slot of ``pool`` for the ``with`` block, renewing it in the background.
 
@@ -329,7 +335,7 @@ class Client(Driver):
         detected; ``lease.lost`` is a :class:`threading.Event`.
         See :class:`LeaseKeeper` for ``lost_margin``.
         """
-        lease = self.acquire(pool, timeout=timeout, ttl=ttl, wait=wait)
+        lease = self.acquire(pool, timeout=timeout, ttl=ttl, wait=wait, shared=shared)
         keeper = LeaseKeeper(self, lease, ttl=ttl, on_lost=on_lost, lost_margin=lost_margin)
         keeper.start()
         try:
