@@ -130,3 +130,26 @@ def test_dashboard_page_is_self_contained(server: Server) -> None:
     # No asset from anywhere else: no external scripts, styles, fonts or images.
     for needle in ("http://", "https://", "//cdn", "<link", "src="):
         assert needle not in html, needle
+
+
+def test_dashboard_shows_each_holders_mode(server_factory, page: Any) -> None:
+    server: Server = server_factory(
+        CONFIG.replace(
+            "    expire: 300\n", "    expire: 300\n    max_shared: 4\n    lock_delay: 5\n"
+        )
+    )
+    for host in ("r1", "r2"):
+        assert server.call(q("get", host, "deploy", "&mode=shared")).body == "YES"
+    writer = ParkedWait(server, "w", "deploy")
+    page.goto(server.url + "/")
+    page.wait_for_selector(holder(page, "deploy", "r2"), timeout=WAIT_MS)
+    page.wait_for_selector('section[data-pool="deploy"] li.waiter[data-host="w"]', timeout=WAIT_MS)
+    modes = page.eval_on_selector_all(
+        'section[data-pool="deploy"] li.holder', "items => items.map(i => i.dataset.mode)"
+    )
+    assert modes == ["shared", "shared"]
+    assert page.inner_text('section[data-pool="deploy"] .slots') == "2 / 4 shared"
+    assert "shared" in page.inner_text(holder(page, "deploy", "r1") + " .fence")
+    meta = page.inner_text('section[data-pool="deploy"] .meta')
+    assert "lock-delay 5.0 s" in meta and "at most 4 shared" in meta
+    writer.hang_up()

@@ -60,13 +60,13 @@ def test_table(srv: Server) -> None:
     done = status_cmd("-H", "127.0.0.1", "-p", str(srv.port))
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert lines[0].split() == ["POOL", "SLOTS", "HOLDER", "FENCE", "LEFT", "WAITERS"]
+    assert lines[0].split() == ["POOL", "SLOTS", "HOLDER", "MODE", "FENCE", "LEFT", "WAITERS"]
     deploy = lines[1].split()
-    assert deploy[:3] == ["deploy", "1/1", "alice"]
-    assert deploy[4].startswith("4m") or deploy[4] == "5m00s"
-    assert " ".join(deploy[5:]) == "2: dave, erin"
-    assert lines[2].split()[:3] == ["reboot", "2/3", "bob"]
-    assert lines[2].split()[4] == "never"
+    assert deploy[:4] == ["deploy", "1/1", "alice", "exclusive"]
+    assert deploy[5].startswith("4m") or deploy[5] == "5m00s"
+    assert " ".join(deploy[6:]) == "2: dave, erin"
+    assert lines[2].split()[:4] == ["reboot", "2/3", "bob", "exclusive"]
+    assert lines[2].split()[5] == "never"
     assert lines[3].split()[0] == "carol"  # second holder: a row of its own
     # -H host:port works as well, and one pool only.
     one = status_cmd("-H", f"127.0.0.1:{srv.port}", "reboot")
@@ -224,3 +224,21 @@ def test_a_long_queue_listed_by_its_head_says_how_many_more() -> None:
     }
     row = table({"pools": [pool]}).splitlines()[1]
     assert row.endswith("5000: w1, w2, and 4998 more"), row
+
+
+def test_the_table_shows_each_holders_mode_and_shared_waiters(srv: Server) -> None:
+    for host in ("r1", "r2"):
+        assert srv.call(q("get", host, "deploy", "&mode=shared")).body == "YES"
+    waits = [ParkedWait(srv, "w", "deploy"), ParkedWait(srv, "r3", "deploy", "&mode=shared")]
+    deadline = time.monotonic() + 15
+    while "r3" not in srv.call("/status").body:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    done = status_cmd("-H", "127.0.0.1", "-p", str(srv.port), "deploy")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[1].split()[:5] == ["deploy", "2", "shared", "r1", "shared"]
+    assert lines[1].endswith("2: w, r3 (shared)"), lines[1]
+    assert lines[2].split()[:2] == ["r2", "shared"]
+    for wait in waits:
+        wait.hang_up()

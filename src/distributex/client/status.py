@@ -65,12 +65,24 @@ def duration(seconds: float | None) -> str:
 
 def table(doc: dict[str, Any]) -> str:
     """The document as a table: a row per holder, the queue in order on the pool's first row."""
-    rows = [("POOL", "SLOTS", "HOLDER", "FENCE", "LEFT", "WAITERS")]
+    rows = [("POOL", "SLOTS", "HOLDER", "MODE", "FENCE", "LEFT", "WAITERS")]
     for pool in doc.get("pools", []):
         name = shown(pool["name"]) + (" (draining)" if pool.get("draining") else "")
-        slots = f"{len(pool['holders'])}/{shown(pool['maxlocks'])}"
+        # Older servers say no mode: every holder is exclusive there.
+        shared = [h for h in pool["holders"] if h.get("mode") == "shared"]
+        if shared:
+            cap = pool.get("max_shared")
+            slots = f"{len(shared)}{'' if cap is None else '/' + shown(cap)} shared"
+        else:
+            slots = f"{len(pool['holders'])}/{shown(pool['maxlocks'])}"
         queue = pool["waiters"]
-        waiting = ", ".join(shown(w["host"]) for w in queue) if queue else "-"
+        waiting = (
+            ", ".join(
+                shown(w["host"]) + (" (shared)" if w.get("mode") == "shared" else "") for w in queue
+            )
+            if queue
+            else "-"
+        )
         # A long queue on a shared store lists its head; older servers send no count.
         beyond = pool.get("more_waiting")
         beyond = beyond if isinstance(beyond, int) and beyond > 0 else 0
@@ -86,6 +98,7 @@ def table(doc: dict[str, Any]) -> str:
                     name if first else "",
                     slots if first else "",
                     shown(holder["host"]) if holder else "-",
+                    shown(holder.get("mode", "exclusive")) if holder else "",
                     shown(holder["fence"]) if holder else "",
                     duration(holder["ttl_left"]) if holder else "",
                     waiting if first else "",
