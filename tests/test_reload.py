@@ -100,6 +100,25 @@ def test_raising_maxlocks_grants_waiters_at_once_and_a_new_pool_serves(make) -> 
     assert "added q; changed p" in s.log.read_text()
 
 
+def test_raising_max_shared_grants_shared_waiters_and_lock_delay_takes_effect(make) -> None:
+    srv = make("pools:\n  - name: p\n    expire: 300\n    max_shared: 1\n")
+    s = srv.server
+    assert s.call(q("get", "a", "p", "&mode=shared")).body == "YES"
+    b = ParkedWait(s, "b", "p", "&mode=shared")
+    srv.until_waiting("p", ["b"])
+    srv.reload("pools:\n  - name: p\n    expire: 1\n    max_shared: 2\n    lock_delay: 30\n")
+    assert b.answer()[2] == "YES"  # at once, not at the next request
+    assert srv.pool("p")["max_shared"] == 2 and srv.pool("p")["lock_delay"] == 30
+    assert s.call(q("get", "c", "p", "&mode=shared")).body == "NO"  # two shared: the bound
+    # The new lock_delay holds for leases that expire after the reload.
+    assert s.call(q("release", "a", "p")).body == "OK"
+    assert s.call(q("get", "c", "p", "&mode=shared&ttl=0.5")).body == "YES"
+    assert s.call(q("release", "b", "p")).body == "OK"
+    wait_until(lambda: srv.pool("p")["lock_delays"], what="c's lease expired")
+    assert srv.holders("p") == []
+    assert s.call(q("get", "d", "p")).body == "NO"  # its slot is kept for 30 s
+
+
 def test_lowering_maxlocks_evicts_no_holder(make) -> None:
     srv = make("pools:\n  - name: p\n    maxlocks: 3\n")
     s = srv.server
