@@ -75,6 +75,11 @@ BAD = [
     ("pools:\n  - name: a\n    maxlocks: 0\n", "3:15", "maxlocks must be a whole number >= 1"),
     ("pools:\n  - name: a\n    maxlocks: two\n", "3:15", "maxlocks must be a whole number"),
     ("pools:\n  - name: a\n    maxlock: 2\n", "3:5", "unknown key 'maxlock'"),
+    ("pools:\n  - name: a\n    max_shared: 0\n", "3:17", "pool 'a': max_shared must be a whole"),
+    ("pools:\n  - name: a\n    max_shared: many\n", "3:17", "max_shared must be a whole number"),
+    ("pools:\n  - name: a\n    lock_delay: -1\n", "3:17", "pool 'a': lock_delay must be >= 0"),
+    ("pools:\n  - name: a\n    lock_delay: 3601\n", "3:17", "lock_delay must be at most 3600"),
+    ("pools:\n  - name: a\n    lock_delay: soon\n", "3:17", "lock_delay must be a number"),
     ("pool:\n  - name: a\n", "1:1", "unknown key 'pool'"),
     ("pools: pool1\n", "1:8", "pools must be a list"),
     ("- name: a\n", "1:1", "configuration must be a mapping"),
@@ -109,6 +114,17 @@ def test_server_refuses_bad_config(tmp_path: Path, text: str, place: str, proble
     assert len(lines) == 1, result.stderr
     assert str(path) in lines[0] and problem in lines[0]
     assert "Traceback" not in result.stderr
+
+
+def test_max_shared_and_lock_delay() -> None:
+    config = parse_config(
+        "pools:\n  - name: a\n    max_shared: 5\n    lock_delay: 2.5\n"
+        "  - name: b\n    max_shared: null\n  - name: c\n",
+        "site.yaml",
+    )
+    assert (config.pools["a"].max_shared, config.pools["a"].lock_delay) == (5, 2.5)
+    assert (config.pools["b"].max_shared, config.pools["b"].lock_delay) == (None, 0.0)
+    assert (config.pools["c"].max_shared, config.pools["c"].lock_delay) == (None, 0.0)
 
 
 def test_missing_config_file(tmp_path: Path) -> None:
