@@ -180,6 +180,8 @@ class _Pool:
     blocked_until: float = -math.inf
     # Lock-delays: (until, mode) of holds that expired, each still taking its slot.
     delays: list[tuple[float, str]] = field(default_factory=list)
+    # How many of ``holders`` are shared (kept, so a grant costs no count of the holders).
+    shared_holds: int = 0
 
     def idle(self) -> bool:
         return (
@@ -191,10 +193,10 @@ class _Pool:
 
     def taken(self, now: float) -> tuple[int, int]:
         """Slots taken now: (exclusive, shared), holds and lock-delays alike."""
+        shared = self.shared_holds
         if self.delays:
             self.delays = [d for d in self.delays if d[0] > now]
-        shared = sum(1 for h in self.holders.values() if h.mode == SHARED)
-        shared += sum(1 for d in self.delays if d[1] == SHARED)
+            shared += sum(1 for d in self.delays if d[1] == SHARED)
         return len(self.holders) + len(self.delays) - shared, shared
 
 
@@ -594,6 +596,7 @@ class LockEngine:
             heapq.heappush(self._delay_ends, (until, spec.name))
         for hold in stored.holds:
             state.holders[hold.owner] = hold
+            state.shared_holds += hold.mode == SHARED
             for lease in hold.leases.values():
                 self._leases[lease.token] = lease
                 if lease.expires_at != NEVER:
@@ -699,6 +702,7 @@ class LockEngine:
             pool=state.spec.name, owner=owner, fence=self._last_fence, granted_at=now, mode=mode
         )
         state.holders[owner] = hold
+        state.shared_holds += mode == SHARED
         return hold
 
     def _lease(self, hold: Hold, ttl: float, now: float) -> Lease:
@@ -747,6 +751,7 @@ class LockEngine:
 
     def _vacate(self, state: _Pool, hold: Hold, now: float) -> list[Waiter]:
         del state.holders[hold.owner]
+        state.shared_holds -= hold.mode == SHARED
         granted = list(self._fill(state, now))
         self._forget_if_idle(state)
         return granted
