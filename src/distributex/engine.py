@@ -453,10 +453,16 @@ class LockEngine:
             _queue_by_arrival(state.queue, owner, waiter)
         return waiter
 
-    def holds_or_waits(self, pool: str, owner: str) -> bool:
-        """Is ``owner`` holding a slot of the pool, or in its queue?"""
+    def holds_or_waits(self, pool: str, owner: str, mode: str | None = None) -> bool:
+        """Is ``owner`` holding a slot of the pool, or in its queue? With a
+        ``mode``: holding in a mode that a request of ``mode`` joins."""
         state = self._pools.get(pool)
-        return state is not None and (owner in state.holders or owner in state.queue)
+        if state is None:
+            return False
+        hold = state.holders.get(owner)
+        if hold is not None and (mode is None or _joins(hold, mode)):
+            return True
+        return owner in state.queue
 
     def deliver(self, waiter: Waiter) -> bool:
         """Record that a granted waiter's answer is going out.

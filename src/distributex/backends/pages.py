@@ -43,7 +43,7 @@ from typing import Any, Generic, TypeVar
 from distributex.backends.base import BackendUnavailable
 from distributex.backends.record import PageMarks, waiter_of
 from distributex.backends.store import Conflict, Store, Stored
-from distributex.engine import LockEngine, PoolSpec, Waiter
+from distributex.engine import EXCLUSIVE, LockEngine, PoolSpec, Waiter
 
 # Waiters the record keeps before arrivals go to pages.
 WINDOW_MAX = 128
@@ -277,14 +277,18 @@ async def count_waiting(store: Store, call: Call, pool_key: str, first: int) -> 
         number += 16
 
 
-def page_for_arrival(engine: LockEngine, pool: str, owner: str, marks: PageMarks) -> int | None:
+def page_for_arrival(
+    engine: LockEngine, pool: str, owner: str, marks: PageMarks, mode: str = EXCLUSIVE
+) -> int | None:
     """Where a new wait goes: None into the record (the engine), else the first page
     number of the pages it is appended to (a new run of pages begins if needed:
     ``marks`` is changed, and the record must be written)."""
     if not goes_to_pages(len(engine.waiter_ids(pool)), marks.first):
         return None
-    if engine.holds_or_waits(pool, owner):
-        return None  # the engine joins it to its hold or its wait
+    if engine.holds_or_waits(pool, owner, mode):
+        # The engine joins it to its hold or its wait (a shared holder's
+        # exclusive request joins no hold: it queues behind the pages).
+        return None
     if marks.first is None:
         marks.top += 1
         marks.first = marks.top

@@ -98,7 +98,11 @@ class Waits:
                         room.fragments.pop(local.id, None)
                     local.since = since
                 marks = room.step_marks
-                first = None if marks is None else page_for_arrival(engine, spec.name, owner, marks)
+                first = (
+                    None
+                    if marks is None
+                    else page_for_arrival(engine, spec.name, owner, marks, mode)
+                )
                 if first is not None:
                     # Behind a long queue: to the pages, after this step.
                     local.queued = False  # (a redo of the step may come here after all)
