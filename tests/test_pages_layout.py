@@ -21,9 +21,16 @@ from hypothesis import strategies as st
 from distributex.backends import pages
 from distributex.backends.pages import Page, move_into, page_for_arrival, pages_due
 from distributex.backends.record import PageMarks, decode_record, encode_pool, waiter_of
-from distributex.engine import LockEngine, PoolSpec, Waiter
+from distributex.engine import EXCLUSIVE, SHARED, LockEngine, PoolSpec, Waiter
 
-SPEC = PoolSpec("p", maxlocks=2, expire=0.0)
+SPEC = PoolSpec("p", maxlocks=2, expire=0.0, max_shared=3)
+
+
+def mode_of(arg: int) -> str:
+    """Every third host asks a shared lock: its mode must survive the pages."""
+    return SHARED if arg % 3 == 0 else EXCLUSIVE
+
+
 # Arrivals outnumber releases, so that queues grow across many pages and drain.
 OPS = st.lists(
     st.tuples(
@@ -57,7 +64,21 @@ class StoreLayout:
             decoded = decode_record(self.record)
             engine.restore(SPEC, decoded.state)
             marks = decoded.pages
-        for _ in range(4):  # as the layer's _take_pages
+        self.take_due(engine, marks, now)
+        granted = self.apply(engine, marks, op, arg, now)
+        # Again after the request, as the layer's step: a run of shared grants
+        # may have emptied the window.
+        before = {w.id for w in engine.granted_waiters("p")}
+        self.take_due(engine, marks, now)
+        granted += deliver_all(
+            engine, [w for w in engine.granted_waiters("p") if w.id not in before]
+        )
+        self.fence = engine.last_fence
+        self.record = encode_pool("p", engine.state("p"), self.fence, "e", pages=marks)
+        return granted
+
+    def take_due(self, engine: LockEngine, marks: PageMarks, now: float) -> None:
+        for _ in range(4):  # as the layer's take_due
             if not pages_due(len(engine.waiter_ids("p")), marks.first):
                 break
             assert marks.first is not None
@@ -65,10 +86,6 @@ class StoreLayout:
             marks.top = max(marks.top, marks.first)
             marks.first = marks.first + 1 if page.more else None
             move_into(engine, SPEC, [waiter_of("p", e) for e in page.entries], now)
-        granted = self.apply(engine, marks, op, arg, now)
-        self.fence = engine.last_fence
-        self.record = encode_pool("p", engine.state("p"), self.fence, "e", pages=marks)
-        return granted
 
     def take(self, number: int) -> Page:
         page = Page.decode(_stored(self.pages.get(number))) or Page()
@@ -89,7 +106,8 @@ class StoreLayout:
                 page.more = True
                 self.pages[number] = page.encode()
                 continue
-            page.entries.append([waiter.id, "", waiter.owner, waiter.ttl, waiter.since])
+            entry = [waiter.id, "", waiter.owner, waiter.ttl, waiter.since]
+            page.entries.append(entry + ([] if waiter.mode == EXCLUSIVE else [waiter.mode]))
             self.pages[number] = page.encode()
             self.tail = number
             return True
@@ -111,15 +129,17 @@ class StoreLayout:
         self, engine: LockEngine, marks: PageMarks, op: str, arg: int, now: float
     ) -> list[str]:
         if op == "arrive":
-            owner = f"h{arg}"
-            first = page_for_arrival(engine, "p", owner, marks)
+            owner, mode = f"h{arg}", mode_of(arg)
+            first = page_for_arrival(engine, "p", owner, marks, mode)
             if first is not None:
-                waiter = Waiter("p", owner, 0.0, now, id=f"w-{owner}-{now}")
+                waiter = Waiter("p", owner, 0.0, now, id=f"w-{owner}-{now}", mode=mode)
                 if self.append(first, waiter):
                     return []
                 # Sealed under it: the layer asks the record again; here the
                 # record is this very step, so into the engine it goes.
-            waiter = engine.enqueue(SPEC, owner, now, waiter_id=f"w-{owner}-{now}", since=now)
+            waiter = engine.enqueue(
+                SPEC, owner, now, waiter_id=f"w-{owner}-{now}", since=now, mode=mode
+            )
             if waiter.lease is not None:
                 engine.deliver(waiter)
                 return [owner]
@@ -163,8 +183,10 @@ class WholeQueue:
     def step(self, op: str, arg: int, now: float) -> list[str]:
         engine = self.engine
         if op == "arrive":
-            owner = f"h{arg}"
-            waiter = engine.enqueue(SPEC, owner, now, waiter_id=f"w-{owner}-{now}", since=now)
+            owner, mode = f"h{arg}", mode_of(arg)
+            waiter = engine.enqueue(
+                SPEC, owner, now, waiter_id=f"w-{owner}-{now}", since=now, mode=mode
+            )
             if waiter.lease is not None:
                 engine.deliver(waiter)
                 return [owner]
@@ -201,8 +223,8 @@ def test_paged_layout_grants_as_one_engine_holding_the_whole_queue(ops) -> None:
             continue  # a host waits once here (asking again: the test below)
         assert layout.step(op, arg, float(now)) == whole.step(op, arg, float(now)), (op, arg)
         assert queue_of(layout) == whole.engine.waiting("p")
-        holders = sorted(h.owner for h in decode_record(layout.record).state.holds)
-        assert holders == sorted(h.owner for h in whole.engine.holders("p"))
+        holders = sorted((h.owner, h.mode) for h in decode_record(layout.record).state.holds)
+        assert holders == sorted((h.owner, h.mode) for h in whole.engine.holders("p"))
 
 
 def test_a_host_that_asks_again_while_in_the_record_joins_its_wait_or_hold() -> None:
@@ -269,3 +291,19 @@ def test_a_burst_of_arrivals_fills_page_after_page_and_leaves_together(tmp_path)
         assert kept == [f"id{i}" for i in range(0, 300, 2)]
 
     asyncio.run(run())
+
+
+def test_shared_waiters_keep_their_mode_through_the_pages() -> None:
+    """Shared waits that went to pages are granted together once they reach
+    the head, as the one engine grants them (a page entry that lost its mode
+    would grant them one by one)."""
+    layout, whole = StoreLayout(), WholeQueue()
+    ops = [("arrive", i) for i in (1, 2, 4, 5, 7, 8, 10, 3, 6, 9, 12)] + [("release", 0)] * 8
+    granted = []
+    for now, (op, arg) in enumerate(ops, start=1):
+        step = layout.step(op, arg, float(now))
+        assert step == whole.step(op, arg, float(now)), (op, arg)
+        assert queue_of(layout) == whole.engine.waiting("p")
+        granted.append(step)
+    assert decode_record(layout.record).pages.top > 0  # the run went through pages
+    assert ["h3", "h6", "h9"] in granted  # three shared (max_shared) together
