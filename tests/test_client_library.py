@@ -266,3 +266,30 @@ def test_async_cancelled_waiter_leaves_the_queue(server: Server) -> None:
     time.sleep(0.2)
     server.call("/release/?host=other&pool=p")
     assert server.call("/get/?host=third&pool=p").body == "YES"
+
+
+def test_shared_locks_from_the_library(server: Server) -> None:
+    first, second, writer = client(server, "r1"), client(server, "r2"), client(server, "w")
+    with first.lock("db", ttl=30, shared=True) as a, second.lock("db", ttl=30, shared=True) as b:
+        assert (a.mode, b.mode) == ("shared", "shared")
+        assert a.fence is not None and b.fence is not None and a.fence < b.fence
+        with pytest.raises(LockTimeout):
+            writer.acquire("db", wait=False)
+    lease = writer.acquire("db", ttl=30)
+    assert lease.mode == "exclusive"
+    with pytest.raises(LockTimeout):
+        first.acquire("db", wait=False, shared=True)
+    writer.release(lease)
+
+
+def test_shared_locks_from_the_asyncio_library(server: Server) -> None:
+    async def main() -> None:
+        async with aclient(server, "r1") as one, aclient(server, "r2") as two:
+            a_lock, b_lock = (
+                one.lock("db", ttl=30, shared=True),
+                two.lock("db", ttl=30, shared=True),
+            )
+            async with a_lock as a, b_lock as b:
+                assert (a.mode, b.mode) == ("shared", "shared")
+
+    asyncio.run(main())
