@@ -294,8 +294,10 @@ def check(
         if limit == 1:
             ordered = sorted(leases, key=lambda r: r.got)
             for before, after in itertools.pairwise(ordered):
-                # Shared leases granted together may arrive in any order.
-                if before.client != after.client and before.valid_until() <= after.got:
+                # Shared leases granted together may arrive in any order (one
+                # may even end before the other's YES arrived).
+                both_shared = before.mode == after.mode == "shared"
+                if before.client != after.client and not both_shared:
                     assert before.fence < after.fence, f"pool {pool}: fence went back"
     assert not history.long_waits_refused, f"starved: {history.long_waits_refused[:3]}"
     granted = {r.client for r in history.leases}
