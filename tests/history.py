@@ -47,7 +47,6 @@ class LeaseRecord:
     got: float  # the YES arrived
     confirmed: float  # send time of the latest confirmed renewal (or the grant)
     end: float | None = None  # release sent, or when the client stopped trusting it
-    mode: str = "exclusive"  # the mode held, as the answer said (mode=shared asked)
 
     def valid_until(self) -> float:
         limit = self.confirmed + self.ttl if self.ttl else float("inf")
@@ -100,10 +99,8 @@ class Client(threading.Thread):
         seed: int,
         stop_at: float,
         long_wait: float,
-        shared: float = 0.0,
     ) -> None:
         super().__init__(name=name, daemon=True)
-        self.shared = shared  # the share of requests that ask mode=shared
         self.servers = servers
         self.pools = pools
         self.history = history
@@ -153,8 +150,6 @@ class Client(threading.Thread):
                 self.history.errors += 1
             return
         params = {"host": self.name, "pool": pool, "ttl": rng.choice([1, 2])}
-        if self.shared and rng.random() < self.shared:  # no draw without modes: seeds replay
-            params["mode"] = "shared"
         sent = time.monotonic()
         if roll < 0.35:
             answer = self.request("get", params)
@@ -179,7 +174,6 @@ class Client(threading.Thread):
             sent,
             got,
             sent,
-            mode=headers.get("x-distributex-mode", "exclusive"),
         )
         self.history.add(record)
         self.hold(record)
@@ -224,7 +218,6 @@ def run(
     seconds: float,
     seed: int,
     long_wait: float | None = None,
-    shared: float = 0.0,
 ) -> History:
     """Run ``clients`` random clients for ``seconds``; their history.
 
@@ -237,7 +230,7 @@ def run(
     history = History()
     stop_at = time.monotonic() + seconds
     threads = [
-        Client(f"c{i}", servers, pools, history, seed * 1000 + i, stop_at, long_wait, shared)
+        Client(f"c{i}", servers, pools, history, seed * 1000 + i, stop_at, long_wait)
         for i in range(clients)
     ]
     for thread in threads:
@@ -250,19 +243,11 @@ def run(
     return history
 
 
-def check(
-    history: History,
-    maxlocks: dict[str, int],
-    clients: int,
-    durable: bool = True,
-    max_shared: dict[str, int] | None = None,
-) -> None:
+def check(history: History, maxlocks: dict[str, int], clients: int, durable: bool = True) -> None:
     """Prove the rules from the history alone (see the module doc).
 
     ``durable``: the lock state was kept through whatever happened (not a
     store that lost its memory), so no lease may vanish before its time.
-    Modes: ``maxlocks`` bounds the exclusive holders, ``max_shared`` (per
-    pool, absent: no limit) the shared ones, and the two never overlap.
     """
     assert not history.released_came_back, f"released, then renewed: {history.released_came_back}"
     if durable:
@@ -274,18 +259,11 @@ def check(
             key=lambda e: (e[0], e[1]),  # an end at the same instant comes first
         )
         # Leases of one client may overlap (asking again while holding is one hold).
-        open_: dict[tuple[str, str], int] = {}
-        shared_limit = (max_shared or {}).get(pool)
+        open_: dict[str, int] = {}
         for _when, step, record in events:
-            key = (record.client, record.mode)
-            open_[key] = open_.get(key, 0) + step
-            holders = sum(1 for (_c, m), n in open_.items() if n > 0 and m != "shared")
-            readers = sum(1 for (_c, m), n in open_.items() if n > 0 and m == "shared")
+            open_[record.client] = open_.get(record.client, 0) + step
+            holders = sum(1 for n in open_.values() if n > 0)
             assert holders <= limit, f"pool {pool}: {holders} holders > {limit}"
-            assert not (holders and readers), f"pool {pool}: shared beside exclusive"
-            assert shared_limit is None or readers <= shared_limit, (
-                f"pool {pool}: {readers} shared holders > {shared_limit}"
-            )
         owners: dict[int, str] = {}
         for record in leases:
             assert owners.setdefault(record.fence, record.client) == record.client, (
@@ -294,10 +272,7 @@ def check(
         if limit == 1:
             ordered = sorted(leases, key=lambda r: r.got)
             for before, after in itertools.pairwise(ordered):
-                # Shared leases granted together may arrive in any order (one
-                # may even end before the other's YES arrived).
-                both_shared = before.mode == after.mode == "shared"
-                if before.client != after.client and not both_shared:
+                if before.client != after.client:
                     assert before.fence < after.fence, f"pool {pool}: fence went back"
     assert not history.long_waits_refused, f"starved: {history.long_waits_refused[:3]}"
     granted = {r.client for r in history.leases}

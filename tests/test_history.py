@@ -356,32 +356,3 @@ def test_history_memcache_a_server_whose_clock_is_off(
     history.check(result, MAXLOCKS, CLIENTS)
     assert result.unavailable > 0, "the server with its clock off was never asked"
     assert len(result.leases) > 20
-
-
-def test_history_modes_inmemory(server_factory) -> None:
-    """Shared and exclusive requests mixed (half each): exclusive holders alone,
-    at most max_shared shared ones, nobody starved, fences in order."""
-    pools = POOLS + "  - name: rw\n    expire: 2\n    max_shared: 3\n"
-    server = server_factory("backend: inmemory\n" + pools)
-    result = history.run(
-        lambda: [("127.0.0.1", server.port)], ["mutex", "rw"], CLIENTS, SECONDS, seed(), shared=0.5
-    )
-    history.check(result, {"mutex": 1, "rw": 1}, CLIENTS, max_shared={"rw": 3})
-    assert {r.mode for r in result.leases} == {"shared", "exclusive"}
-    assert len(result.leases) > 30
-
-
-def test_history_modes_redis_two_servers(server_factory) -> None:
-    rs: RedisServer = start_redis()
-    try:
-        pools = POOLS + "  - name: rw\n    expire: 2\n    max_shared: 3\n"
-        config = f"backend: redis\nredis_url: {rs.url}\nkey_prefix: h{uuid.uuid4().hex}/\n" + pools
-        servers = [server_factory(config) for _ in range(2)]
-        addresses = [("127.0.0.1", s.port) for s in servers]
-        result = history.run(
-            lambda: addresses, ["mutex", "rw"], CLIENTS, SECONDS, seed(), shared=0.5
-        )
-        history.check(result, {"mutex": 1, "rw": 1}, CLIENTS, max_shared={"rw": 3})
-        assert {r.mode for r in result.leases} == {"shared", "exclusive"}
-    finally:
-        rs.stop()
