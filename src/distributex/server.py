@@ -55,7 +55,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
-from distributex import __version__, auth, fairness, reload, sdnotify
+from distributex import __version__, auth, collector, fairness, reload, sdnotify
 from distributex.backends import BackendUnavailable, LockBackend, make_backend
 from distributex.config import DEFAULT_BIND, Config, ConfigError, default_config, load_config
 from distributex.events import Events, JsonFormatter
@@ -634,6 +634,7 @@ async def start_server(
         connections.limit,
         fd_limit or "unknown",
     )
+    collector.tune_for_a_server()
     return runner, backend
 
 
