@@ -17,7 +17,7 @@ import uuid
 
 import pytest
 
-from tests import history
+from distributex.check import history
 from tests.conftest import Memcached, RedisServer, start_etcd, start_memcached, start_redis
 
 pytestmark = pytest.mark.timeout(600)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import history
+from distributex.check import history
 from tests.conftest import Server, free_port, request_read_by_server
 from tests.test_http import q
 
