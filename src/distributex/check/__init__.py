@@ -1,1 +1,1 @@
-"""``distributex check``'s parts: random clients record a history, a pure checker proves the rules."""
+"""``distributex check``: random clients record a history; a pure checker proves the rules."""
