@@ -196,9 +196,13 @@ def run_check(conns: list[Connection], args: argparse.Namespace, who: list[Any])
         f"{maxlocks}) over {len(endpoints)} server(s) for {args.duration:g}s, seed {seed}",
         file=sys.stderr,
     )
-    history = random_clients.run(
-        lambda: endpoints, [args.pool], len(who), args.duration, seed, identities=who
-    )
+    try:
+        history = random_clients.run(
+            lambda: endpoints, [args.pool], len(who), args.duration, seed, identities=who
+        )
+    except RuntimeError as exc:  # a client that never came back: no verdict
+        print(f"distributex check: {shown(exc)}", file=sys.stderr)
+        return exits.EXIT_SOFTWARE
     findings = rules.check(history, {args.pool: maxlocks}, durable=False)
     sys.stdout.write(report.text(history, findings, args.pool, maxlocks, seed))
     if findings:
