@@ -37,7 +37,7 @@ pools:
 """
 
 
-def check_cmd(*args: str, env: dict[str, str] | None = None) -> list[str]:
+def check_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "distributex.client.cli", "check", *args]
 
 
