@@ -218,3 +218,29 @@ def test_usage_and_could_not_run(server_factory) -> None:
     assert nobody.returncode == 69 and nobody.stderr.count("\n") == 1, nobody.stderr
     unknown = run_check("-H", f"127.0.0.1:{server.port}", "-r", "nope", "--duration", "1")
     assert unknown.returncode == 77 and "unknown pool" in unknown.stderr
+
+
+def test_a_server_killed_and_restarted_during_the_check(server_factory, tmp_path: Path) -> None:
+    config = f"backend: sqlite\nsqlite_path: {tmp_path / 'state.db'}\n" + POOLS
+    servers = [server_factory(config) for _ in range(2)]
+    proc = subprocess.Popen(
+        check_cmd("-H", servers_arg(servers), "-r", "chk", "--duration", "5", "--clients", "4"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=clean_env(),
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while '"host": "check-' not in servers[0].call("/status?pool=chk").body:
+            assert time.monotonic() < deadline, "the check never held the pool"
+            time.sleep(0.05)
+        servers[1].stop(signal.SIGKILL)  # its clients' calls fail until it is back
+        server_factory(config, port=servers[1].port)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, out + err
+    assert "result: the rules held" in out
