@@ -33,7 +33,8 @@ Around it, each in a file of its own:
 * ``record.py``: the records' layout; ``pages.py``: a long queue's tail;
 * ``storelife.py``: the store's life as this server sees it, its epoch and
   losses, our heartbeat and the safety checks; ``clocks.py``: clock skew;
-* ``pool.py``: what this server keeps of each pool (a :class:`PoolRoom`);
+* ``pool.py``: what this server keeps of each pool (a :class:`PoolRoom`),
+  dropped when the pool is idle here;
 * ``steps.py``: the step above, a batch of requests per read and write;
 * ``waiters.py``: this server's waiters on a pool; ``waiting.py``: the
   /wait/ verb that parks them;
