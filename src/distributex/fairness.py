@@ -57,7 +57,7 @@ def share(limit: int, configured: int) -> int:
 
 
 class Evictable(Protocol):
-    """What the table needs of a connection (``distributex.server._Connection``)."""
+    """What the table needs of a connection (``distributex.transport.Connection``)."""
 
     peer: str
     pending: bool  # accepted, TLS handshake (or the protocol) not done yet
