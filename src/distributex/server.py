@@ -51,10 +51,12 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 
 from distributex import __version__, auth, collector, fairness, reload, sdnotify
+from distributex.appkeys import CONFIG_KEY, EVENTS_KEY
 from distributex.backends import BackendUnavailable, LockBackend, make_backend
 from distributex.config import DEFAULT_BIND, Config, ConfigError, default_config, load_config
 from distributex.events import Events, JsonFormatter
-from distributex.httpapi import CONFIG_KEY, EVENTS_KEY, create_app
+from distributex.httpapi import create_app
+from distributex.limits import parser_limits
 from distributex.statusfeed import FEEDS_KEY
 from distributex.tls import TLS_KEY, TLSHolder
 from distributex.transport import Connections, Site, connection_limit, server_url
@@ -292,11 +294,7 @@ async def start_server(
         access_log_class=auth.AccessLog,  # lease and token values redacted
         shutdown_timeout=SHUTDOWN_GRACE,
         keepalive_timeout=config.idle_timeout,
-        # Request line and each header line at most max_header_size bytes;
-        # larger answer 400 (line) or 431 (header), from aiohttp's parser.
-        max_line_size=config.max_header_size,
-        max_field_size=config.max_header_size,
-        max_headers=config.max_headers,
+        **parser_limits(config),  # larger heads answer 400 or 431, from aiohttp's parser
     )
     await runner.setup()
     site = Site(runner, config.bind, config.port, connections, tls=tls)
