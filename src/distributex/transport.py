@@ -8,7 +8,7 @@ aiohttp's ``RequestHandler`` and reads two of its private parts
 (``_request_count``, the ``Server._kwargs`` a protocol is made with), and
 :class:`Site` makes the protocols itself. Everything that leans on aiohttp's
 internals is here, in one place to check when aiohttp is upgraded
-(``tests/test_fairness*.py`` and ``tests/test_limits*.py`` exercise it).
+(``tests/test_fairness.py`` and ``tests/test_http_hostile.py`` exercise it).
 
 * a connection must send a complete request head within ``header_timeout``
   seconds of opening (or of starting a later request), and a kept-alive one
