@@ -98,6 +98,8 @@ class Server:
     nofile: int | None = None
     extra_args: Sequence[str] = ()
     port: int = field(default_factory=free_port)
+    # Another server to run in its place (the bare protocol): its argv, the port appended.
+    command: Sequence[str] | None = None
     proc: subprocess.Popen[bytes] | None = None
     final_log: str = ""
     _log: Any = None
@@ -112,12 +114,15 @@ class Server:
         return f"http://{LOOPBACK}:{self.port}"
 
     def start(self, ready_timeout: float = 15.0) -> Server:
-        cmd = [sys.executable, "-m", "distributex", "-p", str(self.port), *self.extra_args]
-        # Extra server options for every script, e.g. to compare settings:
-        # DISTRIBUTEX_BENCH_SERVER_ARGS="-c metrics-off.yaml --log-level warning"
-        cmd += shlex.split(os.environ.get("DISTRIBUTEX_BENCH_SERVER_ARGS", ""))
-        if self.config:
-            cmd += ["-c", self.config]
+        if self.command is not None:
+            cmd = [*self.command, str(self.port)]
+        else:
+            cmd = [sys.executable, "-m", "distributex", "-p", str(self.port), *self.extra_args]
+            # Extra server options for every script, e.g. to compare settings:
+            # DISTRIBUTEX_BENCH_SERVER_ARGS="-c metrics-off.yaml --log-level warning"
+            cmd += shlex.split(os.environ.get("DISTRIBUTEX_BENCH_SERVER_ARGS", ""))
+            if self.config:
+                cmd += ["-c", self.config]
         self._log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop())
         self.proc = subprocess.Popen(
             cmd,

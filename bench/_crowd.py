@@ -99,7 +99,8 @@ class Crowd:
 
     async def _run(self, waiter: Waiter, opened: asyncio.Semaphore) -> None:
         plan = self.plan
-        source = f"127.0.0.{1 + waiter.index % plan.sources}"
+        # Each server sees every source address (one peer may hold half its cap).
+        source = f"127.0.0.{1 + (waiter.index // len(plan.ports)) % plan.sources}"
         host = f"w{waiter.index}"
         writer = None
         try:

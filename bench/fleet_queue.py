@@ -277,14 +277,20 @@ async def ask(port: int, verb: str, host: str, extra: str = "") -> tuple[bytes, 
 
 
 async def queue_length(port: int) -> int:
-    """The pool's waiters as ``/status?pool=`` shows them (a count field if it has one)."""
+    """The pool's waiters as ``/status?pool=`` shows them (a count field if it has
+    one); -1 if the server answered something else (shown with FQDEBUG)."""
     reader, writer = await asyncio.open_connection(LOOPBACK, port)
     try:
         writer.write(f"GET /status?pool={POOL} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         body, _ = await read_answer(reader)
     finally:
         writer.close()
-    pool = json.loads(body)["pools"][0]
+    try:
+        pool = json.loads(body)["pools"][0]
+    except ValueError:
+        if os.environ.get("FQDEBUG"):
+            print(f"/status answered {body[:200]!r}", file=sys.stderr)
+        return -1
     for name in ("waiters_count", "waiting", "queue_length", "waiters_total"):
         if isinstance(pool.get(name), int):
             return int(pool[name])
@@ -380,7 +386,7 @@ async def _phases(
         answered: dict[str, int] = {}
         for w in crowd:
             if w.answer:
-                answered[w.answer[:60]] = answered.get(w.answer[:60], 0) + 1
+                answered[w.answer[:200]] = answered.get(w.answer[:200], 0) + 1
         result["arrivals_answered"] = answered  # what the waits that did not park were told
         if os.environ.get("FQDEBUG"):
             for server in setup.servers:

@@ -99,9 +99,10 @@ def run(
     warmup: float = 1.0,
     profile: str | None = None,
     client: str = "aiohttp",
+    server: Server | None = None,
 ) -> dict[str, Any]:
-    """Run the benchmark; returns its figures."""
-    with Server() as server:
+    """Run the benchmark; returns its figures (``server``: another one than distributexd)."""
+    with server or Server() as server:
         results, window = run_closed_loop(
             server, worker, (server.port, uvloop, client), clients, procs, duration, warmup, profile
         )

@@ -17,7 +17,7 @@ import uuid
 
 import pytest
 
-from tests import history
+from distributex.check import clients, history, rules, wire
 from tests.conftest import Memcached, RedisServer, start_etcd, start_memcached, start_redis
 
 pytestmark = pytest.mark.timeout(600)
@@ -43,10 +43,10 @@ def seed() -> int:
 
 def test_history_inmemory(server_factory) -> None:
     server = server_factory("backend: inmemory\n" + POOLS)
-    result = history.run(
+    result = clients.run(
         lambda: [("127.0.0.1", server.port)], list(MAXLOCKS), CLIENTS, SECONDS, seed()
     )
-    history.check(result, MAXLOCKS, CLIENTS)
+    rules.assert_held(result, MAXLOCKS, CLIENTS)
     # A floor that says the run did something, as for the other backends (a seed
     # with several long holds on a loaded machine gave 45 in 8 s).
     assert len(result.leases) > 30
@@ -82,12 +82,12 @@ def test_history_memcache_three_servers_with_faults(server_factory) -> None:
 
         injector = threading.Thread(target=faults, daemon=True)
         injector.start()
-        result = history.run(current, list(MAXLOCKS), CLIENTS, SECONDS, seed())
+        result = clients.run(current, list(MAXLOCKS), CLIENTS, SECONDS, seed())
         injector.join(30)
         # Waits refused while the store was down or had just lost its state are
         # not starvation: only the safety and fencing rules are checked here.
         result.long_waits_refused.clear()
-        history.check(result, MAXLOCKS, CLIENTS, durable=False)  # memcached restarted empty
+        rules.assert_held(result, MAXLOCKS, CLIENTS, durable=False)  # memcached restarted empty
         assert len(result.leases) > 30
         print(f"{len(result.leases)} leases, {result.errors} failed calls of {result.calls}")
     finally:
@@ -101,8 +101,8 @@ def test_history_memcache_two_servers_no_faults(server_factory, memcached: Memca
     )
     servers = [server_factory(config) for _ in range(2)]
     addresses = [("127.0.0.1", s.port) for s in servers]
-    result = history.run(lambda: addresses, list(MAXLOCKS), CLIENTS, SECONDS, seed())
-    history.check(result, MAXLOCKS, CLIENTS)
+    result = clients.run(lambda: addresses, list(MAXLOCKS), CLIENTS, SECONDS, seed())
+    rules.assert_held(result, MAXLOCKS, CLIENTS)
     assert result.errors == 0
     # Progress (some seeds draw long holds: about 48 leases in the run).
     assert len(result.leases) > 30
@@ -122,20 +122,20 @@ def lease(client: str, got: float, end: float, fence: int) -> history.LeaseRecor
 )
 def test_the_checker_catches_a_broken_history(records: list[history.LeaseRecord]) -> None:
     with pytest.raises(AssertionError):
-        history.check(history.History(leases=records), {"mutex": 1}, 2)
+        rules.assert_held(history.History(leases=records), {"mutex": 1}, 2)
 
 
 def test_the_checker_passes_a_good_history() -> None:
     records = [lease("a", 0.0, 1.0, 1), lease("b", 1.0, 2.0, 2), lease("a", 2.5, 3.0, 3)]
-    history.check(history.History(leases=records), {"mutex": 1}, 2)
+    rules.assert_held(history.History(leases=records), {"mutex": 1}, 2)
 
 
 def test_history_sqlite_two_processes_one_file(server_factory, tmp_path) -> None:
     config = f"backend: sqlite\nsqlite_path: {tmp_path / 'state.db'}\n" + POOLS
     servers = [server_factory(config) for _ in range(2)]
     addresses = [("127.0.0.1", s.port) for s in servers]
-    result = history.run(lambda: addresses, list(MAXLOCKS), CLIENTS, SECONDS, seed())
-    history.check(result, MAXLOCKS, CLIENTS)
+    result = clients.run(lambda: addresses, list(MAXLOCKS), CLIENTS, SECONDS, seed())
+    rules.assert_held(result, MAXLOCKS, CLIENTS)
     assert result.errors == 0
     # Progress (some seeds draw long holds: about 48 leases in the run).
     assert len(result.leases) > 30
@@ -169,11 +169,11 @@ def test_history_etcd_two_servers_members_killed(server_factory, tmp_path, lost:
 
         injector = threading.Thread(target=faults, daemon=True)
         injector.start()
-        result = history.run(lambda: addresses, list(MAXLOCKS), CLIENTS, SECONDS, seed())
+        result = clients.run(lambda: addresses, list(MAXLOCKS), CLIENTS, SECONDS, seed())
         injector.join(60)
         # Waits refused while etcd had no quorum are not starvation.
         result.long_waits_refused.clear()
-        history.check(result, MAXLOCKS, CLIENTS)  # etcd keeps the state: durable
+        rules.assert_held(result, MAXLOCKS, CLIENTS)  # etcd keeps the state: durable
         assert back, "etcd did not come back"
         # Service came back by itself: leases granted after the members returned.
         assert any(r.got > back[0] for r in result.leases), "nothing granted after the fault"
@@ -210,7 +210,7 @@ def test_history_redis_three_servers_with_faults(server_factory) -> None:
                 sent = time.monotonic()
                 params = {"host": name, "pool": "mutex", "ttl": 1, "timeout": 30}
                 try:
-                    status, body, headers = history.call(current()[0], "wait", params, 45)
+                    status, body, headers = wire.call(current()[0], "wait", params, 45)
                 except OSError:
                     continue
                 if body == "YES":
@@ -221,7 +221,7 @@ def test_history_redis_three_servers_with_faults(server_factory) -> None:
             result.add(history.LeaseRecord(name, "mutex", fence, token, 1.0, sent, got, sent))
             time.sleep(2.5)
             params = {"host": name, "pool": "mutex", "lease": token}
-            status, body, _headers = history.call(current()[-1], "renew", params, 10)
+            status, body, _headers = wire.call(current()[-1], "renew", params, 10)
             paused.append((status, body))
 
         def faults() -> None:
@@ -243,7 +243,7 @@ def test_history_redis_three_servers_with_faults(server_factory) -> None:
 
         injector = threading.Thread(target=faults, daemon=True)
         injector.start()
-        run = history.run(current, list(MAXLOCKS), CLIENTS, SECONDS, seed())
+        run = clients.run(current, list(MAXLOCKS), CLIENTS, SECONDS, seed())
         injector.join(60)
         assert not injector.is_alive()
         assert paused == [(410, "GONE")], paused
@@ -251,7 +251,7 @@ def test_history_redis_three_servers_with_faults(server_factory) -> None:
         # Waits refused while the store was down or had just lost its state are
         # not starvation: only the safety and fencing rules are checked here.
         run.long_waits_refused.clear()
-        history.check(run, MAXLOCKS, CLIENTS + 1, durable=False)  # Redis restarted empty
+        rules.assert_held(run, MAXLOCKS, CLIENTS + 1, durable=False)  # Redis restarted empty
         assert len(run.leases) > 30
         print(f"{len(run.leases)} leases, {run.errors} failed calls of {run.calls}")
     finally:
@@ -265,8 +265,8 @@ def test_history_redis_three_servers_no_faults(server_factory, redis_server: Red
     )
     servers = [server_factory(config) for _ in range(3)]
     addresses = [("127.0.0.1", s.port) for s in servers]
-    result = history.run(lambda: addresses, list(MAXLOCKS), CLIENTS, SECONDS, seed())
-    history.check(result, MAXLOCKS, CLIENTS)
+    result = clients.run(lambda: addresses, list(MAXLOCKS), CLIENTS, SECONDS, seed())
+    rules.assert_held(result, MAXLOCKS, CLIENTS)
     assert result.errors == 0
     assert len(result.leases) > 30
 
@@ -296,7 +296,7 @@ def test_history_redis_a_server_started_after_the_store_lost_its_state(server_fa
             while True:  # a lease of 10 s on the pool, without renewals
                 sent = time.monotonic()
                 params = {"host": name, "pool": "long", "ttl": 10}
-                _status, body, headers = history.call(("127.0.0.1", first.port), "get", params, 10)
+                _status, body, headers = wire.call(("127.0.0.1", first.port), "get", params, 10)
                 if body == "YES":
                     break
                 time.sleep(0.02)
@@ -312,13 +312,13 @@ def test_history_redis_a_server_started_after_the_store_lost_its_state(server_fa
 
         injector = threading.Thread(target=faults, daemon=True)
         injector.start()
-        result = history.run(current, list(maxlocks), CLIENTS, SECONDS, seed())
+        result = clients.run(current, list(maxlocks), CLIENTS, SECONDS, seed())
         injector.join(60)
         assert not injector.is_alive()
         assert holder.leases, "the long lease was never granted"
         result.leases += holder.leases
         result.long_waits_refused.clear()  # waits refused while the loss holds grants
-        history.check(result, maxlocks, CLIENTS + 1, durable=False)
+        rules.assert_held(result, maxlocks, CLIENTS + 1, durable=False)
         assert len(result.leases) > 20
     finally:
         rs.stop()
@@ -349,10 +349,10 @@ def test_history_memcache_a_server_whose_clock_is_off(
 
     injector = threading.Thread(target=faults, daemon=True)
     injector.start()
-    result = history.run(current, list(MAXLOCKS), CLIENTS, SECONDS, seed())
+    result = clients.run(current, list(MAXLOCKS), CLIENTS, SECONDS, seed())
     injector.join(60)
     assert not injector.is_alive()
     result.long_waits_refused.clear()  # the server that refuses answers 503
-    history.check(result, MAXLOCKS, CLIENTS)
+    rules.assert_held(result, MAXLOCKS, CLIENTS)
     assert result.unavailable > 0, "the server with its clock off was never asked"
     assert len(result.leases) > 20

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from distributex.backends import shared, sqlite, steps
+from distributex.backends import shared, sqlite_file, steps
 from distributex.backends.shared import SharedStateBackend
 from distributex.backends.sqlite import SqliteStore
 from distributex.engine import PoolSpec
@@ -368,7 +368,7 @@ def test_a_lowered_maxlocks_holds_in_a_step_begun_before_the_reload(
     """A lease that ends in the next step of a runner begun before the reload
     (maxlocks 2 -> 1) hands its slot to nobody while the other holder holds."""
     # The write lock below is held past the lease's end: store calls wait for it.
-    monkeypatch.setattr(sqlite, "BUSY_TIMEOUT_MS", 60_000)
+    monkeypatch.setattr(sqlite_file, "BUSY_TIMEOUT_MS", 60_000)
     monkeypatch.setattr(shared, "CALL_TIMEOUT", 60.0)
     monkeypatch.setattr(steps, "STEP_TIMEOUT", 60.0)
     two, one = PoolSpec("p", maxlocks=2, expire=300), PoolSpec("p", maxlocks=1, expire=300)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import history
+from distributex.check import clients, rules
 from tests.conftest import Server, free_port, request_read_by_server
 from tests.test_http import q
 
@@ -175,11 +175,11 @@ def test_history_across_random_kill_9(server_factory, tmp_path: Path) -> None:
 
     killer = threading.Thread(target=crashes, daemon=True)
     killer.start()
-    result = history.run(lambda: [("127.0.0.1", port)], ["mutex", "sem"], 6, seconds, seed)
+    result = clients.run(lambda: [("127.0.0.1", port)], ["mutex", "sem"], 6, seconds, seed)
     killer.join(60)
     # Waits cut by a crash are not starvation; durability and safety are checked.
     result.long_waits_refused.clear()
-    history.check(result, {"mutex": 1, "sem": 2}, 6, durable=True)
+    rules.assert_held(result, {"mutex": 1, "sem": 2}, 6, durable=True)
     assert len(result.leases) > 30
     print(f"{len(result.leases)} leases, {result.errors} failed calls of {result.calls}")
 

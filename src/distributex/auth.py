@@ -50,13 +50,15 @@ import ssl
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Set
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 from aiohttp.web_log import AccessLogger
 
 from distributex.config import Config
+from distributex.identity import Identity
+from distributex.limits import MAX_NAME, check_body
+from distributex.refusal import Refused, refused
 from distributex.tls import peer_names
 
 audit_log = logging.getLogger("distributex.audit")
@@ -74,31 +76,6 @@ ALWAYS_OPEN = frozenset(("/healthz", "/healthz/"))
 # Read-only pages that ``status_public: true`` opens.
 STATUS_PATHS = frozenset(("/", "/status", "/status/", "/status/events", "/metrics", "/metrics/"))
 BEARER = "bearer "
-MAX_NAME = 255  # as httpapi.MAX_NAME
-
-
-class Refused(Exception):
-    """A request refused for who sent it, or for a limit; a 4xx ``INVALID`` answer."""
-
-    def __init__(self, status: int, reason: str, who: Identity | None = None) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-        self.who = who  # what was proven before the refusal (a certificate), for the audit
-
-
-@dataclass(frozen=True)
-class Identity:
-    """A proven identity: ``names`` it may use as host (the first is its default)."""
-
-    names: tuple[str, ...]
-    via: str  # "token", "certificate" or "token+certificate"
-    pools: frozenset[str] | None = None  # None: every pool
-    admin: bool = False
-
-    @property
-    def name(self) -> str:
-        return self.names[0]
 
 
 def token_digest(token: str) -> str:
@@ -339,35 +316,8 @@ class Security:
             self._guard = Guard(config)  # a reload swapped the configuration
         return self._guard
 
-    def metrics_lines(self) -> list[str]:
-        """Prometheus text lines of the counters kept here (for ``/metrics``)."""
-        lines = [
-            "# HELP distributex_forced_releases_total Releases of another host's lock by an admin.",
-            "# TYPE distributex_forced_releases_total counter",
-            f"distributex_forced_releases_total {self.forced_releases}",
-            "# HELP distributex_refusals_total Requests refused for authentication or a limit.",
-            "# TYPE distributex_refusals_total counter",
-        ]
-        lines += [
-            f'distributex_refusals_total{{status="{status}"}} {count}'
-            for status, count in sorted(self.refusals.items())
-        ]
-        return lines
-
 
 SECURITY_KEY: web.AppKey[Security] = web.AppKey("security", Security)
-
-
-def _refusal(request: web.Request, status: int, reason: str) -> web.Response:
-    # Lazy: httpapi imports this module.
-    from distributex.httpapi import _for_legacy_client, header_text
-
-    headers = {"Content-Type": "text/plain", "X-Distributex-Reason": header_text(reason)}
-    if status == 401:
-        headers["WWW-Authenticate"] = 'Bearer realm="distributex"'
-    response = web.Response(body=b"INVALID", status=status, headers=headers)
-
-    return _for_legacy_client(request, response)
 
 
 def _verb(path: str) -> str | None:
@@ -392,16 +342,7 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
     guard = security.guard
     config = guard.config
     try:
-        if request.body_exists:
-            length = request.content_length
-            if length is None:
-                raise Refused(411, "a request body needs a Content-Length (bodies are not used)")
-            if length > config.max_body_size:
-                raise Refused(
-                    413,
-                    f"request body of {length} bytes is larger than {config.max_body_size} "
-                    "(max_body_size; bodies are not used)",
-                )
+        check_body(request, config)
         identity = None
         path = request.path
         opened = path in ALWAYS_OPEN or (config.status_public and path in STATUS_PATHS)
@@ -413,7 +354,7 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
         if guard.audit:
             who = request.get(IDENTITY_KEY) or exc.who
             _audit_refusal(request, who, exc.status, exc.reason)
-        refusal = _refusal(request, exc.status, exc.reason)
+        refusal = refused(request, exc.status, exc.reason)
         if exc.status in (411, 413):
             refusal.force_close()  # the body was not read
         return refusal

@@ -37,7 +37,7 @@ UNSAFE_STORE = ("refuse", "warn")
 # but keep a typo from asking for a billion of something.
 MAX_CONFIG_BYTES = 1 << 20
 MAX_DEPTH = 64
-MAX_NAME_LENGTH = 255  # httpapi.MAX_NAME: longer names are refused there
+MAX_NAME_LENGTH = 255  # limits.MAX_NAME: longer names in a request are refused
 MAX_SECONDS = 10**9
 MAX_MAXLOCKS = 1_000_000
 # A lock-delay past an hour would keep a pool from everyone long after a crash.

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -144,14 +145,19 @@ def _emit(event: str, **fields: Any) -> None:
 
 
 def _log_event(event: str, fields: dict[str, Any]) -> None:
-    text = " ".join(f"{key}={_show(value)}" for key, value in fields.items() if value is not None)
+    text = " ".join([f"{key}={_show(value)}" for key, value in fields.items() if value is not None])
     log.info("%s %s", event, text, extra={"event": event, **fields})
 
 
+# Names may hold spaces or '=': quote them so a line still splits into fields.
+_NEEDS_QUOTES = re.compile(r'[ ="\\]')
+
+
 def _show(value: Any) -> str:
-    # Names may hold spaces or '=': quote them so a line still splits into fields.
-    if isinstance(value, str) and (not value or any(c in value for c in ' ="\\')):
-        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, str):
+        if not value or _NEEDS_QUOTES.search(value):
+            return json.dumps(value, ensure_ascii=False)
+        return value
     return str(value)
 
 

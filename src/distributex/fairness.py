@@ -39,7 +39,9 @@ from typing import TYPE_CHECKING, Protocol
 from aiohttp import web
 
 from distributex import auth
+from distributex.appkeys import CONFIG_KEY
 from distributex.config import Config
+from distributex.refusal import for_legacy_client, header_text, refused
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -57,7 +59,7 @@ def share(limit: int, configured: int) -> int:
 
 
 class Evictable(Protocol):
-    """What the table needs of a connection (``distributex.server._Connection``)."""
+    """What the table needs of a connection (``distributex.transport.Connection``)."""
 
     peer: str
     pending: bool  # accepted, TLS handshake (or the protocol) not done yet
@@ -223,7 +225,7 @@ async def identity_share(request: web.Request, handler: Handler) -> web.StreamRe
             f"too many requests in progress for '{identity.name}': {requests.cap()} already "
             "(parked /wait/ and status streams; max_requests_per_identity)"
         )
-        return auth._refusal(request, 429, reason)
+        return refused(request, 429, reason)
     try:
         return await handler(request)
     finally:
@@ -235,10 +237,8 @@ async def _reserved(request: web.Request, handler: Handler) -> web.StreamRespons
     if request.path in RESERVED_PATHS:
         response = await handler(request)
     else:
-        from distributex.httpapi import _for_legacy_client, header_text
-
         reason = "the server is full (max_connections): only /renew/ and /release/ are taken now"
-        response = _for_legacy_client(
+        response = for_legacy_client(
             request,
             web.Response(
                 body=b"UNAVAILABLE",
@@ -256,7 +256,5 @@ async def _reserved(request: web.Request, handler: Handler) -> web.StreamRespons
 
 def install(app: web.Application, limit: Callable[[], int]) -> None:
     """Add the per-identity cap to ``app`` (before its router is frozen)."""
-    from distributex.httpapi import CONFIG_KEY
-
     app[IDENTITY_REQUESTS_KEY] = IdentityRequests(lambda: app[CONFIG_KEY], limit)
     app.middlewares.append(identity_share)

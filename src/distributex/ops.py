@@ -29,31 +29,24 @@ from typing import Any
 
 from aiohttp import web
 
+from distributex import auth, query
+from distributex.appkeys import BACKEND_KEY, CONFIG_KEY, DRAINING_KEY, EVENTS_KEY
 from distributex.backends.base import BackendUnavailable
 from distributex.engine import PoolSpec
-from distributex.httpapi import (
-    BACKEND_KEY,
-    CONFIG_KEY,
-    DRAINING_KEY,
-    EVENTS_KEY,
-    Invalid,
-    _name,
-    _param,
-)
+from distributex.refusal import Refused
 from distributex.status import PoolStatus
 
-OPERATOR_PATHS = ("/", "/status", "/status/", "/status/events", "/metrics", "/healthz")
 HEALTH_TIMEOUT = 5.0
 _JSON = "application/json"
 
 
-def _json(doc: Any, status: int = 200) -> web.Response:
+def json_response(doc: Any, status: int = 200) -> web.Response:
     return web.Response(
         body=json.dumps(doc, ensure_ascii=False).encode(), status=status, content_type=_JSON
     )
 
 
-def _specs(app: web.Application, only: str | None) -> list[tuple[PoolSpec, bool, bool]]:
+def shown_pools(app: web.Application, only: str | None) -> list[tuple[PoolSpec, bool, bool]]:
     """(spec, configured, draining) of the pools to show, configured ones first."""
     config = app[CONFIG_KEY]
     draining = app[DRAINING_KEY]
@@ -65,7 +58,7 @@ def _specs(app: web.Application, only: str | None) -> list[tuple[PoolSpec, bool,
             return [(draining[only], False, True)]
         spec = config.pool(only)
         if spec is None:
-            raise Invalid(404, f"unknown pool '{only}'")
+            raise Refused(404, f"unknown pool '{only}'")
         return [(spec, False, False)]
     shown: list[tuple[PoolSpec, bool, bool]] = [
         (spec, True, False) for spec in config.pools.values()
@@ -84,8 +77,8 @@ def _specs(app: web.Application, only: str | None) -> list[tuple[PoolSpec, bool,
 
 
 async def read_status(app: web.Application, only: str | None = None) -> list[PoolStatus]:
-    """The pools ``/status`` shows (raises Invalid for an unknown ``only``)."""
-    shown = _specs(app, only)
+    """The pools ``/status`` shows (raises Refused for an unknown ``only``)."""
+    shown = shown_pools(app, only)
     pools = await app[BACKEND_KEY].status([spec for spec, _c, _d in shown])
     result = []
     draining = app[DRAINING_KEY]
@@ -110,20 +103,20 @@ def status_document(app: web.Application, pools: list[PoolStatus]) -> dict[str, 
     }
 
 
-def _only(request: web.Request) -> str | None:
-    if _param(request, "pool") is None:
+def requested_pool(request: web.Request) -> str | None:
+    if query.param(request, "pool") is None:
         return None
-    return _name(request, "pool")
+    return query.name(request, "pool")
 
 
 async def status(request: web.Request) -> web.Response:
     try:
-        pools = await read_status(request.app, _only(request))
-    except Invalid as exc:
-        return _json({"error": exc.reason}, exc.status)
+        pools = await read_status(request.app, requested_pool(request))
+    except Refused as exc:
+        return json_response({"error": exc.reason}, exc.status)
     except BackendUnavailable as exc:
-        return _json({"error": str(exc)}, 503)
-    return _json(status_document(request.app, pools))
+        return json_response({"error": str(exc)}, 503)
+    return json_response(status_document(request.app, pools))
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -202,16 +195,11 @@ class _SecurityCounters:
 
 def add_routes(app: web.Application) -> None:
     """The operator endpoints (all GET; HEAD too)."""
-    from distributex import auth
-
     collector = app[EVENTS_KEY].metrics
     if collector is not None and auth.SECURITY_KEY in app:
         collector.registry.register(_SecurityCounters(app[auth.SECURITY_KEY]))
     app.router.add_get("/", dashboard)
     app.router.add_get("/status", status)
     app.router.add_get("/status/", status)
-    from distributex import statusfeed  # one shared snapshot per change
-
-    statusfeed.add_route(app)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)

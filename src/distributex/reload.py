@@ -44,9 +44,10 @@ from dataclasses import fields, replace
 from aiohttp import web
 
 from distributex import auth
+from distributex.appkeys import BACKEND_KEY, CONFIG_KEY, DRAINING_KEY, EVENTS_KEY
 from distributex.config import Config
 from distributex.engine import PoolSpec
-from distributex.httpapi import BACKEND_KEY, CONFIG_KEY, DRAINING_KEY, EVENTS_KEY
+from distributex.ops import read_status
 
 log = logging.getLogger("distributex.reload")
 
@@ -141,7 +142,6 @@ _tasks: set[asyncio.Task[None]] = set()
 
 
 async def _prune(app: web.Application) -> None:
-    from distributex.ops import read_status
 
     with contextlib.suppress(Exception):  # best effort: /status prunes again
         await read_status(app)

@@ -16,7 +16,7 @@ end within ``header_timeout``); the context lives in a
 Authentication, request limits and the audit log are :mod:`distributex.auth`.
 
 Connections are guarded so that holders' renewals get through however many
-idle connections a client (or an attack) leaves open:
+idle connections a client (or an attack) leaves open (:mod:`distributex.transport`):
 
 * a connection must send a complete request head within ``header_timeout``
   seconds of opening (or of starting a later request), and a kept-alive one
@@ -38,45 +38,34 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import errno
-import functools
 import logging
 import os
 import re
 import signal
-import socket
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
-from aiohttp.web_protocol import RequestHandler
 
-from distributex import __version__, auth, fairness, reload, sdnotify
+from distributex import __version__, auth, collector, fairness, reload, sdnotify
+from distributex.appkeys import CONFIG_KEY, EVENTS_KEY
 from distributex.backends import BackendUnavailable, LockBackend, make_backend
 from distributex.config import DEFAULT_BIND, Config, ConfigError, default_config, load_config
 from distributex.events import Events, JsonFormatter
-from distributex.fairness import ConnectionTable
-from distributex.httpapi import CONFIG_KEY, EVENTS_KEY, create_app
+from distributex.httpapi import create_app
+from distributex.limits import parser_limits
 from distributex.statusfeed import FEEDS_KEY
 from distributex.tls import TLS_KEY, TLSHolder
+from distributex.transport import Connections, Site, connection_limit, server_url
 
 log = logging.getLogger("distributex")
 
 # Parked /wait/ requests are answered by backend.close(); this only bounds
 # how long the server waits for answers already being written.
 SHUTDOWN_GRACE = 3.0
-LISTEN_BACKLOG = 4096
-# Connections taken from the listen queue per loop turn: others get their turn.
-ACCEPT_BATCH = 64
-# Pause in accepting when out of file descriptors with nothing idle to close.
-ACCEPT_RETRY = 0.5
-# Recurring trouble (no descriptors, connection cap) is logged this often.
-REPORT_EVERY = 10.0
-_OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 class _QuietBadRequests(logging.Filter):
@@ -118,12 +107,6 @@ def quiet_bad_requests() -> None:
         logger.addFilter(_QuietBadRequests())
 
 
-def server_url(bind: str, port: int, tls: bool = False) -> str:
-    """``http://HOST:PORT/`` (``https`` with TLS) with an IPv6 address in brackets."""
-    host = f"[{bind}]" if ":" in bind else bind
-    return f"{'https' if tls else 'http'}://{host}:{port}/"
-
-
 def raise_fd_limit() -> int:
     """Raise the soft ``RLIMIT_NOFILE`` to the hard limit; the soft limit now (0: unknown)."""
     try:
@@ -137,310 +120,6 @@ def raise_fd_limit() -> int:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     return 0 if soft == resource.RLIM_INFINITY else soft
-
-
-def connection_limit(max_connections: int, fd_limit: int) -> int:
-    """The connection cap: ``max_connections``, or (0) the fd limit less a reserve."""
-    if max_connections > 0:
-        return max_connections
-    if fd_limit <= 0:
-        return 10000
-    # Room for the listening sockets, the backend's connections, log files
-    # and the accepts in flight.
-    return max(16, fd_limit - max(64, fd_limit // 8))
-
-
-class _Throttle:
-    """Logs a recurring event at most once per ``REPORT_EVERY`` seconds, with a count."""
-
-    def __init__(self, level: int, what: str) -> None:
-        self.level = level
-        self.what = what
-        self.count = 0
-        self.next_report = 0.0
-
-    def note(self, *args: object) -> None:
-        self.count += 1
-        now = time.monotonic()
-        if now >= self.next_report:
-            log.log(self.level, f"{self.what} (count %d since the last report)", *args, self.count)
-            self.count = 0
-            self.next_report = now + REPORT_EVERY
-
-
-class _Connections(ConnectionTable):
-    """The connection table (:mod:`distributex.fairness`) with its deadlines and log lines."""
-
-    def __init__(
-        self, limit: int, header_timeout: float, per_peer: Callable[[], int] = lambda: 0
-    ) -> None:
-        super().__init__(limit, per_peer)
-        self.header_timeout = header_timeout
-        self._evicted = _Throttle(
-            logging.INFO,
-            f"connection limit reached ({limit}, or max_connections_per_peer): "
-            "an idle, handshaking or streaming connection closed to make room",
-        )
-        self._refused = _Throttle(
-            logging.WARNING,
-            f"connection limit reached ({limit}, or max_connections_per_peer), "
-            "nothing to close: new ones refused",
-        )
-
-    def close_oldest_idle(self) -> bool:
-        """Close the first connection that may be closed; False if there is none."""
-        conn = self.victim()
-        if conn is None:
-            return False
-        self.close(conn)
-        return True
-
-    def admit(self, conn: socket.socket, peer: str) -> tuple[bool, bool]:
-        """Make room for ``conn`` from ``peer`` if a cap is reached, else give it a reserved
-        place or refuse (close) it: whether it is admitted, and reserved."""
-        allowed, victim = self.room_for(peer)
-        if victim is not None:
-            self.close(victim)
-            self.evicted += 1
-            self._evicted.note()
-        elif not allowed:
-            if self.may_reserve(peer):
-                return True, True
-            conn.close()
-            self.refused += 1
-            self._refused.note()
-        return allowed, False
-
-
-class _Connection(RequestHandler):
-    """aiohttp's connection with a deadline for each request head, known to the cap.
-
-    aiohttp counts request heads as they are parsed (``_request_count``);
-    ``finish_response`` runs once per head when its answer is written. A
-    connection is idle when every head has been answered: a parked /wait/ is
-    a head not answered yet.
-    """
-
-    def __init__(
-        self, manager: web.Server, connections: _Connections, peer: str, **kwargs: Any
-    ) -> None:
-        super().__init__(manager, **kwargs)
-        self._connections = connections
-        self._answered = 0
-        self._head_timer: asyncio.TimerHandle | None = None
-        self.peer = peer
-        self.pending = True  # until made: the TLS handshake runs
-        self.streaming = False  # a /status/events stream (set by distributex.statusfeed)
-        self.reserved = False  # beyond the cap: one renewal or release (fairness)
-        self.making: asyncio.Task[Any] | None = None
-
-    def idle(self) -> bool:
-        return self._request_count == self._answered
-
-    def evict(self) -> None:
-        """Closed to make room: a handshake is abandoned, a made connection closed."""
-        if self.pending and self.making is not None:
-            self.making.cancel()
-        else:
-            self.force_close()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        self.pending = False
-        self._start_head_timer()
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        self._stop_head_timer()
-        self._connections.forget(self)
-        super().connection_lost(exc)
-
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        if not self.idle():
-            self._stop_head_timer()
-        elif data and self._head_timer is None:
-            self._start_head_timer()  # a kept-alive connection began its next head
-
-    async def finish_response(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return await super().finish_response(*args, **kwargs)
-        finally:
-            self._answered += 1
-            if self.reserved:
-                self._connections.forget(self)  # its one answer is out: the place is free
-
-    def _start_head_timer(self) -> None:
-        self._head_timer = self._loop.call_later(
-            self._connections.header_timeout, self._head_timed_out
-        )
-
-    def _stop_head_timer(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-
-    def _head_timed_out(self) -> None:
-        self._head_timer = None
-        if self.idle() and self.transport is not None:
-            self._connections.forget(self)
-            self.force_close()
-
-
-async def _listen(host: str | None, port: int, backlog: int) -> list[socket.socket]:
-    """Listening sockets for every address ``host`` names (as loop.create_server binds)."""
-    loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(
-        host or None,
-        port,
-        family=socket.AF_UNSPEC,
-        type=socket.SOCK_STREAM,
-        flags=socket.AI_PASSIVE,
-    )
-    sockets: list[socket.socket] = []
-    try:
-        for family, kind, proto, _name, address in dict.fromkeys(infos):
-            sock = socket.socket(family, kind, proto)
-            sockets.append(sock)
-            if os.name == "posix":
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            try:
-                sock.bind(address)
-            except OSError as exc:
-                raise OSError(
-                    exc.errno,
-                    f"error while attempting to bind on address {address!r}: "
-                    f"{(exc.strerror or str(exc)).lower()}",
-                ) from None
-            sock.listen(backlog)
-            sock.setblocking(False)
-    except BaseException:
-        for sock in sockets:
-            sock.close()
-        raise
-    return sockets
-
-
-class _Site(web.BaseSite):
-    """A TCP site that accepts connections itself, to enforce the cap and survive EMFILE.
-
-    asyncio's own accept loop logs a traceback for every failed accept (up
-    to the listen backlog per loop turn, each also scheduling a retry), which
-    floods the log and burns CPU once file descriptors run out.
-    """
-
-    def __init__(
-        self,
-        runner: web.BaseRunner,
-        host: str | None,
-        port: int,
-        connections: _Connections,
-        backlog: int = LISTEN_BACKLOG,
-        tls: TLSHolder | None = None,
-    ) -> None:
-        super().__init__(runner, backlog=backlog)
-        self._host = host
-        self._port = port
-        self._connections = connections
-        # Read at each accept, so a reload's new certificate serves the next connection.
-        self.tls = tls or TLSHolder(None)
-        self._sockets: list[socket.socket] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._retry: asyncio.TimerHandle | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._trouble = _Throttle(logging.WARNING, "cannot accept connections: %s")
-
-    @property
-    def name(self) -> str:
-        return server_url(self._host or "0.0.0.0", self._port, self.tls.context is not None)
-
-    async def start(self) -> None:
-        await super().start()
-        self._loop = asyncio.get_running_loop()
-        self._sockets = await _listen(self._host, self._port, self._backlog)
-        self._port = self._sockets[0].getsockname()[1]
-        self._resume()
-
-    async def stop(self) -> None:
-        self._pause()
-        for sock in self._sockets:
-            sock.close()
-        self._sockets = []
-        for task in self._tasks:
-            task.cancel()  # connections half made: closed, never served
-        await super().stop()
-
-    def _resume(self) -> None:
-        assert self._loop is not None
-        self._retry = None
-        for sock in self._sockets:
-            self._loop.add_reader(sock.fileno(), self._accept, sock)
-
-    def _pause(self, seconds: float | None = None) -> None:
-        """Stop accepting; again after ``seconds`` unless None."""
-        if self._retry is not None:
-            self._retry.cancel()
-            self._retry = None
-        if self._loop is None:
-            return
-        for sock in self._sockets:
-            self._loop.remove_reader(sock.fileno())
-        if seconds is not None and self._sockets:
-            self._retry = self._loop.call_later(seconds, self._resume)
-
-    def _accept(self, sock: socket.socket) -> None:
-        loop = self._loop
-        assert loop is not None
-        server = self._runner.server
-        assert server is not None
-        connections = self._connections
-        for _ in range(ACCEPT_BATCH):
-            try:
-                conn, address = sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except ConnectionAbortedError:
-                continue
-            except OSError as exc:
-                self._trouble.note(os.strerror(exc.errno) if exc.errno else exc)
-                # Out of descriptors: an idle connection's descriptor frees on
-                # the next loop turn, which accepts again. Else wait a little.
-                if exc.errno not in _OUT_OF_RESOURCES or not connections.close_oldest_idle():
-                    self._pause(ACCEPT_RETRY)
-                return
-            peer = address[0] if isinstance(address, tuple) else ""
-            admitted, reserved = connections.admit(conn, peer)
-            if not admitted:
-                continue
-            conn.setblocking(False)
-            protocol = _Connection(server, connections, peer, loop=loop, **server._kwargs)
-            protocol.reserved = reserved
-            connections.add(protocol)
-            context = self.tls.context
-
-            def same(p: _Connection = protocol) -> _Connection:
-                return p  # the protocol made above, with its reservation
-
-            accepted = loop.connect_accepted_socket(
-                same,
-                conn,
-                ssl=context,
-                # A handshake counts against the time a request head may take.
-                ssl_handshake_timeout=connections.header_timeout if context else None,
-            )
-            task = loop.create_task(accepted)
-            protocol.making = task
-            self._tasks.add(task)
-            task.add_done_callback(functools.partial(self._connected, protocol=protocol))
-
-    def _connected(self, task: asyncio.Task[Any], protocol: _Connection) -> None:
-        self._tasks.discard(task)
-        protocol.making = None
-        if task.cancelled() or task.exception() is not None:
-            self._connections.forget(protocol)  # never made: evicted, or its handshake failed
-            if not task.cancelled():
-                log.debug("connection failed at once: %s", task.exception())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -597,7 +276,7 @@ async def start_server(
     await backend.start()
     app = create_app(config, backend, events)
     app[TLS_KEY] = tls  # a reload swaps its context: TLSHolder.swap
-    connections = _Connections(
+    connections = Connections(
         connection_limit(config.max_connections, fd_limit),
         config.header_timeout,
         lambda: app[CONFIG_KEY].max_connections_per_peer,  # a reload changes it
@@ -615,14 +294,10 @@ async def start_server(
         access_log_class=auth.AccessLog,  # lease and token values redacted
         shutdown_timeout=SHUTDOWN_GRACE,
         keepalive_timeout=config.idle_timeout,
-        # Request line and each header line at most max_header_size bytes;
-        # larger answer 400 (line) or 431 (header), from aiohttp's parser.
-        max_line_size=config.max_header_size,
-        max_field_size=config.max_header_size,
-        max_headers=config.max_headers,
+        **parser_limits(config),  # larger heads answer 400 or 431, from aiohttp's parser
     )
     await runner.setup()
-    site = _Site(runner, config.bind, config.port, connections, tls=tls)
+    site = Site(runner, config.bind, config.port, connections, tls=tls)
     try:
         await site.start()
     except BaseException:
@@ -634,6 +309,7 @@ async def start_server(
         connections.limit,
         fd_limit or "unknown",
     )
+    collector.tune_for_a_server()
     return runner, backend
 
 
@@ -762,6 +438,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the server; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    # The lines show none of caller, thread or process: leave them out of every
+    # record (the logging HOWTO's "Optimization"); a grant's line costs less.
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -31,9 +31,10 @@ from typing import Any
 
 from aiohttp import web
 
+from distributex.appkeys import CONFIG_KEY, EVENTS_KEY
 from distributex.backends.base import BackendUnavailable
-from distributex.httpapi import CONFIG_KEY, EVENTS_KEY, Invalid
-from distributex.ops import _json, _only, _specs, read_status, status_document
+from distributex.ops import json_response, read_status, requested_pool, shown_pools, status_document
+from distributex.refusal import Refused
 
 log = logging.getLogger("distributex")
 
@@ -99,8 +100,8 @@ class Feed:
                 try:
                     pools = await read_status(self._app, self.only)
                     kind, doc, key = "status", status_document(self._app, pools), pools
-                except (BackendUnavailable, Invalid) as exc:
-                    reason = exc.reason if isinstance(exc, Invalid) else str(exc)
+                except (BackendUnavailable, Refused) as exc:
+                    reason = exc.reason if isinstance(exc, Refused) else str(exc)
                     kind, doc, key = "unavailable", {"error": reason}, reason
                 if key != last:
                     seq += 1
@@ -155,15 +156,15 @@ async def status_events(request: web.Request) -> web.StreamResponse:
     app = request.app
     events = app[EVENTS_KEY]
     try:
-        only = _only(request)
-        _specs(app, only)
-    except Invalid as exc:
-        return _json({"error": exc.reason}, exc.status)
+        only = requested_pool(request)
+        shown_pools(app, only)
+    except Refused as exc:
+        return json_response({"error": exc.reason}, exc.status)
     feeds = app[FEEDS_KEY]
     cap = app[CONFIG_KEY].max_status_streams
     if feeds.viewers >= cap:
         reason = f"too many status viewers: {cap} already watch (max_status_streams)"
-        full = _json({"error": reason}, 503)
+        full = json_response({"error": reason}, 503)
         full.headers["X-Distributex-Reason"] = reason
         full.headers["Retry-After"] = "5"
         return full

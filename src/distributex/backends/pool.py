@@ -1,10 +1,11 @@
 """What this server keeps of one pool between steps: a :class:`PoolRoom` per pool.
 
 A room is made the first time the pool is stepped, waited on, reloaded or
-nudged here, and kept while the server runs: its fence floor must outlive
-the pool's record (fences never go back), and a reload steps the pools
-stepped here before. The parts that come and go (requests, their runner,
-waiters, their poller) are empty or None between uses.
+nudged here. The parts that come and go (requests, their runner, waiters,
+their poller) are empty or None between uses; a room left with nothing that
+the store or the clock cannot give back is dropped (:meth:`Pools.prune`), so
+what a server keeps grows with the pools in use, not with every pool name it
+ever saw (a reload that removes pools, nudges about pools not served here).
 """
 
 from __future__ import annotations
@@ -98,6 +99,25 @@ class PoolRoom:
     def __post_init__(self) -> None:
         self.waiters = LocalWaiters(self.name)
 
+    def idle(self, now: float) -> bool:
+        """Nothing here that a later step could not get back: the room may go.
+
+        The fence floor is the one thing a step cannot read back when the
+        store has lost the record; it may go once a new record would start
+        above it anyway (new records start above the clock in µs). A record
+        that exists carries its own last fence. ``now``: the store's clock.
+        """
+        return (
+            not self.pending
+            and self.runner is None
+            and self.poller is None
+            and self.nudged is None
+            and not self.waiters
+            and not self.waiters.answered
+            and self.longer_leases_until <= now
+            and self.fence_floor < int(now * 1_000_000)
+        )
+
     def compare_settings(self, spec: PoolSpec, theirs: list[Any] | None) -> None:
         """Warn (once a minute per pool) if another server writes the pool with
         other settings: each grants by its own maxlocks."""
@@ -140,6 +160,20 @@ class Pools:
         if room is None:
             room = self._rooms[name] = PoolRoom(name)
         return room
+
+    def prune(self, now: float) -> list[str]:
+        """Drop the rooms of pools idle here whose last record here held no state;
+        their names (the caller drops what it keeps of them elsewhere).
+
+        A pool holding state as last seen here keeps its room: a reload steps
+        it (a raised maxlocks hands slots to its queue at once).
+        """
+        gone = [
+            name for name, room in self._rooms.items() if name not in self.in_use and room.idle(now)
+        ]
+        for name in gone:
+            del self._rooms[name]
+        return gone
 
     def in_force(self, spec: PoolSpec) -> PoolSpec:
         """The pool's configuration now: a reload's, over the one a request

@@ -51,20 +51,20 @@ import asyncio
 import contextlib
 import logging
 import secrets
-import time
 from collections.abc import Callable, Collection
 from typing import Any
 from urllib.parse import urlsplit
 
 from distributex.backends.base import BackendUnavailable
 from distributex.backends.record import split_nudge
+from distributex.backends.redis_clock import CLOCK_EVERY, RedisClock
+from distributex.backends.redis_url import describe_url, reason, sentinel_client, unavailable
 from distributex.backends.store import Conflict, Store, Stored
 from distributex.config import parse_sentinel_url
 
 try:
     import redis.asyncio as aioredis
     from redis.asyncio.retry import Retry
-    from redis.asyncio.sentinel import Sentinel
     from redis.backoff import NoBackoff
     from redis.exceptions import RedisError, ResponseError
 except ImportError:  # pragma: no cover - checked by make_backend
@@ -79,12 +79,6 @@ POOL_SIZE = 16
 # A connection that cannot be made in this time counts as a failure (the layer
 # bounds each call at 1.2 s as well).
 CONNECT_TIMEOUT = 1.0
-# TIME is sampled this often; the best of the last CLOCK_SAMPLES sets the offset.
-CLOCK_EVERY = 1.0
-CLOCK_SAMPLES = 5
-# Two samples whose offsets differ by more than their round trips allow, plus
-# this (the monotonic clock's drift between them), mean Redis's clock jumped.
-CLOCK_SLACK = 0.005
 # The pub/sub listener waits this long between reconnections, doubling.
 LISTEN_BACKOFF_MIN = 0.05
 LISTEN_BACKOFF_MAX = 2.0
@@ -120,22 +114,6 @@ return ARGV[2]
 """
 
 
-def describe_url(url: str) -> str:
-    """Where a redis_url points, without its password: "redis 10.0.0.5:6379/0"."""
-    parts = urlsplit(url)
-    if parts.scheme == "redis+sentinel":
-        where = parse_sentinel_url(url)
-        hosts = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in where.sentinels)
-        return f"redis master '{where.service}' of sentinels {hosts} (db {where.db})"
-    if parts.scheme == "unix":
-        return f"redis {parts.path}"
-    host = parts.hostname or "localhost"
-    shown = f"[{host}]" if ":" in host else host
-    db = parts.path.strip("/") or "0"
-    tls = " (TLS)" if parts.scheme == "rediss" else ""
-    return f"redis {shown}:{parts.port or 6379}/{db}{tls}"
-
-
 def _nudge_message(data: bytes) -> tuple[str, Stored | None]:
     """A nudge: the pool's name, and the record written with it if it came along."""
     pool, raw = split_nudge(data)
@@ -146,36 +124,6 @@ def _nudge_message(data: bytes) -> tuple[str, Stored | None]:
 
 def _new_version() -> str:
     return secrets.token_hex(VERSION_LENGTH // 2)
-
-
-class RedisClock:
-    """Redis's clock (``TIME``) read without a round trip: an offset to ``time.monotonic``."""
-
-    def __init__(self) -> None:
-        self.offset: float | None = None
-        self._samples: list[tuple[float, float]] = []  # (round trip, offset)
-
-    async def sample(self, client: Any) -> None:
-        sent = time.monotonic()
-        seconds, micros = await client.time()
-        came = time.monotonic()
-        rtt = came - sent
-        offset = seconds + micros / 1e6 - (sent + came) / 2
-        if self._samples:
-            best_rtt, best = min(reversed(self._samples), key=lambda s: s[0])
-            if abs(offset - best) > (rtt + best_rtt) / 2 + CLOCK_SLACK:
-                # More apart than two honest samples can be: Redis's clock was
-                # stepped (or this is another Redis, after a fail-over). Follow it.
-                self._samples = []
-        self._samples = [*self._samples[-(CLOCK_SAMPLES - 1) :], (rtt, offset)]
-        # The sample with the shortest round trip is the most exact (its error is
-        # at most half that round trip); a newer one wins ties.
-        self.offset = min(reversed(self._samples), key=lambda s: s[0])[1]
-
-    def now(self) -> float:
-        if self.offset is None:  # only before start(), which samples first
-            return time.time()
-        return time.monotonic() + self.offset
 
 
 class RedisStore(Store):
@@ -207,7 +155,7 @@ class RedisStore(Store):
                 "retry_on_timeout": False,
             }
             if urlsplit(self.url).scheme == "redis+sentinel":
-                self._sentinel, self._client = _sentinel_client(self.url, options)
+                self._sentinel, self._client = sentinel_client(self.url, options)
             else:
                 # A blocking pool: a step that finds every connection busy waits
                 # for one (the layer bounds the wait) instead of failing.
@@ -235,7 +183,7 @@ class RedisStore(Store):
         except ResponseError:
             info = {}  # INFO may be renamed or forbidden: then it is no cluster we can see
         except (RedisError, OSError) as exc:
-            raise BackendUnavailable(f"{self.description} unreachable: {_reason(exc)}") from None
+            raise BackendUnavailable(f"{self.description} unreachable: {reason(exc)}") from None
         if info.get("cluster_enabled"):
             raise BackendUnavailable(
                 f"{self.description} is a Redis Cluster node: not supported yet "
@@ -246,7 +194,7 @@ class RedisStore(Store):
                 await self._follow_master()
             await self.clock.sample(client)
         except (RedisError, OSError) as exc:
-            raise BackendUnavailable(f"{self.description} unreachable: {_reason(exc)}") from None
+            raise BackendUnavailable(f"{self.description} unreachable: {reason(exc)}") from None
         self._clock_task = asyncio.create_task(self._clock_loop())
 
     async def _clock_loop(self) -> None:
@@ -300,7 +248,7 @@ class RedisStore(Store):
             try:
                 values = await pipe.execute()
             except RedisError as exc:
-                raise _unavailable(self.description, exc) from None
+                raise unavailable(self.description, exc) from None
         found: dict[str, Stored] = {}
         for key, raw in zip(keys, values, strict=True):
             if raw is not None:
@@ -326,7 +274,7 @@ class RedisStore(Store):
                 args=[version or "", new, value, int(ttl * 1000), pool, *channels],
             )
         except RedisError as exc:
-            raise _unavailable(self.description, exc) from None
+            raise unavailable(self.description, exc) from None
         if isinstance(written, list):  # refused: what is stored now
             raw = written[0]
             return Conflict(Stored(raw[VERSION_LENGTH:], raw[:VERSION_LENGTH].decode()))
@@ -337,7 +285,7 @@ class RedisStore(Store):
         try:
             await self._connect().set(self.key(key), raw, ex=ttl or None)
         except RedisError as exc:
-            raise _unavailable(self.description, exc) from None
+            raise unavailable(self.description, exc) from None
 
     async def notify(self, servers: Collection[str], pool: str) -> None:
         async with self._connect().pipeline(transaction=False) as pipe:
@@ -346,7 +294,7 @@ class RedisStore(Store):
             try:
                 await pipe.execute()
             except RedisError as exc:
-                raise _unavailable(self.description, exc) from None
+                raise unavailable(self.description, exc) from None
 
     async def listen(self, server: str, nudged: Callable[..., None]) -> None:
         delay = LISTEN_BACKOFF_MIN
@@ -379,50 +327,12 @@ class RedisStore(Store):
                         pool, stored = _nudge_message(bytes(message["data"]))
                         nudged(pool, stored)
             except Exception as exc:  # whatever broke it, subscribe again
-                reason = _reason(exc)
-                if down != reason:
-                    log.warning(
-                        "%s: no nudges (%s); servers poll meanwhile", self.description, reason
-                    )
-                down = reason
+                why = reason(exc)
+                if down != why:
+                    log.warning("%s: no nudges (%s); servers poll meanwhile", self.description, why)
+                down = why
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
             await asyncio.sleep(delay)
             delay = min(LISTEN_BACKOFF_MAX, delay * 2)
-
-
-def _sentinel_client(url: str, options: dict[str, Any]) -> tuple[Any, Any]:
-    """A client of the master that the Sentinels name; it asks them again after a fail-over.
-
-    (redis-py's Sentinel pool has no blocking variant; it makes connections
-    as needed, without a limit.)
-    """
-    where = parse_sentinel_url(url)
-    sentinel_options = dict(options)
-    if where.sentinel_password is not None:
-        sentinel_options["password"] = where.sentinel_password
-        sentinel_options["username"] = where.sentinel_username
-    sentinel = Sentinel(
-        list(where.sentinels),
-        sentinel_kwargs=sentinel_options,
-        username=where.username,
-        password=where.password,
-        db=where.db,
-        **options,
-    )
-    return sentinel, sentinel.master_for(where.service)
-
-
-def _reason(exc: BaseException) -> str:
-    if type(exc).__name__ == "MasterNotFoundError":  # its text holds a whole client's repr
-        return "no Sentinel answered with the master (Sentinels down, or no such service)"
-    text = str(exc) or type(exc).__name__
-    return text.splitlines()[0][:200]
-
-
-def _unavailable(description: str, exc: BaseException) -> BackendUnavailable:
-    if isinstance(exc, ResponseError):
-        # e.g. OOM (maxmemory with noeviction), NOPERM, READONLY (a replica)
-        return BackendUnavailable(f"{description} refused: {_reason(exc)}")
-    return BackendUnavailable(f"{description} unreachable: {_reason(exc)}")

@@ -33,7 +33,8 @@ Around it, each in a file of its own:
 * ``record.py``: the records' layout; ``pages.py``: a long queue's tail;
 * ``storelife.py``: the store's life as this server sees it, its epoch and
   losses, our heartbeat and the safety checks; ``clocks.py``: clock skew;
-* ``pool.py``: what this server keeps of each pool (a :class:`PoolRoom`);
+* ``pool.py``: what this server keeps of each pool (a :class:`PoolRoom`),
+  dropped when the pool is idle here;
 * ``steps.py``: the step above, a batch of requests per read and write;
 * ``waiters.py``: this server's waiters on a pool; ``waiting.py``: the
   /wait/ verb that parks them;
@@ -97,7 +98,7 @@ class SharedStateBackend(LockBackend):
             self._call,
             unsafe_store,
             on_new_epoch=self._written_stale,
-            on_beat=self._store_answers,
+            on_beat=self._after_beat,
         )
         # Where other servers send nudges (None: take none, they poll us only).
         self.advertise = advertise
@@ -243,6 +244,7 @@ class SharedStateBackend(LockBackend):
         for spec in self.pools.reload(specs, now):
             # A raised maxlocks hands free slots to the queue now, not at the next request.
             self._background(self.wakeups.quiet_step(spec))
+        self._prune()  # pools the reload removed, if idle here
 
     def _check_open(self) -> None:
         if self._closed:
@@ -270,6 +272,15 @@ class SharedStateBackend(LockBackend):
             if not quiet:
                 self._note_error(message)
             raise BackendUnavailable(message) from None
+
+    def _after_beat(self) -> None:
+        self._store_answers()
+        self._prune()
+
+    def _prune(self) -> None:
+        """Forget pools idle here (see :meth:`Pools.prune`), and their queue's tail."""
+        for name in self.pools.prune(self.store.now()):
+            self.pages.forget(self.pool_key(name))
 
     def _store_answers(self) -> None:
         if self._last_error is not None:

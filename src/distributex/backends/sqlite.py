@@ -45,45 +45,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import queue
 import secrets
 import sqlite3
-import threading
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from typing import Any
 
 from distributex.backends.base import BackendUnavailable
+from distributex.backends.sqlite_file import (
+    StateFileError,
+    file_identity,
+    open_state_file,
+)
+from distributex.backends.sqlite_worker import SqliteWorker
 from distributex.backends.store import Store, Stored, StoreReplaced
 
 log = logging.getLogger("distributex.sqlite")
 
-# "DxX1" as a 32-bit integer: marks the file as distributex's.
-APPLICATION_ID = 0x44785831
-SCHEMA_VERSION = 1
 # Rows past their expiry are deleted this often.
 CLEANUP_EVERY = 60.0
-# How long a transaction waits for another process holding the file.
-BUSY_TIMEOUT_MS = 1000
 SYNC_MODES = ("full", "normal")
-
-_SCHEMA = (
-    """CREATE TABLE kv (
-        key     TEXT PRIMARY KEY,
-        value   BLOB NOT NULL,
-        version INTEGER NOT NULL,
-        expires REAL
-    ) WITHOUT ROWID""",
-    "CREATE TABLE meta (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL)",
-    "INSERT INTO meta (id, seq) VALUES (1, 0)",
-    f"PRAGMA application_id = {APPLICATION_ID}",
-    f"PRAGMA user_version = {SCHEMA_VERSION}",
-)
-
-
-class StateFileError(BackendUnavailable):
-    """The state file cannot be used (another program's, a newer schema, corrupt)."""
 
 
 class SqliteStore(Store):
@@ -95,7 +76,7 @@ class SqliteStore(Store):
         self.path = path
         self.sync = sync
         self.description = f"SQLite file {path}"
-        self._executor: _Worker | None = None
+        self._executor: SqliteWorker | None = None
         self._conn: sqlite3.Connection | None = None
         self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         # Set while a batch is with the worker thread; done once it is answered.
@@ -111,7 +92,7 @@ class SqliteStore(Store):
     # -- life (the connection lives in the one worker thread) ----------------------------
 
     async def start(self) -> None:
-        self._executor = _Worker()
+        self._executor = SqliteWorker()
         try:
             await self._executor.call(self._open)
         except BaseException:
@@ -130,38 +111,10 @@ class SqliteStore(Store):
             self._executor = None
 
     def _open(self) -> None:
-        folder = os.path.dirname(os.path.abspath(self.path))
-        if not os.path.isdir(folder):
-            raise StateFileError(f"{self.description}: folder {folder} does not exist")
-        try:
-            # Lease tokens are secrets (they release locks): the file is the owner's.
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-            os.close(fd)
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
-        except OSError as exc:
-            raise StateFileError(f"{self.description}: {exc.strerror or exc}") from None
-        try:
-            self._check_file(conn)
-            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise StateFileError(f"{self.description}: cannot use WAL mode (got {mode})")
-            self._set_sync(conn, self.sync.upper())
-        except sqlite3.DatabaseError as exc:
-            conn.close()
-            raise StateFileError(f"{self.description}: not a usable SQLite file ({exc})") from None
-        except BaseException:
-            conn.close()
-            raise
-        self._conn = conn
-        self._identity = self._file_identity()
-
-    def _file_identity(self) -> tuple[int, int] | None:
-        try:
-            found = os.stat(self.path)
-        except FileNotFoundError:
-            return None
-        return found.st_dev, found.st_ino
+        mode = self.sync.upper()
+        self._conn = open_state_file(self.path, self.description, mode)
+        self._sync_now = mode
+        self._identity = file_identity(self.path)
 
     def _check_identity(self) -> None:
         """In the worker thread: the path still names the file we have open, else reopen it.
@@ -172,9 +125,9 @@ class SqliteStore(Store):
         that notices is refused (503) and the path is opened afresh; the
         layer then records a loss of state there.
         """
-        if self._file_identity() == self._identity:
+        if file_identity(self.path) == self._identity:
             return
-        gone = self._file_identity() is None
+        gone = file_identity(self.path) is None
         self._close()
         self._sync_now = ""
         self._open()
@@ -184,38 +137,6 @@ class SqliteStore(Store):
             f"{self.description} was {what} while in use (lock state lost; "
             "grants held back until leases could have ended)"
         )
-
-    def _check_file(self, conn: sqlite3.Connection) -> None:
-        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-        schema = conn.execute("PRAGMA user_version").fetchone()[0]
-        tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-        if app_id == 0 and schema == 0 and tables == 0:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                # Made by another process meanwhile? Then check it as found.
-                if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0:
-                    for statement in _SCHEMA:
-                        conn.execute(statement)
-                conn.execute("COMMIT")
-            except BaseException:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-                raise
-            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-            schema = conn.execute("PRAGMA user_version").fetchone()[0]
-        if app_id != APPLICATION_ID:
-            raise StateFileError(
-                f"{self.description}: not a distributex state file (another program's "
-                "database); give sqlite_path a file of its own"
-            )
-        if schema > SCHEMA_VERSION:
-            raise StateFileError(
-                f"{self.description}: written by a newer distributex (schema {schema}; "
-                f"this version reads {SCHEMA_VERSION})"
-            )
-        problem = conn.execute("PRAGMA quick_check").fetchone()[0]
-        if problem != "ok":
-            raise StateFileError(f"{self.description}: the file is damaged ({problem})")
 
     def _close(self) -> None:
         if self._conn is not None:
@@ -397,53 +318,6 @@ class SqliteStore(Store):
             "INSERT OR REPLACE INTO kv (key, value, version, expires) VALUES (?, ?, ?, ?)",
             (key, value, self._next_version(), now + ttl if ttl else None),
         )
-
-
-class _Worker:
-    """One thread that owns the SQLite connection and runs what the event loop hands it.
-
-    Lighter than a ThreadPoolExecutor for the one round trip per batch: a
-    queue in, ``call_soon_threadsafe`` out.
-    """
-
-    def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._serve, name="distributex-sqlite", daemon=True)
-        self._thread.start()
-
-    async def call(self, fn: Any, *args: Any) -> Any:
-        future = asyncio.get_running_loop().create_future()
-        self.submit(fn, args, lambda result, error: _settle(future, result, error))
-        return await future
-
-    def submit(
-        self, fn: Any, args: tuple[Any, ...], callback: Callable[[Any, BaseException | None], None]
-    ) -> None:
-        """Run ``fn(*args)`` in the thread, then ``callback(result, error)`` in the loop."""
-        self._jobs.put((fn, args, callback, asyncio.get_running_loop()))
-
-    def stop(self) -> None:
-        self._jobs.put(None)
-        self._thread.join()
-
-    def _serve(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            fn, args, callback, loop = job
-            try:
-                result, error = fn(*args), None
-            except BaseException as exc:
-                result, error = None, exc
-            with contextlib.suppress(RuntimeError):  # the loop is gone
-                loop.call_soon_threadsafe(callback, result, error)
-
-
-def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
 
 
 def _unavailable(store: SqliteStore, exc: BaseException) -> BackendUnavailable:

@@ -1,4 +1,5 @@
-"""``distributex``: run a command under a cluster lock; ``status`` and ``release`` beside it."""
+"""``distributex``: run a command under a cluster lock; ``status``, ``release`` and ``check``
+beside it."""
 
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ lock), so that only one host of the cluster runs it at a time.
 
 Who holds what: distributex status [-H SERVER] [-p PORT] [POOL] [--json] [--watch]
 Free another host's lock (admin token): distributex release -r POOL --host HOST
-(see distributex status --help, distributex release --help).
+Check a deployment keeps the lock rules: distributex check -r POOL --duration SECONDS
+(see distributex status --help, distributex release --help, distributex check --help).
 """
 
 EPILOG_TEMPLATE = """\
@@ -262,6 +264,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from distributex.client import release
 
         return release.main(args_list[1:])
+    if args_list[:1] == ["check"]:
+        from distributex.client import check
+
+        return check.main(args_list[1:])
     command_argv: list[str] | None = None
     if "--" in args_list:
         cut = args_list.index("--")

@@ -1,7 +1,7 @@
 """The exit statuses of every ``distributex`` command, in one table.
 
-``distributex`` (run a command), ``distributex status`` and ``distributex
-release`` share these codes; ``--help`` prints the table's rows and
+``distributex`` (run a command), ``distributex status``, ``distributex
+release`` and ``distributex check`` share these codes; ``--help`` prints the table's rows and
 docs/client.md explains them. An error of the client library maps to its
 code through :func:`code_for`, the same way for every command.
 """
@@ -24,7 +24,9 @@ from distributex.client.errors import (
 EXIT_OK = 0
 EXIT_NOT_HELD = 1  # release: the host held nothing in the pool
 EXIT_USAGE = 2
+EXIT_VIOLATION = 65  # check: the history broke a lock rule
 EXIT_NOT_AUTHENTICATED = 67  # 401: token or client certificate missing or not accepted
+EXIT_INCONCLUSIVE = 68  # check: no lease was granted, so nothing was proven
 EXIT_UNAVAILABLE = 69
 EXIT_SOFTWARE = 70
 EXIT_LOCALLOCK = 71
@@ -42,7 +44,7 @@ EXIT_NOTFOUND = 127
 class ExitStatus:
     code: int
     meaning: str
-    commands: str  # which commands use it: "run", "status", "release", or "all"
+    commands: str  # which commands use it: "run", "status", "release", "check", or "all"
 
 
 TABLE: tuple[ExitStatus, ...] = (
@@ -52,10 +54,22 @@ TABLE: tuple[ExitStatus, ...] = (
         EXIT_USAGE, "usage error (bad option or combination, text that is not UTF-8)", "all"
     ),
     ExitStatus(
+        EXIT_VIOLATION,
+        "a lock rule was broken: more holders than maxlocks at once, a fence out of grant "
+        "order, a wait starved, or a released lease renewed (the report names the leases)",
+        "check",
+    ),
+    ExitStatus(
         EXIT_NOT_AUTHENTICATED,
         "not authenticated (HTTP 401): no token or client certificate, or one the server "
         "does not accept; the line names what was missing",
         "all",
+    ),
+    ExitStatus(
+        EXIT_INCONCLUSIVE,
+        "no lease was granted during the check (every call failed or was answered NO): "
+        "nothing was proven",
+        "check",
     ),
     ExitStatus(
         EXIT_UNAVAILABLE,
@@ -99,7 +113,7 @@ TABLE: tuple[ExitStatus, ...] = (
 
 
 def help_text(command: str) -> str:
-    """The ``exit status:`` section of ``command``'s ``--help`` (run, status, release)."""
+    """The ``exit status:`` section of ``command``'s ``--help`` (run, status, release, check)."""
     lines = ["exit status:"]
     if command == "run":
         lines.append("  N      the command's exit status (0 only if it ran and exited 0)")
