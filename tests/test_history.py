@@ -356,3 +356,48 @@ def test_history_memcache_a_server_whose_clock_is_off(
     rules.assert_held(result, MAXLOCKS, CLIENTS)
     assert result.unavailable > 0, "the server with its clock off was never asked"
     assert len(result.leases) > 20
+
+
+RW_POOLS = POOLS + "  - name: rw\n    expire: 2\n    max_shared: 3\n"
+
+
+def test_history_modes_inmemory(server_factory) -> None:
+    """Shared and exclusive requests mixed (half each): exclusive holders alone,
+    at most max_shared shared ones, nobody starved, fences in order."""
+    server = server_factory("backend: inmemory\n" + RW_POOLS)
+    result = clients.run(
+        lambda: [("127.0.0.1", server.port)], ["mutex", "rw"], CLIENTS, SECONDS, seed(), shared=0.5
+    )
+    rules.assert_held(result, {"mutex": 1, "rw": 1}, CLIENTS, max_shared={"rw": 3})
+    assert {r.mode for r in result.leases} == {"shared", "exclusive"}
+    assert len(result.leases) > 30
+
+
+def test_history_modes_redis_two_servers(server_factory) -> None:
+    rs: RedisServer = start_redis()
+    try:
+        config = f"backend: redis\nredis_url: {rs.url}\nkey_prefix: h{uuid.uuid4().hex}/\n"
+        servers = [server_factory(config + RW_POOLS) for _ in range(2)]
+        addresses = [("127.0.0.1", s.port) for s in servers]
+        result = clients.run(
+            lambda: addresses, ["mutex", "rw"], CLIENTS, SECONDS, seed(), shared=0.5
+        )
+        rules.assert_held(result, {"mutex": 1, "rw": 1}, CLIENTS, max_shared={"rw": 3})
+        assert {r.mode for r in result.leases} == {"shared", "exclusive"}
+    finally:
+        rs.stop()
+
+
+def _lease(client: str, fence: int, got: float, end: float, mode: str) -> history.LeaseRecord:
+    return history.LeaseRecord(client, "rw", fence, f"t{fence}", 0, got, got, got, end, mode)
+
+
+def test_the_checker_finds_shared_beside_exclusive_and_too_many_shared() -> None:
+    together = [_lease("a", 1, 0.0, 2.0, "shared"), _lease("b", 2, 0.5, 1.5, "shared")]
+    assert not rules.check(history.History(leases=together), {"rw": 1}, max_shared={"rw": 2})
+    beside = [_lease("a", 1, 0.0, 2.0, "shared"), _lease("b", 2, 0.5, 1.5, "exclusive")]
+    (finding,) = rules.check(history.History(leases=beside), {"rw": 1})
+    assert "shared beside" in finding.message and len(finding.leases) == 2
+    three = [*together, _lease("c", 3, 0.6, 1.0, "shared")]
+    (finding,) = rules.check(history.History(leases=three), {"rw": 1}, max_shared={"rw": 2})
+    assert "max_shared 2" in finding.message

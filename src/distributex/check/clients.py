@@ -43,8 +43,10 @@ class Client(threading.Thread):
         seed: int,
         stop_at: float,
         long_wait: float,
+        shared: float = 0.0,
     ) -> None:
         super().__init__(name=who.name, daemon=True)
+        self.shared = shared  # the share of grant requests that ask mode=shared
         self.who = who
         self.servers = servers
         self.pools = pools
@@ -100,6 +102,8 @@ class Client(threading.Thread):
                 self.hang_up(pool)
             return
         params = self.params(pool, ttl=rng.choice([1, 2]))
+        if self.shared and rng.random() < self.shared:  # no draw without modes: seeds replay
+            params["mode"] = "shared"
         sent = time.monotonic()
         if roll < 0.35:
             answer = self.request("get", params)
@@ -125,6 +129,7 @@ class Client(threading.Thread):
                 sent,
                 got,
                 sent,
+                mode=headers.get("x-distributex-mode", "exclusive"),
             )
         except (KeyError, ValueError):
             self.history.failed(self.name)  # a YES without a usable lease: not trusted
@@ -188,12 +193,14 @@ def run(
     seed: int,
     long_wait: float | None = None,
     identities: Sequence[Identity] | None = None,
+    shared: float = 0.0,
 ) -> History:
     """Run ``clients`` random clients for ``seconds``; their history.
 
     ``identities`` (default: hosts ``c0``, ``c1``...) says who each client is.
     ``long_wait`` (default :func:`fifo_wait`) is the timeout of the waits that
-    must not be answered NO.
+    must not be answered NO. ``shared``: the share of grant requests that ask
+    ``mode=shared``.
     """
     if long_wait is None:
         long_wait = fifo_wait(clients)
@@ -202,7 +209,7 @@ def run(
     history = History()
     stop_at = time.monotonic() + seconds
     threads = [
-        Client(who[i], servers, pools, history, seed * 1000 + i, stop_at, long_wait)
+        Client(who[i], servers, pools, history, seed * 1000 + i, stop_at, long_wait, shared)
         for i in range(clients)
     ]
     for thread in threads:

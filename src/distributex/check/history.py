@@ -37,6 +37,7 @@ class LeaseRecord:
     got: float  # the YES arrived
     confirmed: float  # send time of the latest confirmed renewal (or the grant)
     end: float | None = None  # release sent, or when the client stopped trusting it
+    mode: str = "exclusive"  # as the answer said (X-Distributex-Mode when a mode was asked)
 
     def valid_until(self) -> float:
         limit = self.confirmed + self.ttl if self.ttl else float("inf")
@@ -46,7 +47,8 @@ class LeaseRecord:
         """``c3 fence 17 (1.204s-2.911s)``: who held it, its fence, when (from ``origin``)."""
         until = self.valid_until()
         end = "open" if until == float("inf") else f"{until - origin:.3f}s"
-        return f"{self.client} fence {self.fence} ({self.got - origin:.3f}s-{end})"
+        kind = " shared" if self.mode == "shared" else ""
+        return f"{self.client}{kind} fence {self.fence} ({self.got - origin:.3f}s-{end})"
 
 
 @dataclass(frozen=True)

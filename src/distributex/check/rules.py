@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from distributex.check.history import History, LeaseRecord
@@ -48,10 +48,14 @@ def check(
     maxlocks: dict[str, int],
     clients: int | None = None,
     durable: bool = True,
+    max_shared: dict[str, int | None] | None = None,
 ) -> list[Finding]:
     """Every broken rule of ``history`` (empty: the rules held). ``clients``: the
     number of clients, each of which must have been granted something (None: not
-    checked). ``durable``: no lease may end before its time."""
+    checked). ``durable``: no lease may end before its time. Modes:
+    ``maxlocks`` bounds the holders of the default mode, ``max_shared`` (per
+    pool; absent or None: no limit) the shared ones, and the two kinds never
+    hold a pool at once."""
     findings: list[Finding] = []
     for pool, token in history.released_came_back:
         findings.append(
@@ -64,7 +68,8 @@ def check(
             )
     for pool, limit in maxlocks.items():
         leases = [r for r in history.leases if r.pool == pool]
-        findings += overlaps(pool, leases, limit, history.started)
+        shared_limit = (max_shared or {}).get(pool)
+        findings += overlaps(pool, leases, limit, history.started, shared_limit)
         findings += fences(pool, leases, limit, history.started, history.faults)
     findings += starvation(history)
     if clients is not None:
@@ -76,8 +81,16 @@ def check(
     return findings
 
 
-def overlaps(pool: str, leases: list[LeaseRecord], limit: int, origin: float) -> list[Finding]:
-    """More than ``limit`` holders at once; one finding per new set of open leases.
+def overlaps(
+    pool: str,
+    leases: list[LeaseRecord],
+    limit: int,
+    origin: float,
+    shared_limit: int | None = None,
+) -> list[Finding]:
+    """More holders at once than the rules allow; one finding per new set of open
+    leases: more than ``limit`` of the default mode, more than ``shared_limit``
+    shared ones (None: no limit), or the two kinds together.
 
     A lease whose YES came after its time could have run out (a long wait: the
     TTL may have started when the request arrived) is held for no instant.
@@ -96,8 +109,8 @@ def overlaps(pool: str, leases: list[LeaseRecord], limit: int, origin: float) ->
             open_.pop(i, None)
             continue
         open_[i] = leases[i]
-        holders = {r.client for r in open_.values()}
-        if len(holders) <= limit:
+        broken = _too_many(open_.values(), limit, shared_limit)
+        if broken is None:
             continue
         key = frozenset(open_)
         if key in reported:
@@ -108,12 +121,27 @@ def overlaps(pool: str, leases: list[LeaseRecord], limit: int, origin: float) ->
             Finding(
                 SAFETY,
                 pool,
-                f"{len(holders)} holders > maxlocks {limit} at {when - origin:.3f}s: "
+                f"{broken} at {when - origin:.3f}s: "
                 + "; ".join(r.describe(origin) for r in named),
                 named,
             )
         )
     return found
+
+
+def _too_many(open_: Iterable[LeaseRecord], limit: int, shared_limit: int | None) -> str | None:
+    """What the open leases break, or None. A client's leases of one kind are one
+    hold (asking again while holding joins the hold)."""
+    open_ = list(open_)
+    exclusive = {r.client for r in open_ if r.mode != "shared"}
+    shared = {r.client for r in open_ if r.mode == "shared"}
+    if len(exclusive) > limit:
+        return f"{len(exclusive)} holders > maxlocks {limit}"
+    if exclusive and shared:
+        return f"{len(shared)} shared beside {len(exclusive)} exclusive"
+    if shared_limit is not None and len(shared) > shared_limit:
+        return f"{len(shared)} shared holders > max_shared {shared_limit}"
+    return None
 
 
 def fences(
@@ -140,7 +168,9 @@ def fences(
     ordered = sorted(leases, key=lambda r: r.got)
     if limit == 1:
         for before, after in itertools.pairwise(ordered):
-            if before.client != after.client and before.fence >= after.fence:
+            # Shared leases granted together may arrive in either order.
+            both_shared = before.mode == after.mode == "shared"
+            if before.client != after.client and not both_shared and before.fence >= after.fence:
                 found.append(went_back(pool, before, after, origin))
     # Grant order: a grant asked for after another's YES arrived came later on the server.
     arrivals = [r.got for r in ordered]
@@ -204,8 +234,12 @@ def starvation(history: History) -> list[Finding]:
 
 
 def assert_held(
-    history: History, maxlocks: dict[str, int], clients: int | None = None, durable: bool = True
+    history: History,
+    maxlocks: dict[str, int],
+    clients: int | None = None,
+    durable: bool = True,
+    max_shared: dict[str, int | None] | None = None,
 ) -> None:
     """:func:`check` for tests: AssertionError listing the findings, if any."""
-    findings = check(history, maxlocks, clients, durable)
+    findings = check(history, maxlocks, clients, durable, max_shared)
     assert not findings, "\n".join(str(f) for f in findings[:10])
