@@ -87,7 +87,7 @@ def test_status_table_and_json_over_mutual_tls_and_a_token(srv: Server, pki: Pki
     table = dx(["status", *creds(srv, pki, "db1")], DB1_TOKEN)
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
-    assert lines[0].split() == ["POOL", "SLOTS", "HOLDER", "FENCE", "LEFT", "WAITERS"]
+    assert lines[0].split() == ["POOL", "SLOTS", "HOLDER", "MODE", "FENCE", "LEFT", "WAITERS"]
     assert [line.split()[:3] for line in lines if line.startswith("pool1")] == [
         ["pool1", "1/1", "web1"]
     ]
