@@ -48,13 +48,15 @@ import logging
 import re
 import ssl
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator, Set
+from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping, Set
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol
+from urllib.parse import unquote
 
 from aiohttp import web
 from aiohttp.web_log import AccessLogger
 
+from distributex.call import VERB_PATHS, Answer, Call
 from distributex.config import Config
 from distributex.identity import Identity
 from distributex.limits import MAX_NAME, check_body
@@ -67,15 +69,25 @@ log = logging.getLogger("distributex.auth")
 IDENTITY_KEY = "distributex.identity"
 REVOKED_KEY = "distributex.revoked"  # why a reload ended this parked request
 HOST_KEY = "distributex.host"
+POOL_KEY = "distributex.pool"
 FORCED_KEY = "distributex.forced"
 
-VERBS = frozenset(("get", "wait", "release", "renew"))
 # Paths that answer without credentials even with authentication on: a load
 # balancer's health check must not need a secret.
 ALWAYS_OPEN = frozenset(("/healthz", "/healthz/"))
 # Read-only pages that ``status_public: true`` opens.
 STATUS_PATHS = frozenset(("/", "/status", "/status/", "/status/events", "/metrics", "/metrics/"))
 BEARER = "bearer "
+
+
+class Asker(Protocol):
+    """What authentication reads of a request (an aiohttp request or a :class:`Call`)."""
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+    @property
+    def transport(self) -> Any: ...
 
 
 def token_digest(token: str) -> str:
@@ -93,7 +105,7 @@ class Guard:
         self.mtls = config.tls is not None and config.tls.client_ca is not None
         self.audit = config.audit if config.audit is not None else self.enabled
 
-    def authenticate(self, request: web.Request) -> Identity:
+    def authenticate(self, request: Asker) -> Identity:
         """The request's proven identity; :class:`Refused` (401/403) if it proves none."""
         names: tuple[str, ...] = ()
         via = []
@@ -130,15 +142,15 @@ class Guard:
         return Identity(names, "+".join(via), pools, admin)
 
     @staticmethod
-    def _bearer_digest(request: web.Request) -> str:
-        value = request.headers.get("Authorization", "")
+    def _bearer_digest(request: Asker) -> str:
+        value = request.headers.get("authorization", "")
         if value[: len(BEARER)].lower() != BEARER:
             return ""
         return token_digest(value[len(BEARER) :].strip())
 
     @staticmethod
-    def _why_no_token(request: web.Request) -> str:
-        value = request.headers.get("Authorization")
+    def _why_no_token(request: Asker) -> str:
+        value = request.headers.get("authorization")
         if value is None:
             return "authentication required: send 'Authorization: Bearer TOKEN'"
         if value[: len(BEARER)].lower() != BEARER:
@@ -146,7 +158,7 @@ class Guard:
         return "token not recognised"
 
 
-def _peer_cert(request: web.Request) -> dict | None:
+def _peer_cert(request: Asker) -> dict | None:
     transport = request.transport
     if transport is None:
         return None
@@ -157,7 +169,11 @@ def _peer_cert(request: web.Request) -> dict | None:
 
 
 def host_for(
-    request: web.Request, identity: Identity, claimed: str | None, pool: str, release: bool
+    request: MutableMapping[str, Any],
+    identity: Identity,
+    claimed: str | None,
+    pool: str,
+    release: bool,
 ) -> str:
     """The host a verb acts for under ``identity``; :class:`Refused` (403) if not allowed.
 
@@ -280,10 +296,10 @@ class Security:
         self.forced_releases = 0
         # Parked /wait/ and /status/events of token identities, ended if a reload
         # removes or changes the token.
-        self.parked: dict[str, dict[asyncio.Task[object], web.Request]] = {}
+        self.parked: dict[str, dict[asyncio.Task[object], Call | web.Request]] = {}
 
     @contextmanager
-    def tracked(self, request: web.Request) -> Iterator[None]:
+    def tracked(self, request: Call | web.Request) -> Iterator[None]:
         """Know the request's task for the block, if a token proved its identity."""
         identity = request.get(IDENTITY_KEY)
         task = asyncio.current_task()
@@ -320,11 +336,6 @@ class Security:
 SECURITY_KEY: web.AppKey[Security] = web.AppKey("security", Security)
 
 
-def _verb(path: str) -> str | None:
-    name = path.strip("/")
-    return name if name in VERBS else None
-
-
 def _shown(value: str | None) -> str:
     """A client-given value for a log line: quoted, one line, bounded."""
     if value is None:
@@ -337,14 +348,20 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 @web.middleware
 async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Request limits, then authentication, then the audit line of the answer."""
+    """Request limits, then authentication, then the audit line of a refusal.
+
+    The lock verbs do the same themselves (:mod:`distributex.verbs`), whichever
+    server reads them: this serves the operator pages.
+    """
+    path = request.path
+    if path in VERB_PATHS:
+        return await handler(request)
     security = request.app[SECURITY_KEY]
     guard = security.guard
     config = guard.config
     try:
-        check_body(request, config)
+        check_body(request.content_length if request.body_exists else 0, config)
         identity = None
-        path = request.path
         opened = path in ALWAYS_OPEN or (config.status_public and path in STATUS_PATHS)
         if guard.enabled and not opened:
             identity = guard.authenticate(request)
@@ -353,7 +370,15 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
         security.refusals[exc.status] += 1
         if guard.audit:
             who = request.get(IDENTITY_KEY) or exc.who
-            _audit_refusal(request, who, exc.status, exc.reason)
+            _audit_refused(
+                request.method,
+                path,
+                _query_pool(request),
+                request.remote,
+                who,
+                exc.status,
+                exc.reason,
+            )
         refusal = refused(request, exc.status, exc.reason)
         if exc.status in (411, 413):
             refusal.force_close()  # the body was not read
@@ -364,63 +389,87 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
             response = await handler(request)
     else:
         response = await handler(request)
-    host = request.get(HOST_KEY)
-    if identity is not None and host is not None and response.status == 200 and host.isascii():
-        # The host the lease is held under, for a client that left ``host`` out
-        # (ASCII only: header bytes are read as Latin-1; without it, no host is sent).
-        response.headers["X-Distributex-Host"] = host
     if response.status >= 400 and response.status != 410 and response.status != 503:
         security.refusals[response.status] += 1
-    elif request.get(FORCED_KEY) and response.status == 200:
-        security.forced_releases += 1
     if guard.audit:
-        _audit(request, identity, response)
+        reason = response.headers.get("X-Distributex-Reason")
+        status = int(response.headers.get("X-Distributex-Status", response.status))
+        if status >= 400 and status != 404:
+            _audit_refused(
+                request.method,
+                path,
+                _query_pool(request),
+                request.remote,
+                identity,
+                status,
+                reason or "",
+            )
     return response
 
 
-def _audit(request: web.Request, identity: Identity | None, response: web.StreamResponse) -> None:
-    verb = _verb(request.path)
-    reason = response.headers.get("X-Distributex-Reason")
-    status = int(response.headers.get("X-Distributex-Status", response.status))
-    if verb is None:
-        if status >= 400 and status != 404:
-            _audit_refusal(request, identity, status, reason or "")
-        return
-    body = response.body if isinstance(response, web.Response) else None
-    word = body.decode("ascii", "replace") if isinstance(body, bytes) else ""
-    pool = request.rel_url.query.get("pool")
-    host = request.get(HOST_KEY)
-    who = _who(request, identity)
+def _query_pool(request: web.Request) -> str | None:
+    return request.rel_url.query.get("pool")
+
+
+def audit(call: Call, verb: str, identity: Identity | None, answer: Answer) -> None:
+    """The audit line of a lock verb's answer: a grant, a release, a refusal (else none)."""
+    status = answer.real_status()
+    word = answer.word
+    pool = call.get(POOL_KEY)
+    host = call.get(HOST_KEY)
     if word == "INVALID":
-        _audit_refusal(request, identity, status, reason or "")
+        audit_refusal(call, identity, status, answer.headers.get("X-Distributex-Reason", ""))
     elif word == "YES":
-        fence = response.headers.get("X-Distributex-Fence", "-")
+        fence = answer.headers.get("X-Distributex-Fence", "-")
+        who = _who(identity, call.peer)
         audit_log.info("grant pool=%s host=%s fence=%s %s", _shown(pool), _shown(host), fence, who)
     elif verb == "release" and word == "OK":
-        if request.get(FORCED_KEY):
+        who = _who(identity, call.peer)
+        if call.get(FORCED_KEY):
             audit_log.warning("forced release pool=%s host=%s %s", _shown(pool), _shown(host), who)
         else:
             audit_log.info("release pool=%s host=%s %s", _shown(pool), _shown(host), who)
 
 
-def _audit_refusal(
-    request: web.Request, identity: Identity | None, status: int, reason: str
+def audit_refusal(call: Call, identity: Identity | None, status: int, reason: str) -> None:
+    """The audit line of a refused lock-verb request."""
+    pool = call.get(POOL_KEY) or _lenient_pool(call.raw_query)
+    _audit_refused(call.method, call.path, pool, call.peer, identity, status, reason)
+
+
+def _lenient_pool(raw_query: str) -> str | None:
+    """The ``pool`` a refused request named, as well as it can be read (for the audit)."""
+    for field in raw_query.split("&"):
+        key, _, value = field.partition("=")
+        if key == "pool":
+            return unquote(value.replace("+", " "), errors="replace")
+    return None
+
+
+def _audit_refused(
+    method: str,
+    path: str,
+    pool: str | None,
+    peer: str | None,
+    identity: Identity | None,
+    status: int,
+    reason: str,
 ) -> None:
     audit_log.info(
         "refused %d %s %s pool=%s %s: %s",
         status,
-        request.method if request.method.isalpha() else "?",
-        _shown(request.path),
-        _shown(request.rel_url.query.get("pool")),
-        _who(request, identity),
+        method if method.isalpha() else "?",
+        _shown(path),
+        _shown(pool),
+        _who(identity, peer),
         reason,
     )
 
 
-def _who(request: web.Request, identity: Identity | None) -> str:
+def _who(identity: Identity | None, peer: str | None) -> str:
     name = identity.name if identity is not None else None
     via = identity.via if identity is not None else "none"
-    return f"identity={_shown(name)} via={via} addr={request.remote or '-'}"
+    return f"identity={_shown(name)} via={via} addr={peer or '-'}"
 
 
 def token_changes(old: Config, new: Config) -> tuple[list[str], list[str], list[str]]:

@@ -40,17 +40,17 @@ from aiohttp import web
 
 from distributex import auth
 from distributex.appkeys import CONFIG_KEY
+from distributex.call import VERB_PATHS, Answer
 from distributex.config import Config
-from distributex.refusal import for_legacy_client, header_text, refused
+from distributex.refusal import for_legacy_client, header_text, refused, web_response
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
 # Paths whose requests may last: counted against the identity's cap.
 LONG_LIVED = frozenset(("/wait", "/wait/", "/status/events"))
-# Places beyond the cap for renewals and releases only, and the paths they serve.
+# Places beyond the cap, for one renewal or release each (distributex.verbs serves them).
 RESERVE = 8
-RESERVED_PATHS = frozenset(("/renew", "/renew/", "/release", "/release/"))
 
 
 def share(limit: int, configured: int) -> int:
@@ -201,6 +201,21 @@ class IdentityRequests:
     def leave(self, name: str) -> None:
         _less(self.counts, name)
 
+    def too_many(self, name: str) -> str:
+        """Why one more long-lived request of ``name`` is refused."""
+        return (
+            f"too many requests in progress for '{name}': {self.cap()} already "
+            "(parked /wait/ and status streams; max_requests_per_identity)"
+        )
+
+
+def server_full() -> Answer:
+    """The answer on a place beyond the cap to anything but a renewal or release."""
+    reason = "the server is full (max_connections): only /renew/ and /release/ are taken now"
+    return Answer(
+        "UNAVAILABLE", 503, {"X-Distributex-Reason": header_text(reason), "Retry-After": "1"}
+    )
+
 
 IDENTITY_REQUESTS_KEY: web.AppKey[IdentityRequests] = web.AppKey(
     "identity_requests", IdentityRequests
@@ -211,9 +226,14 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 @web.middleware
 async def identity_share(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Caps the long-lived requests of one identity (runs inside the auth middleware);
-    serves only a renewal or release on a reserved place."""
+    serves nothing on a reserved place. The lock verbs do both themselves
+    (:mod:`distributex.verbs`)."""
+    if request.path in VERB_PATHS:
+        return await handler(request)
     if getattr(request.protocol, "reserved", False):
-        return await _reserved(request, handler)
+        response = web_response(for_legacy_client(request.headers, server_full()))
+        response.force_close()
+        return response
     if request.path not in LONG_LIVED:
         return await handler(request)
     identity = request.get(auth.IDENTITY_KEY)
@@ -221,37 +241,11 @@ async def identity_share(request: web.Request, handler: Handler) -> web.StreamRe
         return await handler(request)
     requests = request.app[IDENTITY_REQUESTS_KEY]
     if not requests.enter(identity.name):
-        reason = (
-            f"too many requests in progress for '{identity.name}': {requests.cap()} already "
-            "(parked /wait/ and status streams; max_requests_per_identity)"
-        )
-        return refused(request, 429, reason)
+        return refused(request, 429, requests.too_many(identity.name))
     try:
         return await handler(request)
     finally:
         requests.leave(identity.name)
-
-
-async def _reserved(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """One request on a place beyond the cap: a renewal or release, else 503; then close."""
-    if request.path in RESERVED_PATHS:
-        response = await handler(request)
-    else:
-        reason = "the server is full (max_connections): only /renew/ and /release/ are taken now"
-        response = for_legacy_client(
-            request,
-            web.Response(
-                body=b"UNAVAILABLE",
-                status=503,
-                headers={
-                    "Content-Type": "text/plain",
-                    "X-Distributex-Reason": header_text(reason),
-                    "Retry-After": "1",
-                },
-            ),
-        )
-    response.force_close()
-    return response
 
 
 def install(app: web.Application, limit: Callable[[], int]) -> None:

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from aiohttp import web
-
 from distributex.config import MAX_NAME_LENGTH, Config
 from distributex.config import MAX_SECONDS as MAX_SECONDS
 from distributex.refusal import Refused
@@ -31,11 +29,14 @@ def parser_limits(config: Config) -> dict[str, Any]:
     }
 
 
-def check_body(request: web.BaseRequest, config: Config) -> None:
-    """:class:`Refused` (411, 413) for a body without a length or longer than allowed."""
-    if not request.body_exists:
+def check_body(length: int | None, config: Config) -> None:
+    """:class:`Refused` (411, 413) for a body without a length or longer than allowed.
+
+    ``length`` is the body's ``Content-Length``: 0 for none, None for a body
+    of unknown length (chunked).
+    """
+    if length == 0:
         return
-    length = request.content_length
     if length is None:
         raise Refused(411, "a request body needs a Content-Length (bodies are not used)")
     if length > config.max_body_size:

@@ -15,10 +15,13 @@ from urllib.parse import unquote_to_bytes
 
 from aiohttp import web
 
+from distributex.call import Call
 from distributex.engine import MODES
 from distributex.limits import MAX_NAME, MAX_SECONDS
 from distributex.refusal import Refused
 
+# A lock verb's call, or an aiohttp request (``/status?pool=``).
+Asked = Call | web.Request
 _QUERY_KEY = "distributex.query"
 _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 # ASCII only: float() also takes "1_0" and other scripts' digits.
@@ -52,17 +55,23 @@ def parse_query(raw: str) -> dict[str, list[str]]:
     return params
 
 
-def param(request: web.Request, key: str) -> str | None:
+def _raw_query(request: Asked) -> str:
+    if isinstance(request, Call):
+        return request.raw_query
+    return request.rel_url.raw_query_string
+
+
+def param(request: Asked, key: str) -> str | None:
     query = request.get(_QUERY_KEY)
     if query is None:
-        query = request[_QUERY_KEY] = parse_query(request.rel_url.raw_query_string)
+        query = request[_QUERY_KEY] = parse_query(_raw_query(request))
     values = query.get(key, [])
     if len(values) > 1:
         raise Refused(400, f"parameter '{key}' given more than once")
     return values[0] if values else None
 
 
-def name(request: web.Request, key: str) -> str:
+def name(request: Asked, key: str) -> str:
     value = param(request, key) or ""
     if not value:
         raise Refused(400, f"missing parameter '{key}'")
@@ -78,7 +87,7 @@ def name(request: web.Request, key: str) -> str:
     return value
 
 
-def seconds(request: web.Request, key: str) -> float | None:
+def seconds(request: Asked, key: str) -> float | None:
     raw = param(request, key)
     if raw is None:
         return None
@@ -94,14 +103,14 @@ def seconds(request: web.Request, key: str) -> float | None:
     return value
 
 
-def ttl(request: web.Request) -> float | None:
+def ttl(request: Asked) -> float | None:
     ttl = seconds(request, "ttl")
     if ttl == 0:
         raise Refused(400, "parameter 'ttl' must be > 0 (leave it out for the pool's expire)")
     return ttl
 
 
-def mode(request: web.Request) -> str | None:
+def mode(request: Asked) -> str | None:
     """The ``mode=`` asked (None: not given, the default mode)."""
     value = param(request, "mode")
     if value is not None and value not in MODES:
@@ -109,7 +118,7 @@ def mode(request: web.Request) -> str | None:
     return value
 
 
-def token(request: web.Request, required: bool) -> str | None:
+def token(request: Asked, required: bool) -> str | None:
     token = param(request, "lease")
     if token is None:
         if required:

@@ -7,8 +7,11 @@ becomes, including the rewrite the 0.7 client needs.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from aiohttp import web
 
+from distributex.call import Answer
 from distributex.identity import Identity
 
 TEXT = "text/plain"
@@ -30,39 +33,46 @@ class Refused(Exception):
 def header_text(text: str) -> str:
     """``text`` fit for a header: control characters (e.g. of a decoded path) escaped.
 
-    aiohttp refuses to send a header with one, and the request would fail.
+    A header with one cannot be sent, and the request would fail.
     """
     if text.isprintable():
         return text
     return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
 
 
-def answer(word: str, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    """One word of ``text/plain``, no newline (as 0.7 answered)."""
-    all_headers = {"Content-Type": TEXT}
-    if headers:
-        all_headers.update(headers)
-    return web.Response(body=word.encode(), status=status, headers=all_headers)
-
-
-def refused(request: web.BaseRequest, status: int, reason: str) -> web.Response:
-    """The ``INVALID`` answer to ``request`` (as the 0.7 client must see it)."""
-    headers = {"X-Distributex-Reason": header_text(reason)}
+def refusal(headers: Mapping[str, str], status: int, reason: str) -> Answer:
+    """The ``INVALID`` answer to a request with these headers (as the 0.7 client must see it)."""
+    extra = {"X-Distributex-Reason": header_text(reason)}
     if status == 401:
-        headers["WWW-Authenticate"] = 'Bearer realm="distributex"'
-    return for_legacy_client(request, answer("INVALID", status, headers))
+        extra["WWW-Authenticate"] = 'Bearer realm="distributex"'
+    return for_legacy_client(headers, Answer("INVALID", status, extra))
 
 
-def for_legacy_client(request: web.BaseRequest, response: web.Response) -> web.Response:
+def for_legacy_client(headers: Mapping[str, str], answer: Answer) -> Answer:
     """A refusal as the 0.7 client must see it: status 200, the word in the body.
 
     It is told apart by its ``User-Agent`` (``Python-urllib/2.x``): nothing
     else sends that, and it sends nothing else. The real status stays in
     ``X-Distributex-Status``; curl, the new client and monitoring keep
     getting 4xx and 503. (Only refusals are rewritten, here rather than in a
-    middleware that every request would pay for.)
+    layer that every request would pay for.)
     """
-    if request.headers.get("User-Agent", "").startswith(LEGACY_CLIENT_AGENT):
-        response.headers["X-Distributex-Status"] = str(response.status)
-        response.set_status(200)
+    if headers.get("user-agent", "").startswith(LEGACY_CLIENT_AGENT):
+        answer.headers["X-Distributex-Status"] = str(answer.status)
+        answer.status = 200
+    return answer
+
+
+def web_response(answer: Answer) -> web.Response:
+    """``answer`` as aiohttp sends it."""
+    headers = {"Content-Type": TEXT}
+    headers.update(answer.headers)
+    response = web.Response(body=answer.word.encode(), status=answer.status, headers=headers)
+    if answer.close:
+        response.force_close()
     return response
+
+
+def refused(request: web.BaseRequest, status: int, reason: str) -> web.Response:
+    """The ``INVALID`` answer to an aiohttp ``request``."""
+    return web_response(refusal(request.headers, status, reason))

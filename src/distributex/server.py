@@ -50,11 +50,11 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 
-from distributex import __version__, auth, collector, fairness, reload, sdnotify
+from distributex import __version__, auth, collector, fairness, logsetup, reload, sdnotify
 from distributex.appkeys import CONFIG_KEY, EVENTS_KEY
 from distributex.backends import BackendUnavailable, LockBackend, make_backend
 from distributex.config import DEFAULT_BIND, Config, ConfigError, default_config, load_config
-from distributex.events import Events, JsonFormatter
+from distributex.events import Events
 from distributex.httpapi import create_app
 from distributex.limits import parser_limits
 from distributex.statusfeed import FEEDS_KEY
@@ -297,7 +297,9 @@ async def start_server(
         **parser_limits(config),  # larger heads answer 400 or 431, from aiohttp's parser
     )
     await runner.setup()
-    site = Site(runner, config.bind, config.port, connections, tls=tls)
+    # An access log is aiohttp's: with one on, aiohttp serves every request.
+    lean = None if access_log else app
+    site = Site(runner, config.bind, config.port, connections, tls=tls, lean=lean)
     try:
         await site.start()
     except BaseException:
@@ -438,17 +440,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the server; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    # The lines show none of caller, thread or process: leave them out of every
-    # record (the logging HOWTO's "Optimization"); a grant's line costs less.
-    logging._srcfile = None
-    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    if args.log_format == "json":
-        for handler in logging.getLogger().handlers:
-            handler.setFormatter(JsonFormatter())
+    logsetup.configure(args.log_level, json_lines=args.log_format == "json")
     if args.cpus is not None:
         # Before any thread starts: threads take the process's CPUs when made.
         try:

@@ -34,7 +34,9 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from distributex.appkeys import CONFIG_KEY
 from distributex.fairness import ConnectionTable
+from distributex.fastlane import LeanConnection
 from distributex.tls import TLSHolder
 
 log = logging.getLogger("distributex")
@@ -254,8 +256,14 @@ class Site(web.BaseSite):
         connections: Connections,
         backlog: int = LISTEN_BACKLOG,
         tls: TLSHolder | None = None,
+        lean: web.Application | None = None,
+        grace: float = 3.0,
     ) -> None:
         super().__init__(runner, backlog=backlog)
+        # Connections start on the lean protocol serving this app (distributex.fastlane),
+        # or (None) on aiohttp.
+        self._app = lean
+        self._grace = grace  # how long a stop waits for answers being made
         self._host = host
         self._port = port
         self._connections = connections
@@ -285,7 +293,44 @@ class Site(web.BaseSite):
         self._sockets = []
         for task in self._tasks:
             task.cancel()  # connections half made: closed, never served
+        lean = [conn for conn in self._connections.open if isinstance(conn, LeanConnection)]
+        answering = [busy for conn in lean if (busy := conn.busy()) is not None]
+        for conn in lean:
+            conn.close_when_answered()
+        if answering:
+            await asyncio.wait(answering, timeout=self._grace)
         await super().stop()
+
+    def _aiohttp_protocol(self, peer: str, reserved: bool) -> Connection:
+        server = self._runner.server
+        assert server is not None and self._loop is not None
+        protocol = Connection(server, self._connections, peer, loop=self._loop, **server._kwargs)
+        protocol.reserved = reserved
+        return protocol
+
+    def _hand_over(self, lean: LeanConnection) -> Connection:
+        """The aiohttp protocol that takes over ``lean``'s connection, in the table instead."""
+        protocol = self._aiohttp_protocol(lean.peer, lean.reserved)
+        self._connections.forget(lean)
+        self._connections.add(protocol)
+        return protocol
+
+    def _protocol(self, peer: str, reserved: bool) -> Connection | LeanConnection:
+        if self._app is None:
+            return self._aiohttp_protocol(peer, reserved)
+        app = self._app
+        config = app[CONFIG_KEY]
+        protocol = LeanConnection(
+            app,
+            self._connections,
+            peer,
+            self._hand_over,
+            max_head=config.max_header_size,
+            max_headers=config.max_headers,
+            idle_timeout=config.idle_timeout,
+        )
+        protocol.reserved = reserved
+        return protocol
 
     def _resume(self) -> None:
         assert self._loop is not None
@@ -308,8 +353,6 @@ class Site(web.BaseSite):
     def _accept(self, sock: socket.socket) -> None:
         loop = self._loop
         assert loop is not None
-        server = self._runner.server
-        assert server is not None
         connections = self._connections
         for _ in range(ACCEPT_BATCH):
             try:
@@ -330,12 +373,11 @@ class Site(web.BaseSite):
             if not admitted:
                 continue
             conn.setblocking(False)
-            protocol = Connection(server, connections, peer, loop=loop, **server._kwargs)
-            protocol.reserved = reserved
+            protocol = self._protocol(peer, reserved)
             connections.add(protocol)
             context = self.tls.context
 
-            def same(p: Connection = protocol) -> Connection:
+            def same(p: Connection | LeanConnection = protocol) -> Connection | LeanConnection:
                 return p  # the protocol made above, with its reservation
 
             accepted = loop.connect_accepted_socket(
@@ -350,7 +392,7 @@ class Site(web.BaseSite):
             self._tasks.add(task)
             task.add_done_callback(functools.partial(self._connected, protocol=protocol))
 
-    def _connected(self, task: asyncio.Task[Any], protocol: Connection) -> None:
+    def _connected(self, task: asyncio.Task[Any], protocol: Connection | LeanConnection) -> None:
         self._tasks.discard(task)
         protocol.making = None
         if task.cancelled() or task.exception() is not None:

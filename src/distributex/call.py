@@ -1,0 +1,84 @@
+"""One lock-verb request and its answer, whichever HTTP server read it.
+
+The text API (:mod:`distributex.verbs`) decides on a :class:`Call` and gives
+back an :class:`Answer`; an adapter turns the bytes of a connection into the
+one and the other into bytes. Two adapters exist: the lean protocol that
+serves the lock verbs (:mod:`distributex.fastlane`) and aiohttp, which serves
+every other page and a verb on a connection it took over
+(:mod:`distributex.httpapi`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+VERBS = ("get", "wait", "release", "renew")
+# The paths the lock verbs answer on, each with the verb it names.
+VERB_PATHS = {path: verb for verb in VERBS for path in (f"/{verb}", f"/{verb}/")}
+
+
+class Call(dict[str, Any]):
+    """A lock-verb request: what was asked, on which connection.
+
+    As a mapping it holds what the layers note about it as it is served
+    (the proven identity, the host acted for, why a reload ended it).
+    """
+
+    __slots__ = (
+        "body_length",
+        "headers",
+        "method",
+        "path",
+        "peer",
+        "raw_query",
+        "reserved",
+        "transport",
+    )
+
+    def __init__(
+        self,
+        method: str,
+        path: str,
+        raw_query: str,
+        headers: Mapping[str, str],
+        transport: Any,
+        peer: str | None,
+        reserved: bool = False,
+        body_length: int | None = 0,
+    ) -> None:
+        super().__init__()
+        self.method = method
+        self.path = path
+        self.raw_query = raw_query  # as sent: percent escapes not decoded
+        self.headers = headers  # read with lower-case names (a plain dict on the lean path)
+        self.transport = transport  # None once the connection is gone
+        self.peer = peer  # the client's address, None if unknown
+        self.reserved = reserved  # on a place beyond the connection cap (fairness)
+        self.body_length = body_length  # 0: none; None: a body of unknown length (chunked)
+
+
+class Answer:
+    """One word of ``text/plain`` with its status and headers; ``close`` ends the connection."""
+
+    __slots__ = ("close", "headers", "status", "word")
+
+    def __init__(
+        self,
+        word: str,
+        status: int = 200,
+        headers: dict[str, str] | None = None,
+        close: bool = False,
+    ) -> None:
+        self.word = word
+        self.status = status
+        self.headers = headers if headers is not None else {}
+        self.close = close
+
+    def real_status(self) -> int:
+        """The status meant, also when rewritten to 200 for the 0.7 client."""
+        shown = self.headers.get("X-Distributex-Status")
+        return int(shown) if shown is not None else self.status
+
+    def __repr__(self) -> str:
+        return f"Answer({self.word!r}, {self.status})"

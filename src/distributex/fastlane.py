@@ -1,0 +1,313 @@
+"""The lean protocol: the lock verbs served straight off the socket.
+
+A grant is two small requests (``/wait/`` then ``/release/``), and a fleet
+sends them all day: aiohttp's request and response objects, middlewares and
+writer cost several times the lock itself (bench/README.md, "The floor").
+So every connection starts here. Request heads are cut at the blank line and
+read by ``httptools`` (llhttp, the parser Node.js uses); a plain verb request
+becomes a :class:`~distributex.call.Call` that :mod:`distributex.verbs`
+answers, and the answer is written as one buffer.
+
+Anything else is handed to aiohttp, with every byte the connection sent
+from that request on, and the connection stays aiohttp's: the operator
+pages, a request with a body, ``Expect:`` or ``Upgrade:``, HTTP/1.0, a
+method other than GET or POST, a head near the size limits, bytes httptools
+refuses. aiohttp answers them exactly as it always has (its 400, 405, 411,
+413, 431), and serves a verb on such a connection through the same
+:mod:`distributex.verbs`.
+
+The connection keeps the transport's rules (:mod:`distributex.transport`):
+a head must be complete within ``header_timeout``, a kept-alive connection
+closes after ``idle_timeout`` without a request, and the connection table may
+close it while it is idle. A client that hangs up while its ``/wait/`` is
+parked cancels the request, which leaves the queue. Requests on one
+connection are answered in order, one at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import time
+from http import HTTPStatus
+from typing import Any
+
+import httptools
+from aiohttp import web
+from aiohttp.http import SERVER_SOFTWARE
+
+from distributex import verbs
+from distributex.call import VERB_PATHS, Answer, Call
+
+log = logging.getLogger("distributex")
+
+_HEAD_END = b"\r\n\r\n"
+_PHRASES = {status.value: status.phrase for status in HTTPStatus}
+# Bytes read ahead of the request being answered before reading pauses.
+_READ_AHEAD = 65536
+# Headers that mean the request is not a plain verb (a body, a protocol switch).
+_NOT_PLAIN = frozenset((b"content-length", b"transfer-encoding", b"expect", b"upgrade"))
+
+
+class _Clock:
+    """The ``Date`` header, made once a second."""
+
+    second = 0
+    text = ""
+
+    @classmethod
+    def date(cls) -> str:
+        now = int(time.time())
+        if now != cls.second:
+            cls.second, cls.text = now, email.utils.formatdate(now, usegmt=True)
+        return cls.text
+
+
+def encode(answer: Answer, keep_alive: bool) -> bytes:
+    """``answer`` as HTTP/1.1 bytes: the headers aiohttp would send, in one buffer."""
+    body = answer.word.encode()
+    head = [f"HTTP/1.1 {answer.status} {_PHRASES.get(answer.status, '')}\r\n"]
+    head.append("Content-Type: text/plain\r\n")
+    head.extend(f"{name}: {value}\r\n" for name, value in answer.headers.items())
+    head.append(f"Content-Length: {len(body)}\r\nDate: {_Clock.date()}\r\n")
+    head.append(f"Server: {SERVER_SOFTWARE}\r\n")
+    if not keep_alive:
+        head.append("Connection: close\r\n")
+    head.append("\r\n")
+    return "".join(head).encode() + body
+
+
+_PLAIN_STARTS = (b"GET /", b"POST /")
+
+
+def _may_be_plain(buffer: bytes) -> bool:
+    """Whether ``buffer`` may begin a GET or POST of a path (else aiohttp answers at once)."""
+    return any(start.startswith(buffer[: len(start)]) for start in _PLAIN_STARTS)
+
+
+class _Head:
+    """What httptools found in one request head (its callbacks land here)."""
+
+    __slots__ = ("complete", "count", "headers", "plain", "url")
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: dict[str, str] = {}
+        self.count = 0
+        self.plain = True
+        self.complete = False
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.count += 1
+        name = name.lower()
+        if name in _NOT_PLAIN and not (name == b"content-length" and value.strip() == b"0"):
+            self.plain = False
+        # The first of a repeated header counts, as aiohttp's headers.get() reads it.
+        self.headers.setdefault(name.decode("latin-1"), value.decode("latin-1"))
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+
+class LeanConnection(asyncio.Protocol):
+    """One client connection, served here until a request needs aiohttp (see the module)."""
+
+    def __init__(
+        self,
+        app: web.Application,
+        connections: Any,  # transport.Connections (which imports this module)
+        peer: str,
+        hand_over: Any,  # the aiohttp protocol that takes this connection over
+        max_head: int,
+        max_headers: int,
+        idle_timeout: float,
+    ) -> None:
+        self.app = app
+        self.peer = peer
+        self.pending = True  # until made: the TLS handshake runs
+        self.streaming = False  # never: status streams are aiohttp's
+        self.reserved = False  # beyond the cap: one renewal or release (fairness)
+        self.making: asyncio.Task[Any] | None = None
+        self.transport: Any = None
+        self._connections = connections
+        self._hand_over = hand_over
+        self._max_head = max_head
+        self._max_headers = max_headers
+        self._idle_timeout = idle_timeout
+        self._buffer = b""
+        self._busy: asyncio.Task[None] | None = None  # the request being answered
+        self._paused = False
+        self._closing = False  # answer the request in progress, then close
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._loop = asyncio.get_running_loop()
+
+    # -- what the connection table asks ------------------------------------------------------
+
+    def idle(self) -> bool:
+        return self._busy is None
+
+    def evict(self) -> None:
+        """Closed to make room: a handshake is abandoned, a made connection closed."""
+        if self.pending and self.making is not None:
+            self.making.cancel()
+        elif self.transport is not None:
+            self.transport.close()
+
+    def busy(self) -> asyncio.Task[None] | None:
+        return self._busy
+
+    def close_when_answered(self) -> None:
+        """A graceful stop: close now if idle, else once the answer in progress is out."""
+        self._closing = True
+        if self._busy is None and self.transport is not None:
+            self.transport.close()
+
+    # -- asyncio.Protocol --------------------------------------------------------------------
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        self.pending = False
+        self._head_timer = self._loop.call_later(
+            self._connections.header_timeout, self._head_timed_out
+        )
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._stop_timers()
+        self._connections.forget(self)
+        self.transport = None
+        if self._busy is not None:
+            self._busy.cancel()  # a parked /wait/ leaves the queue
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        if self._busy is not None:
+            if len(self._buffer) > _READ_AHEAD and not self._paused:
+                self._paused = True  # pipelined far ahead of the answers
+                self.transport.pause_reading()
+            return
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        if self._head_timer is None:  # a kept-alive connection began its next head
+            self._head_timer = self._loop.call_later(
+                self._connections.header_timeout, self._head_timed_out
+            )
+        self._next()
+
+    # -- serving -----------------------------------------------------------------------------
+
+    def _next(self) -> None:
+        """Serve the next complete head in the buffer, or hand the connection over."""
+        buffer = self._buffer
+        end = buffer.find(_HEAD_END)
+        if end < 0:
+            if len(buffer) > self._max_head or b"\n\n" in buffer or not _may_be_plain(buffer):
+                self._hand_off()  # too long, a bare LF, not a verb (a TLS hello): aiohttp's
+            return
+        head = buffer[: end + 4]
+        found = self._read(head)
+        if found is None:
+            self._hand_off()
+            return
+        verb, call, keep_alive = found
+        self._buffer = buffer[end + 4 :]
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        self._busy = self._loop.create_task(self._serve(verb, call, keep_alive))
+
+    def _read(self, head: bytes) -> tuple[str, Call, bool] | None:
+        """The verb, call and keep-alive of a plain verb request; None for anything else."""
+        if len(head) > self._max_head or b"\n\n" in head:
+            return None
+        found = _Head()
+        parser = httptools.HttpRequestParser(found)
+        try:
+            parser.feed_data(head)
+        except httptools.HttpParserError:
+            return None
+        if not (found.complete and found.plain) or found.count > self._max_headers:
+            return None
+        method = parser.get_method()
+        if method not in (b"GET", b"POST") or parser.get_http_version() != "1.1":
+            return None
+        url = found.url
+        path, _, query = url.partition(b"?")
+        verb = VERB_PATHS.get(path.decode("latin-1"))
+        if verb is None or b"#" in query or not url.isascii():
+            return None
+        call = Call(
+            method.decode(),
+            path.decode(),
+            query.decode(),
+            found.headers,
+            self.transport,
+            self.peer,
+            self.reserved,
+        )
+        tokens = found.headers.get("connection", "").lower().split(",")
+        keep_alive = "close" not in (token.strip() for token in tokens)
+        return verb, call, keep_alive
+
+    async def _serve(self, verb: str, call: Call, keep_alive: bool) -> None:
+        try:
+            answer = await verbs.serve(self.app, verb, call)
+        except Exception:
+            log.exception("error serving %s", verb)
+            answer = Answer("ERROR", 500, close=True)
+        transport = self.transport
+        if transport is None:
+            return  # the client went away
+        keep_alive = keep_alive and not (answer.close or self._closing or self.reserved)
+        transport.write(encode(answer, keep_alive))
+        self._busy = None
+        if not keep_alive:
+            transport.close()
+            return
+        if self._paused:
+            self._paused = False
+            transport.resume_reading()
+        if self._buffer:
+            self._head_timer = self._loop.call_later(
+                self._connections.header_timeout, self._head_timed_out
+            )
+            self._next()
+        else:
+            self._idle_timer = self._loop.call_later(self._idle_timeout, self._idle_timed_out)
+
+    def _hand_off(self) -> None:
+        """Give the connection, and every byte not yet served, to aiohttp."""
+        self._stop_timers()
+        transport, data = self.transport, self._buffer
+        self._buffer = b""
+        protocol = self._hand_over(self)
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        if self._paused:
+            transport.resume_reading()
+        if data:
+            protocol.data_received(data)
+
+    # -- timers ------------------------------------------------------------------------------
+
+    def _stop_timers(self) -> None:
+        for timer in (self._head_timer, self._idle_timer):
+            if timer is not None:
+                timer.cancel()
+        self._head_timer = self._idle_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self._busy is None and self.transport is not None:
+            self._connections.forget(self)
+            self.transport.close()
+
+    def _idle_timed_out(self) -> None:
+        self._idle_timer = None
+        if self._busy is None and self.transport is not None:
+            self.transport.close()

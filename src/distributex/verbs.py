@@ -1,0 +1,266 @@
+"""The lock verbs: ``/get/``, ``/wait/``, ``/release/``, ``/renew/`` on a :class:`Call`.
+
+What a verb request goes through, in order, whichever HTTP server read it
+(see :mod:`distributex.httpapi` for the answers and their meaning):
+
+1. request limits and authentication (:mod:`distributex.auth`): a body
+   without a length (411) or too long (413) closes the connection;
+2. a place beyond the connection cap serves one ``/renew/`` or
+   ``/release/`` only, and a proven identity's parked ``/wait/`` requests are
+   capped (:mod:`distributex.fairness`);
+3. the verb: method, ``host`` and ``pool``, the pool's allow-list, the
+   backend;
+4. the answer's audit line, counts, and ``X-Distributex-Host``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from distributex import auth, fairness, query
+from distributex.appkeys import BACKEND_KEY, CONFIG_KEY, DRAINING_KEY, EVENTS_KEY
+from distributex.backends.base import BackendUnavailable, LockBackend
+from distributex.call import Answer, Call
+from distributex.engine import EXCLUSIVE, Lease, PoolSpec
+from distributex.limits import check_body
+from distributex.refusal import Refused, for_legacy_client, refusal
+
+NO_SUCH_LEASE = "no such lease: expired, released or not yours"
+
+
+def _seconds_text(seconds: float) -> str:
+    """Seconds exactly as held: never rounded up, so a client's deadline is not late."""
+    if seconds.is_integer():
+        return str(int(seconds))
+    return repr(seconds)
+
+
+def _lease_headers(lease: Lease, mode: str | None = None) -> dict[str, str]:
+    headers = {
+        "X-Distributex-Fence": str(lease.fence),
+        "X-Distributex-Lease": lease.token,
+        "X-Distributex-TTL": _seconds_text(lease.ttl),
+    }
+    if mode is not None:  # asked with mode=: the mode held (0.7 answers stay as they were)
+        headers["X-Distributex-Mode"] = lease.hold.mode
+    return headers
+
+
+async def serve(app: web.Application, verb: str, call: Call) -> Answer:
+    """The answer to ``call``, a request for ``verb`` (one of :data:`~distributex.call.VERBS`)."""
+    security = app[auth.SECURITY_KEY]
+    guard = security.guard
+    identity = None
+    try:
+        check_body(call.body_length, guard.config)
+        if guard.enabled:
+            identity = call[auth.IDENTITY_KEY] = guard.authenticate(call)
+    except Refused as exc:
+        security.refusals[exc.status] += 1
+        if guard.audit:
+            who = call.get(auth.IDENTITY_KEY) or exc.who
+            auth.audit_refusal(call, who, exc.status, exc.reason)
+        answer = refusal(call.headers, exc.status, exc.reason)
+        answer.close = exc.status in (411, 413)  # the body was not read
+        return answer
+    if call.reserved:
+        answer = await _on_reserved_place(app, verb, call)
+    elif verb == "wait" and identity is not None:
+        answer = await _within_identity_share(app, identity.name, call)
+    else:
+        answer = await _answer(app, verb, call)
+    host = call.get(auth.HOST_KEY)
+    if identity is not None and host is not None and answer.status == 200 and host.isascii():
+        # The host the lease is held under, for a client that left ``host`` out
+        # (ASCII only: header bytes are read as Latin-1; without it, no host is sent).
+        answer.headers["X-Distributex-Host"] = host
+    status = answer.real_status()
+    if status >= 400 and status != 410 and status != 503:
+        security.refusals[status] += 1
+    elif call.get(auth.FORCED_KEY) and status == 200:
+        security.forced_releases += 1
+    if guard.audit:
+        auth.audit(call, verb, identity, answer)
+    return answer
+
+
+async def _on_reserved_place(app: web.Application, verb: str, call: Call) -> Answer:
+    """One request on a place beyond the cap: a renewal or release, else 503; then close."""
+    if verb in ("renew", "release"):
+        answer = await _answer(app, verb, call)
+    else:
+        answer = for_legacy_client(call.headers, fairness.server_full())
+    answer.close = True
+    return answer
+
+
+async def _within_identity_share(app: web.Application, name: str, call: Call) -> Answer:
+    """A ``/wait/`` of a proven identity, within its share of long-lived requests."""
+    requests = app[fairness.IDENTITY_REQUESTS_KEY]
+    if not requests.enter(name):
+        return refusal(call.headers, 429, requests.too_many(name))
+    try:
+        return await _answer(app, "wait", call)
+    finally:
+        requests.leave(name)
+
+
+async def _answer(app: web.Application, verb: str, call: Call) -> Answer:
+    """Checks shared by every verb (method, host, pool, allow-list), the verb, its errors."""
+    events = app[EVENTS_KEY]
+    host = pool_name = None
+    try:
+        try:
+            if call.method not in ("GET", "POST"):
+                raise Refused(405, f"method {call.method} not allowed (use GET)")
+            identity = call.get(auth.IDENTITY_KEY)
+            if identity is None:
+                host = query.name(call, "host")
+            pool_name = call[auth.POOL_KEY] = query.name(call, "pool")
+            if identity is not None:
+                # Authentication is on: the proven identity is the host.
+                claimed = (
+                    query.name(call, "host") if query.param(call, "host") is not None else None
+                )
+                host = auth.host_for(call, identity, claimed, pool_name, verb == "release")
+            assert host is not None  # named on both paths above
+            call[auth.HOST_KEY] = host
+            spec = app[CONFIG_KEY].pool(pool_name)
+            if spec is None:
+                spec = _draining(app, verb, pool_name)
+            if spec.servers is not None and host not in spec.servers:
+                raise Refused(403, f"host '{host}' is not in the servers list of '{pool_name}'")
+            answer = await _HANDLERS[verb](app, call, spec, host, app[BACKEND_KEY])
+        except Refused as exc:
+            known = pool_name if exc.status not in (400, 404) else None
+            events.refused(known, host, exc.status, exc.reason)
+            answer = refusal(call.headers, exc.status, exc.reason)
+        except BackendUnavailable as exc:
+            events.refused(pool_name, host, 503, str(exc))
+            unavailable = Answer("UNAVAILABLE", 503, {"X-Distributex-Reason": str(exc)})
+            answer = for_legacy_client(call.headers, unavailable)
+    except asyncio.CancelledError:
+        events.request(verb, 499)  # the client hung up (nginx's number for it)
+        raise
+    events.request(verb, answer.status)
+    return answer
+
+
+def _draining(app: web.Application, verb: str, pool_name: str) -> PoolSpec:
+    """A pool that a reload removed: its holders may still release and renew."""
+    spec = app[DRAINING_KEY].get(pool_name)
+    if spec is None:
+        raise Refused(404, f"unknown pool '{pool_name}'")
+    if verb not in ("release", "renew"):
+        raise Refused(
+            404, f"pool '{pool_name}' was removed from the configuration (draining: release only)"
+        )
+    return spec
+
+
+def _check_room(
+    app: web.Application, spec: PoolSpec, host: str, backend: LockBackend
+) -> auth.PoolShares | None:
+    """Refuse (429) to give state to one more pool made on first use past ``max_pools``,
+    or past the host's share of it; the shares to note the pool in (None: listed)."""
+    config = app[CONFIG_KEY]
+    if spec.name in config.pools:
+        return None  # listed pools are the operator's own: never limited
+    shares = app[auth.SECURITY_KEY].shares
+    in_use = backend.pools_in_use()
+    if spec.name in in_use:
+        return shares
+    shares.check(config, host, in_use)
+    listed_in_use = len(config.pools.keys() & in_use) if config.pools else 0
+    if len(in_use) - listed_in_use >= config.max_pools:
+        raise Refused(
+            429,
+            f"too many pools in use: {config.max_pools} pools made on first use "
+            "already have holders or waiters (max_pools)",
+        )
+    return shares
+
+
+async def _get(
+    app: web.Application, call: Call, spec: PoolSpec, host: str, backend: LockBackend
+) -> Answer:
+    ttl = query.ttl(call)
+    mode = query.mode(call)
+    shares = _check_room(app, spec, host, backend)
+    lease = await backend.acquire(spec, host, ttl, mode or EXCLUSIVE)
+    if lease is None:
+        return Answer("NO")
+    if shares is not None:
+        shares.note(host, spec.name)
+    app[EVENTS_KEY].granted(spec.name, host, lease.fence, 0.0)
+    return Answer("YES", headers=_lease_headers(lease, mode))
+
+
+async def _wait(
+    app: web.Application, call: Call, spec: PoolSpec, host: str, backend: LockBackend
+) -> Answer:
+    ttl = query.ttl(call)
+    timeout = query.seconds(call, "timeout")
+    mode = query.mode(call)
+    shares = _check_room(app, spec, host, backend)
+    if shares is not None:
+        shares.note(host, spec.name)  # it waits on the pool
+
+    def connected() -> bool:
+        transport = call.transport
+        revoked = auth.REVOKED_KEY in call
+        return transport is not None and not transport.is_closing() and not revoked
+
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    config = app[CONFIG_KEY]
+    security = app[auth.SECURITY_KEY]
+    try:
+        with security.waiters.parked(config, spec.name, host), security.tracked(call):
+            lease = await backend.wait(spec, host, ttl, timeout, connected, mode or EXCLUSIVE)
+    except asyncio.CancelledError:
+        revoked = call.get(auth.REVOKED_KEY)
+        task = asyncio.current_task()
+        if revoked is None or task is None:
+            raise  # a hang-up or a stop
+        task.uncancel()  # left the queue as a hang-up does; the client is told why
+        raise Refused(403, revoked) from None
+    events = app[EVENTS_KEY]
+    if lease is None:
+        if connected():
+            events.timed_out(spec.name, host, loop.time() - started)
+        else:
+            events.queued()  # hung up: it left the queue
+        return Answer("NO")
+    events.granted(spec.name, host, lease.fence, loop.time() - started)
+    return Answer("YES", headers=_lease_headers(lease, mode))
+
+
+async def _release(
+    app: web.Application, call: Call, spec: PoolSpec, host: str, backend: LockBackend
+) -> Answer:
+    token = query.token(call, required=False)
+    released = await backend.release(spec, host, token)
+    if token is not None and not released:
+        app[EVENTS_KEY].lost(spec.name, host)
+        return Answer("GONE", 410, {"X-Distributex-Reason": NO_SUCH_LEASE})
+    return Answer("OK")
+
+
+async def _renew(
+    app: web.Application, call: Call, spec: PoolSpec, host: str, backend: LockBackend
+) -> Answer:
+    token = query.token(call, required=True)
+    assert token is not None
+    lease = await backend.renew(spec, host, token, query.ttl(call))
+    if lease is None:
+        app[EVENTS_KEY].lost(spec.name, host)
+        return Answer("GONE", 410, {"X-Distributex-Reason": NO_SUCH_LEASE})
+    return Answer("OK", headers=_lease_headers(lease))
+
+
+Handler = Callable[[web.Application, Call, PoolSpec, str, LockBackend], Awaitable[Answer]]
+_HANDLERS: dict[str, Handler] = {"get": _get, "wait": _wait, "release": _release, "renew": _renew}
