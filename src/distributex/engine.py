@@ -51,9 +51,10 @@ from __future__ import annotations
 
 import heapq
 import math
-import secrets
 from collections.abc import Callable, Iterator, KeysView
 from dataclasses import dataclass, field
+
+from distributex.tokens import token_urlsafe
 
 NEVER = math.inf
 
@@ -69,7 +70,7 @@ MAX_LEASES_PER_HOLD = 256
 
 
 def _new_token() -> str:
-    return secrets.token_urlsafe(18)
+    return token_urlsafe(18)
 
 
 @dataclass(frozen=True)
@@ -165,7 +166,7 @@ class Waiter:
     ttl: float
     since: float
     lease: Lease | None = None
-    id: str = field(default_factory=lambda: secrets.token_urlsafe(9))
+    id: str = field(default_factory=lambda: token_urlsafe(9))
     server: str = ""
     mode: str = EXCLUSIVE
 

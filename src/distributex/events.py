@@ -23,6 +23,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -37,8 +38,15 @@ EVENT_FIELDS = ("event", "pool", "host", "fence", "waited", "reason", "status")
 class Events:
     """The sink of lock events: log lines, metrics, change notices."""
 
-    def __init__(self, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        metrics: Metrics | None = None,
+        lines: Callable[[str, dict[str, Any]], None] | None = None,
+    ) -> None:
         self.metrics = metrics
+        # Writes an event's line: through ``logging`` unless the server's own
+        # handler takes them directly (distributex.logsetup.event_lines).
+        self.lines = lines or _logged_later
         self._version = 0
         self._changed: asyncio.Event | None = None
         self.closed = False
@@ -86,42 +94,44 @@ class Events:
         if self.metrics is not None:
             self.metrics.granted(pool, waited)
         if log.isEnabledFor(logging.INFO):
-            _emit("grant", pool=pool, host=host, fence=fence, waited=round(waited, 6))
+            self.lines(
+                "grant", {"pool": pool, "host": host, "fence": fence, "waited": round(waited, 6)}
+            )
 
     def released(self, pool: str, host: str, fence: int) -> None:
         self.changed()
         if self.metrics is not None:
             self.metrics.released(pool)
         if log.isEnabledFor(logging.INFO):
-            _emit("release", pool=pool, host=host, fence=fence)
+            self.lines("release", {"pool": pool, "host": host, "fence": fence})
 
     def expired(self, pool: str, host: str, fence: int) -> None:
         self.changed()
         if self.metrics is not None:
             self.metrics.expired(pool)
         if log.isEnabledFor(logging.INFO):
-            _emit("expire", pool=pool, host=host, fence=fence)
+            self.lines("expire", {"pool": pool, "host": host, "fence": fence})
 
     def lost(self, pool: str, host: str) -> None:
         """A holder renewed or released a lease that was no longer current (GONE)."""
         if self.metrics is not None:
             self.metrics.lost(pool)
         if log.isEnabledFor(logging.INFO):
-            _emit("lost", pool=pool, host=host)
+            self.lines("lost", {"pool": pool, "host": host})
 
     def timed_out(self, pool: str, host: str, waited: float) -> None:
         self.changed()
         if self.metrics is not None:
             self.metrics.timed_out(pool)
         if log.isEnabledFor(logging.INFO):
-            _emit("timeout", pool=pool, host=host, waited=round(waited, 6))
+            self.lines("timeout", {"pool": pool, "host": host, "waited": round(waited, 6)})
 
     def refused(self, pool: str | None, host: str | None, status: int, reason: str) -> None:
         """An INVALID (4xx) or UNAVAILABLE (503) answer to a lock verb."""
         if self.metrics is not None:
             self.metrics.refused(pool, status)
         if log.isEnabledFor(logging.INFO):
-            _emit("refuse", pool=pool, host=host, status=status, reason=reason)
+            self.lines("refuse", {"pool": pool, "host": host, "status": status, "reason": reason})
 
     def queued(self) -> None:
         """A waiter joined or left a queue (no log line: the grant or timeout tells)."""
@@ -132,7 +142,7 @@ class Events:
             self.metrics.request(verb, status)
 
 
-def _emit(event: str, **fields: Any) -> None:
+def _logged_later(event: str, fields: dict[str, Any]) -> None:
     """Log an event's line just after the current callback: the answer the
     event is about goes out first (a line costs ~20 µs; on a busy mutex that is
     on the way of every hand-off otherwise). Lines keep their order."""
@@ -145,8 +155,12 @@ def _emit(event: str, **fields: Any) -> None:
 
 
 def _log_event(event: str, fields: dict[str, Any]) -> None:
-    text = " ".join([f"{key}={_show(value)}" for key, value in fields.items() if value is not None])
-    log.info("%s %s", event, text, extra={"event": event, **fields})
+    log.info("%s %s", event, fields_text(fields), extra={"event": event, **fields})
+
+
+def fields_text(fields: dict[str, Any]) -> str:
+    """``pool=p host=h ...``: an event line's fields, those given."""
+    return " ".join([f"{key}={_show(value)}" for key, value in fields.items() if value is not None])
 
 
 # Names may hold spaces or '=': quote them so a line still splits into fields.

@@ -45,6 +45,12 @@ def parse_query(raw: str) -> dict[str, list[str]]:
     Raises :class:`Refused` for a bad percent escape or bytes that are not UTF-8.
     """
     params: dict[str, list[str]] = {}
+    if "%" not in raw and "+" not in raw:  # nothing to decode (a client's usual query)
+        for field in raw.split("&"):
+            if field:
+                key, _, value = field.partition("=")
+                params.setdefault(key, []).append(value)
+        return params
     for field in raw.split("&"):
         if not field:
             continue

@@ -271,7 +271,7 @@ async def start_server(
     backend = backend or make_backend(config)
     quiet_bad_requests()
     fd_limit = raise_fd_limit()
-    events = Events(_metrics(config))
+    events = Events(_metrics(config), lines=logsetup.event_lines())
     backend.events = events
     await backend.start()
     app = create_app(config, backend, events)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +21,7 @@ from distributex.backends.pool import Pools
 from distributex.backends.steps import Steps
 from distributex.backends.waiters import LocalWaiter
 from distributex.engine import EXCLUSIVE, Lease, LockEngine, PoolSpec
+from distributex.tokens import token_urlsafe
 
 log = logging.getLogger("distributex.shared")
 
@@ -84,7 +84,7 @@ class Waits:
         while True:
             # Known to this server before its entry is written, so no step of
             # ours takes it for a stray entry.
-            local = LocalWaiter(spec, secrets.token_urlsafe(9), still_wanted, mode=mode)
+            local = LocalWaiter(spec, token_urlsafe(9), still_wanted, mode=mode)
             room.waiters.add(local)
             local.came = self.store.now()
 
