@@ -142,8 +142,13 @@ class LeanConnection(asyncio.Protocol):
         self._busy: asyncio.Task[None] | None = None  # the request being answered
         self._paused = False
         self._closing = False  # answer the request in progress, then close
-        self._head_timer: asyncio.TimerHandle | None = None
-        self._idle_timer: asyncio.TimerHandle | None = None
+        # One deadline at a time: for the head being read, or for the next one
+        # to begin; None while a request is answered. One timer watches it,
+        # moved only when it fires early (not once per request).
+        self._deadline: float | None = None
+        self._reading_head = False  # the deadline is the head's (else the idle one's)
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         self._loop = asyncio.get_running_loop()
 
     # -- what the connection table asks ------------------------------------------------------
@@ -172,12 +177,10 @@ class LeanConnection(asyncio.Protocol):
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
         self.pending = False
-        self._head_timer = self._loop.call_later(
-            self._connections.header_timeout, self._head_timed_out
-        )
+        self._expect_head()
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self._stop_timers()
+        self._stop_timer()
         self._connections.forget(self)
         self.transport = None
         if self._busy is not None:
@@ -190,13 +193,8 @@ class LeanConnection(asyncio.Protocol):
                 self._paused = True  # pipelined far ahead of the answers
                 self.transport.pause_reading()
             return
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
-        if self._head_timer is None:  # a kept-alive connection began its next head
-            self._head_timer = self._loop.call_later(
-                self._connections.header_timeout, self._head_timed_out
-            )
+        if not self._reading_head:  # a kept-alive connection began its next head
+            self._expect_head()
         self._next()
 
     # -- serving -----------------------------------------------------------------------------
@@ -216,9 +214,8 @@ class LeanConnection(asyncio.Protocol):
             return
         verb, call, keep_alive = found
         self._buffer = buffer[end + 4 :]
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        self._deadline = None
+        self._reading_head = False
         self._busy = self._loop.create_task(self._serve(verb, call, keep_alive))
 
     def _read(self, head: bytes) -> tuple[str, Call, bool] | None:
@@ -273,16 +270,14 @@ class LeanConnection(asyncio.Protocol):
             self._paused = False
             transport.resume_reading()
         if self._buffer:
-            self._head_timer = self._loop.call_later(
-                self._connections.header_timeout, self._head_timed_out
-            )
+            self._expect_head()
             self._next()
         else:
-            self._idle_timer = self._loop.call_later(self._idle_timeout, self._idle_timed_out)
+            self._set_deadline(self._idle_timeout)
 
     def _hand_off(self) -> None:
         """Give the connection, and every byte not yet served, to aiohttp."""
-        self._stop_timers()
+        self._stop_timer()
         transport, data = self.transport, self._buffer
         self._buffer = b""
         protocol = self._hand_over(self)
@@ -293,21 +288,33 @@ class LeanConnection(asyncio.Protocol):
         if data:
             protocol.data_received(data)
 
-    # -- timers ------------------------------------------------------------------------------
+    # -- deadlines ---------------------------------------------------------------------------
 
-    def _stop_timers(self) -> None:
-        for timer in (self._head_timer, self._idle_timer):
-            if timer is not None:
-                timer.cancel()
-        self._head_timer = self._idle_timer = None
+    def _expect_head(self) -> None:
+        self._reading_head = True
+        self._set_deadline(self._connections.header_timeout)
 
-    def _head_timed_out(self) -> None:
-        self._head_timer = None
-        if self._busy is None and self.transport is not None:
-            self._connections.forget(self)
-            self.transport.close()
+    def _set_deadline(self, seconds: float) -> None:
+        self._deadline = deadline = self._loop.time() + seconds
+        if self._timer is None or deadline < self._timer_at:
+            self._stop_timer()
+            self._timer_at = deadline
+            self._timer = self._loop.call_at(deadline, self._deadline_reached)
 
-    def _idle_timed_out(self) -> None:
-        self._idle_timer = None
-        if self._busy is None and self.transport is not None:
-            self.transport.close()
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _deadline_reached(self) -> None:
+        """The head did not come in time, or the kept-alive connection idled too long."""
+        self._timer = None
+        deadline = self._deadline
+        if deadline is None or self.transport is None:
+            return  # a request is being answered: its end sets the next deadline
+        if deadline > self._loop.time():
+            self._timer_at = deadline  # moved on since the timer was set
+            self._timer = self._loop.call_at(deadline, self._deadline_reached)
+            return
+        self._connections.forget(self)
+        self.transport.close()
