@@ -116,6 +116,31 @@ class _Head:
 class LeanConnection(asyncio.Protocol):
     """One client connection, served here until a request needs aiohttp (see the module)."""
 
+    # A fleet parks thousands of these: no __dict__ per connection.
+    __slots__ = (
+        "_buffer",
+        "_busy",
+        "_closing",
+        "_connections",
+        "_deadline",
+        "_hand_over",
+        "_idle_timeout",
+        "_loop",
+        "_max_head",
+        "_max_headers",
+        "_paused",
+        "_reading_head",
+        "_timer",
+        "_timer_at",
+        "app",
+        "making",
+        "peer",
+        "pending",
+        "reserved",
+        "streaming",
+        "transport",
+    )
+
     def __init__(
         self,
         app: web.Application,
