@@ -49,7 +49,7 @@ import re
 import ssl
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping, Set
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Protocol
 from urllib.parse import unquote
 
@@ -199,9 +199,8 @@ class WaiterCount:
         self.pools: Counter[str] = Counter()
         self.hosts: Counter[str] = Counter()
 
-    @contextmanager
-    def parked(self, config: Config, pool: str, host: str) -> Iterator[None]:
-        """Count one waiter for the block; :class:`Refused` (429) past a cap."""
+    def enter(self, config: Config, pool: str, host: str) -> None:
+        """Count one waiter (:meth:`leave` when it leaves); :class:`Refused` (429) past a cap."""
         if self.pools[pool] >= config.max_waiters_per_pool:
             raise Refused(
                 429,
@@ -224,13 +223,12 @@ class WaiterCount:
                 self.pools[pool],
                 self.hosts[host],
             )
-        try:
-            yield
-        finally:
-            for counter, key in ((self.pools, pool), (self.hosts, host)):
-                counter[key] -= 1
-                if not counter[key]:
-                    del counter[key]
+
+    def leave(self, pool: str, host: str) -> None:
+        for counter, key in ((self.pools, pool), (self.hosts, host)):
+            counter[key] -= 1
+            if not counter[key]:
+                del counter[key]
 
 
 class PoolShares:
@@ -284,6 +282,9 @@ def pools_per_identity(config: Config) -> int:
     return share or max(config.max_pools // 10, min(config.max_pools, 100))
 
 
+_UNTRACKED = nullcontext()
+
+
 class Security:
     """Per-application state: the guard of the current configuration, waiters, counters."""
 
@@ -298,22 +299,27 @@ class Security:
         # removes or changes the token.
         self.parked: dict[str, dict[asyncio.Task[object], Call | web.Request]] = {}
 
-    @contextmanager
-    def tracked(self, request: Call | web.Request) -> Iterator[None]:
+    def tracked(self, request: Call | web.Request) -> AbstractContextManager[None]:
         """Know the request's task for the block, if a token proved its identity."""
         identity = request.get(IDENTITY_KEY)
+        if identity is None or not identity.via.startswith("token"):
+            return _UNTRACKED
+        return self._tracking(request, identity.name)
+
+    @contextmanager
+    def _tracking(self, request: Call | web.Request, name: str) -> Iterator[None]:
         task = asyncio.current_task()
-        if identity is None or not identity.via.startswith("token") or task is None:
+        if task is None:
             yield
             return
-        mine = self.parked.setdefault(identity.name, {})
+        mine = self.parked.setdefault(name, {})
         mine[task] = request
         try:
             yield
         finally:
             mine.pop(task, None)
             if not mine:
-                self.parked.pop(identity.name, None)
+                self.parked.pop(name, None)
 
     def revoke(self, names: set[str]) -> int:
         """End the parked requests of these identities (as a hang-up); how many."""

@@ -218,8 +218,9 @@ async def _wait(
     started = loop.time()
     config = app[CONFIG_KEY]
     security = app[auth.SECURITY_KEY]
+    security.waiters.enter(config, spec.name, host)
     try:
-        with security.waiters.parked(config, spec.name, host), security.tracked(call):
+        with security.tracked(call):
             lease = await backend.wait(spec, host, ttl, timeout, connected, mode or EXCLUSIVE)
     except asyncio.CancelledError:
         revoked = call.get(auth.REVOKED_KEY)
@@ -228,6 +229,8 @@ async def _wait(
             raise  # a hang-up or a stop
         task.uncancel()  # left the queue as a hang-up does; the client is told why
         raise Refused(403, revoked) from None
+    finally:
+        security.waiters.leave(spec.name, host)
     events = app[EVENTS_KEY]
     if lease is None:
         if connected():
