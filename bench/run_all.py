@@ -30,6 +30,8 @@ SCENARIOS: list[tuple[str, str, list[str]]] = [
     ("cycles", "get_release.py", []),
     ("cyclesraw", "get_release.py", ["--client", "raw"]),
     ("parked", "parked_waiters.py", []),
+    # The floor: every CPU figure above is also a ratio to it (same machine, same run).
+    ("bare", "bare_protocol.py", ["--client", "raw", "--uvloop"]),
 ]
 
 Fig = Callable[[dict[str, Any]], str]
@@ -98,6 +100,16 @@ TABLE: list[tuple[str, str, str, Fig]] = [
         "same, lean client: cycles/s, CPU per get+release",
         "-",
         lambda r: f"{r['cycles_per_s']:,.0f}, {r['server_cpu_us_per_get_release']:.0f} µs",
+    ),
+    (
+        "bare",
+        "50 clients, one mutex (lean client): CPU per grant, server / bare asyncio protocol",
+        "-",
+        lambda r: (
+            f"{r['server']['server_cpu_us_per_grant']:.0f} / "
+            f"{r['bare_uvloop']['server_cpu_us_per_grant']:.1f} µs = "
+            f"{r['ratio_to_bare_uvloop']:.1f} x"
+        ),
     ),
     (
         "parked",
