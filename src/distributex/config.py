@@ -13,6 +13,7 @@ defaults of :class:`Config`, so a key added here must be added there.
 
 from __future__ import annotations
 
+import functools
 import os
 import stat
 import urllib.parse
@@ -190,8 +191,14 @@ class Config:
         """The pool called ``name``, made on first use if ``autocreate``; else None."""
         spec = self.pools.get(name)
         if spec is None and self.autocreate:
-            spec = PoolSpec(name=name, expire=DEFAULT_EXPIRE)
+            spec = _made_on_first_use(name)
         return spec
+
+
+@functools.lru_cache(maxsize=4096)
+def _made_on_first_use(name: str) -> PoolSpec:
+    """A pool made on first use: one spec per name while it is in use, not one per request."""
+    return PoolSpec(name=name, expire=DEFAULT_EXPIRE)
 
 
 def default_config() -> Config:

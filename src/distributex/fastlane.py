@@ -46,6 +46,11 @@ _HEAD_END = b"\r\n\r\n"
 _PHRASES = {status.value: status.phrase for status in HTTPStatus}
 # Bytes read ahead of the request being answered before reading pauses.
 _READ_AHEAD = 65536
+# How often deadlines are checked (seconds): a head or idle deadline is kept to within this.
+SWEEP = 0.25
+# The headers a verb reads (authentication, the 0.7 client's rewrite, keep-alive):
+# a parked request keeps only these.
+_READ = frozenset((b"authorization", b"user-agent", b"connection"))
 # Headers that mean the request is not a plain verb (a body, a protocol switch).
 _NOT_PLAIN = frozenset((b"content-length", b"transfer-encoding", b"expect", b"upgrade"))
 
@@ -106,8 +111,8 @@ class _Head:
         name = name.lower()
         if name in _NOT_PLAIN and not (name == b"content-length" and value.strip() == b"0"):
             self.plain = False
-        # The first of a repeated header counts, as aiohttp's headers.get() reads it.
-        self.headers.setdefault(name.decode("latin-1"), value.decode("latin-1"))
+        if name in _READ:  # the first of a repeated one counts, as aiohttp's headers.get()
+            self.headers.setdefault(name.decode("latin-1"), value.decode("latin-1"))
 
     def on_message_complete(self) -> None:
         self.complete = True
@@ -123,6 +128,7 @@ class LeanConnection(asyncio.Protocol):
         "_closing",
         "_connections",
         "_deadline",
+        "_deadlines",
         "_hand_over",
         "_idle_timeout",
         "_loop",
@@ -130,8 +136,6 @@ class LeanConnection(asyncio.Protocol):
         "_max_headers",
         "_paused",
         "_reading_head",
-        "_timer",
-        "_timer_at",
         "app",
         "making",
         "peer",
@@ -147,6 +151,7 @@ class LeanConnection(asyncio.Protocol):
         connections: Any,  # transport.Connections (which imports this module)
         peer: str,
         hand_over: Any,  # the aiohttp protocol that takes this connection over
+        deadlines: Deadlines,
         max_head: int,
         max_headers: int,
         idle_timeout: float,
@@ -168,12 +173,10 @@ class LeanConnection(asyncio.Protocol):
         self._paused = False
         self._closing = False  # answer the request in progress, then close
         # One deadline at a time: for the head being read, or for the next one
-        # to begin; None while a request is answered. One timer watches it,
-        # moved only when it fires early (not once per request).
+        # to begin; None while a request is answered (see Deadlines).
         self._deadline: float | None = None
+        self._deadlines = deadlines
         self._reading_head = False  # the deadline is the head's (else the idle one's)
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0
         self._loop = asyncio.get_running_loop()
 
     # -- what the connection table asks ------------------------------------------------------
@@ -205,7 +208,7 @@ class LeanConnection(asyncio.Protocol):
         self._expect_head()
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self._stop_timer()
+        self._deadlines.forget(self)
         self._connections.forget(self)
         self.transport = None
         if self._busy is not None:
@@ -240,6 +243,7 @@ class LeanConnection(asyncio.Protocol):
         verb, call, keep_alive = found
         self._buffer = buffer[end + 4 :]
         self._deadline = None
+        self._deadlines.forget(self)
         self._reading_head = False
         self._busy = self._loop.create_task(self._serve(verb, call, keep_alive))
 
@@ -302,7 +306,7 @@ class LeanConnection(asyncio.Protocol):
 
     def _hand_off(self) -> None:
         """Give the connection, and every byte not yet served, to aiohttp."""
-        self._stop_timer()
+        self._deadlines.forget(self)
         transport, data = self.transport, self._buffer
         self._buffer = b""
         protocol = self._hand_over(self)
@@ -320,26 +324,51 @@ class LeanConnection(asyncio.Protocol):
         self._set_deadline(self._connections.header_timeout)
 
     def _set_deadline(self, seconds: float) -> None:
-        self._deadline = deadline = self._loop.time() + seconds
-        if self._timer is None or deadline < self._timer_at:
-            self._stop_timer()
-            self._timer_at = deadline
-            self._timer = self._loop.call_at(deadline, self._deadline_reached)
+        self._deadline = self._loop.time() + seconds
+        self._deadlines.watch(self)
 
-    def _stop_timer(self) -> None:
+    def deadline_passed(self, now: float) -> bool:
+        """Close if the head did not come in time or the connection idled too long."""
+        deadline = self._deadline
+        if deadline is None or now < deadline:
+            return False
+        if self._busy is None and self.transport is not None:
+            self._connections.forget(self)
+            self.transport.close()
+        return True
+
+
+class Deadlines:
+    """The lean connections waiting for a head, checked by one timer every :data:`SWEEP`.
+
+    Setting a deadline is a float and a dict entry, not a timer armed and
+    cancelled on every request; a connection whose request is being answered
+    (a parked ``/wait/``) is not in the table at all. A deadline is kept to
+    within :data:`SWEEP` seconds.
+    """
+
+    def __init__(self) -> None:
+        self._waiting: dict[LeanConnection, None] = {}
+        self._timer: asyncio.TimerHandle | None = None
+
+    def watch(self, conn: LeanConnection) -> None:
+        self._waiting[conn] = None
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(SWEEP, self._sweep)
+
+    def forget(self, conn: LeanConnection) -> None:
+        self._waiting.pop(conn, None)
+
+    def close(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
-    def _deadline_reached(self) -> None:
-        """The head did not come in time, or the kept-alive connection idled too long."""
+    def _sweep(self) -> None:
         self._timer = None
-        deadline = self._deadline
-        if deadline is None or self.transport is None:
-            return  # a request is being answered: its end sets the next deadline
-        if deadline > self._loop.time():
-            self._timer_at = deadline  # moved on since the timer was set
-            self._timer = self._loop.call_at(deadline, self._deadline_reached)
-            return
-        self._connections.forget(self)
-        self.transport.close()
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for conn in [c for c in self._waiting if c.deadline_passed(now)]:
+            del self._waiting[conn]
+        if self._waiting:
+            self._timer = loop.call_later(SWEEP, self._sweep)

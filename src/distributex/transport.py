@@ -36,7 +36,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from distributex.appkeys import CONFIG_KEY
 from distributex.fairness import ConnectionTable
-from distributex.fastlane import LeanConnection
+from distributex.fastlane import Deadlines, LeanConnection
 from distributex.tls import TLSHolder
 
 log = logging.getLogger("distributex")
@@ -264,6 +264,7 @@ class Site(web.BaseSite):
         # or (None) on aiohttp.
         self._app = lean
         self._grace = grace  # how long a stop waits for answers being made
+        self._deadlines = Deadlines()
         self._host = host
         self._port = port
         self._connections = connections
@@ -299,6 +300,7 @@ class Site(web.BaseSite):
             conn.close_when_answered()
         if answering:
             await asyncio.wait(answering, timeout=self._grace)
+        self._deadlines.close()
         await super().stop()
 
     def _aiohttp_protocol(self, peer: str, reserved: bool) -> Connection:
@@ -325,6 +327,7 @@ class Site(web.BaseSite):
             self._connections,
             peer,
             self._hand_over,
+            self._deadlines,
             max_head=config.max_header_size,
             max_headers=config.max_headers,
             idle_timeout=config.idle_timeout,
