@@ -5,12 +5,12 @@ At the default level a grant and a release each log a line. Written one
 anew for each, those lines cost about a third of a hand-off on a busy mutex
 (bench/README.md, "The floor"). So:
 
-* lines made while the event loop runs are written together, in the order
-  they were made, :data:`FLUSH_AFTER` seconds after the first of them (or
-  at once when :data:`BATCH` wait); lines made elsewhere (start-up, stop, a
-  worker thread) first write what waits, then themselves, at once. Logging
-  shuts down (at exit, also after an exception) by writing what waits; a
-  process killed by a signal it cannot catch loses the last 0.05 s of lines.
+* lines made while the event loop runs are written together at the end of
+  the loop turn that made them (one ``write()`` for every line of a busy
+  turn: the answers of that turn go out first), in the order they were
+  made; lines made elsewhere (start-up, a worker thread) first write what
+  waits, then themselves, at once. Logging shuts down (at exit, also after
+  an exception) by writing what waits.
 * the date and time of a line are formatted once per second, the
   milliseconds added per line: the text is what ``logging.Formatter`` makes.
 * the lock events' lines (:mod:`distributex.events`) skip the ``LogRecord``
@@ -32,8 +32,7 @@ from distributex.events import EVENT_FIELDS, JsonFormatter, fields_text
 
 LINE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 EVENTS_LOGGER = "distributex.events"
-# Lines wait at most this long (seconds), or until this many wait.
-FLUSH_AFTER = 0.05
+# Lines of one loop turn written at once at most (a turn that logs more writes more often).
 BATCH = 256
 
 
@@ -58,7 +57,7 @@ class LineFormatter(logging.Formatter):
 
 
 class BatchedHandler(logging.StreamHandler[TextIO]):
-    """A stream handler that writes the lines of a twentieth of a second with one write."""
+    """A stream handler that writes the lines of one event-loop turn with one write."""
 
     def __init__(self, stream: TextIO | None = None) -> None:
         super().__init__(stream)
@@ -80,7 +79,7 @@ class BatchedHandler(logging.StreamHandler[TextIO]):
             self._write("".join(waiting) + line)
             return
         if not self._lines:
-            loop.call_later(FLUSH_AFTER, self.flush)
+            loop.call_soon(self.flush)
         self._lines.append(line)
         if len(self._lines) >= BATCH:
             self.flush()
