@@ -293,6 +293,8 @@ class LeanConnection(asyncio.Protocol):
         transport.write(encode(answer, keep_alive))
         self._busy = None
         if not keep_alive:
+            if self.reserved:
+                self._connections.forget(self)  # its one answer is out: the place is free
             transport.close()
             return
         if self._paused:
