@@ -32,7 +32,13 @@ smallest W to the largest is printed last.
 
     .venv/bin/python bench/fleet_queue.py --backend redis --waiters 100,1000,5000
         [--cancel K] [--timeout 120] [--servers S] [--members 3] [--sources N] [--generators G]
-        [--profile FILE] [--json]
+        [--set 'max_waiters_per_pool: 20000' ...] [--profile FILE] [--json]
+
+``--set`` adds a line to every server's configuration file (repeat it), e.g.
+to raise ``max_waiters_per_pool`` (10,000 by default) for 18,000 waiters on
+one in-memory server. The servers' RSS is read with none parked and with all
+W parked: the difference / W is the memory per parked waiter (kernel socket
+buffers are not in it).
 """
 
 from __future__ import annotations
@@ -95,6 +101,9 @@ class Setup:
 
     def server_cpu(self) -> float:
         return sum(s.cpu_seconds() for s in self.servers)
+
+    def server_rss_kb(self) -> int:
+        return sum(s.rss_kb() for s in self.servers)
 
     def store_cpu(self) -> float:
         return sum(proc_cpu_seconds(p.pid) for p in self.store_procs)
@@ -215,11 +224,16 @@ def sqlite_bytes(path: str) -> tuple[int, int, int]:
 # -- setting up ----------------------------------------------------------------------------
 
 
-def start_setup(backend: str, servers_n: int | None, members: int, nofile: int) -> Setup:
-    """The store (if any) and the servers on it; everything stopped by ``Setup.stop``."""
+def start_setup(
+    backend: str, servers_n: int | None, members: int, nofile: int, extra: Sequence[str] = ()
+) -> Setup:
+    """The store (if any) and the servers on it; everything stopped by ``Setup.stop``.
+
+    ``extra``: ``key: value`` lines added to every server's configuration file."""
     state = tempfile.TemporaryDirectory(prefix="distributex-fleet-")
     setup = Setup(backend, [], [], None, state)
-    pool = f"autocreate: true\npools:\n  - name: {POOL}\n    expire: 600\n"
+    pool = "".join(f"{line}\n" for line in extra)
+    pool += f"autocreate: true\npools:\n  - name: {POOL}\n    expire: 600\n"
     try:
         if backend == "memcache":
             proc, port = start_memcached()
@@ -374,6 +388,7 @@ async def _phases(
     waiters_n = len(crowd)
 
     # Arrivals.
+    result["server_rss_kb_idle"] = setup.server_rss_kb()
     cpu0, store0, t0 = setup.server_cpu(), setup.store_cpu(), time.monotonic()
     try:
         async with asyncio.timeout(bound):
@@ -410,6 +425,10 @@ async def _phases(
                     print(f"  {count} x {kind}", file=sys.stderr)
         return result
     result["park_s"] = t1 - t0
+    result["server_rss_kb_parked"] = setup.server_rss_kb()
+    result["server_kib_per_waiter"] = (
+        result["server_rss_kb_parked"] - result["server_rss_kb_idle"]
+    ) / waiters_n
     result["server_cpu_us_per_arrival"] = (cpu1 - cpu0) / waiters_n * 1e6
     result["store_cpu_us_per_arrival"] = (store1 - store0) / waiters_n * 1e6
     result["queued"] = waiters_n
@@ -524,7 +543,7 @@ def run_one(backend: str, waiters_n: int, args: Any) -> dict[str, Any]:
     cancel = (
         args.cancel if args.cancel is not None else max(waiters_n // 10, min(50, waiters_n // 2))
     )
-    setup = start_setup(backend, args.servers, args.members, nofile)
+    setup = start_setup(backend, args.servers, args.members, nofile, args.set)
     began = time.monotonic()
     try:
         result = asyncio.run(scenario(setup, waiters_n, min(cancel, waiters_n), args.timeout, args))
@@ -574,6 +593,13 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
     )
     out.append(
         ("server CPU while parked, at rest", f"{r['server_cpu_pct_parked']:.1f} % of a core")
+    )
+    out.append(
+        (
+            "servers' RSS: none parked -> parked (per waiter)",
+            f"{r['server_rss_kb_idle'] / 1024:.1f} -> {r['server_rss_kb_parked'] / 1024:.1f} MiB "
+            f"({r['server_kib_per_waiter']:.2f} KiB)",
+        )
     )
     if "store_bytes_per_waiter" in r:
         out.append(
@@ -652,6 +678,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sources", type=int, default=None, help="127.0.0.x source addresses")
     parser.add_argument(
         "--generators", type=int, default=None, help="load-generator processes (default W/18,000)"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="'KEY: VALUE'",
+        help="a line for every server's configuration file, e.g. 'max_waiters_per_pool: 20000'",
     )
     parser.add_argument("--profile", metavar="FILE", help="py-spy server 0 during the drain")
     parser.add_argument("--profile-seconds", type=float, default=10.0)

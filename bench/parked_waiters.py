@@ -1,7 +1,8 @@
 """Memory per parked /wait/ client, then how fast the queue drains.
 
 A holder takes a mutex with /get/; then N clients (default 10,000), each on
-its own TCP connection, park on /wait/. The server's RSS (VmRSS) is read with
+its own TCP connection (from 127.0.0.1, .2, ..., 4,000 per address), park on
+/wait/. The server's RSS (VmRSS) is read with
 none parked and with all N parked (once its CPU time and RSS have stopped
 moving and the kernel shows N+ established connections); the difference / N
 is the memory per parked client. Then the holder releases; every waiter, on
@@ -15,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
+import math
 import sys
 import time
 from typing import Any
@@ -35,6 +38,7 @@ from _common import (
 from yarl import URL
 
 POOL = "parked"
+PER_SOURCE = 4_000  # waiters per source address
 CONNECT_WINDOW = 500  # connections being opened at once (the server's backlog is 4096)
 
 
@@ -77,12 +81,22 @@ async def run_async(server: Server, waiters: int, timeout: float) -> dict[str, A
     trace.on_connection_create_end.append(on_connection)
     async with (
         aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as holder,
-        aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
-            timeout=no_timeout,
-            trace_configs=[trace],
-        ) as crowd,
+        contextlib.AsyncExitStack() as stack,
     ):
+        # The server takes at most half its connection cap from one address
+        # (max_connections_per_peer): the crowd comes from 127.0.0.1, .2, ...
+        crowds = [
+            await stack.enter_async_context(
+                aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(
+                        limit=0, limit_per_host=0, local_addr=(f"127.0.0.{k + 1}", 0)
+                    ),
+                    timeout=no_timeout,
+                    trace_configs=[trace],
+                )
+            )
+            for k in range(max(1, math.ceil(waiters / PER_SOURCE)))
+        ]
         # Warm the server's code paths (and the holder's connection) first.
         for _ in range(200):
             await _answer(holder, url("get", "warm"))
@@ -102,6 +116,7 @@ async def run_async(server: Server, waiters: int, timeout: float) -> dict[str, A
 
         async def waiter(i: int) -> None:
             sent = time.monotonic_ns()
+            crowd = crowds[i % len(crowds)]
             body, fence = await _answer(crowd, url("wait", f"w{i}"))
             yes = time.monotonic_ns()
             count(f"wait {body.decode()}")
@@ -165,7 +180,9 @@ def _inversions(order: list[int]) -> int:
 
 def run(waiters: int = 10_000, timeout: float = 120.0, uvloop: bool = False) -> dict[str, Any]:
     """Run the benchmark; returns its figures."""
-    nofile = waiters + 1024
+    # The server's automatic connection cap is its file limit less an eighth
+    # (transport.connection_limit): leave room for all the waiters above it.
+    nofile = waiters + waiters // 7 + 1024
     raise_nofile(nofile)
     use_uvloop(uvloop)
     with Server(nofile=nofile) as server:
