@@ -9,7 +9,11 @@ is the memory per parked client. Then the holder releases; every waiter, on
 YES, releases at once, so the mutex passes through all N one after another.
 The drain rate is N / (time from the holder's release to the last release).
 
-    .venv/bin/python bench/parked_waiters.py [--waiters 10000] [--json]
+    .venv/bin/python bench/parked_waiters.py [--waiters 10000] [--baseline] [--json]
+
+``--baseline`` runs the same against ``bare_mutex.py`` (a bare asyncio
+protocol on uvloop that parks waiters in a FIFO queue) in the same
+invocation: the floor a parked connection costs in a Python process.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import itertools
 import math
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -178,14 +183,19 @@ def _inversions(order: list[int]) -> int:
     return sum(1 for a, b in itertools.pairwise(order) if b < a)
 
 
-def run(waiters: int = 10_000, timeout: float = 120.0, uvloop: bool = False) -> dict[str, Any]:
-    """Run the benchmark; returns its figures."""
+def run(
+    waiters: int = 10_000,
+    timeout: float = 120.0,
+    uvloop: bool = False,
+    command: list[str] | None = None,
+) -> dict[str, Any]:
+    """Run the benchmark (against ``command`` instead of the server if given)."""
     # The server's automatic connection cap is its file limit less an eighth
     # (transport.connection_limit): leave room for all the waiters above it.
     nofile = waiters + waiters // 7 + 1024
     raise_nofile(nofile)
     use_uvloop(uvloop)
-    with Server(nofile=nofile) as server:
+    with Server(nofile=nofile, command=command) as server:
         result = asyncio.run(run_async(server, waiters, timeout))
         result["server_exit_status"] = server.stop()
     return result
@@ -215,11 +225,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--waiters", type=int, default=10_000)
     parser.add_argument("--timeout", type=float, default=120.0, help="bound on each phase (s)")
     parser.add_argument("--uvloop", action="store_true", help="uvloop in the load generator")
+    parser.add_argument(
+        "--baseline",
+        action="store_true",
+        help="then the same against bare_mutex.py (uvloop), and the server's figures over it",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     result = run(args.waiters, args.timeout, args.uvloop)
-    emit(result, rows(result), "parked_waiters: memory per parked /wait/, then drain", args.json)
+    table = rows(result)
     ok = result["served"] == args.waiters and not sum(result["safety_violations"].values())
+    if args.baseline:
+        bare = [sys.executable, str(Path(__file__).resolve().parent / "bare_mutex.py")]
+        result["bare_mutex"] = run(args.waiters, args.timeout, args.uvloop, bare)
+        b = result["bare_mutex"]
+        result["ratio_kb_per_parked"] = result["kb_per_parked"] / b["kb_per_parked"]
+        result["ratio_cpu_per_served"] = (
+            result["server_cpu_us_per_served"] / b["server_cpu_us_per_served"]
+        )
+        table += [
+            (
+                "bare mutex: RSS none -> all parked",
+                f"{b['rss_idle_kb'] / 1024:.1f} -> {b['rss_parked_kb'] / 1024:.1f} MiB",
+            ),
+            ("bare mutex: memory per parked client", f"{b['kb_per_parked']:.2f} KiB"),
+            ("bare mutex: CPU per waiter served", f"{b['server_cpu_us_per_served']:.0f} µs"),
+            (
+                "server / bare mutex: memory, CPU",
+                f"{result['ratio_kb_per_parked']:.1f} x, {result['ratio_cpu_per_served']:.1f} x",
+            ),
+        ]
+    emit(result, table, "parked_waiters: memory per parked /wait/, then drain", args.json)
     return 0 if ok else 1
 
 
