@@ -430,6 +430,9 @@ def summarize(result: dict[str, Any], duration: float, groups: int | None) -> di
         "overtaken_share": sum(1 for n in passed if n) / max(1, len(passed)),
         "overtaken_p99": percentile(passed, 99),
     }
+    if groups is not None:
+        # Client i talks to server i mod groups: the grants each server gave.
+        figures["grants_per_server"] = [sum(counts[j::groups]) for j in range(groups)]
     same, cross = handoffs(result, groups or 1)
     if groups is None:
         figures |= {"handoff_p50_s": percentile(same, 50), "handoff_p99_s": percentile(same, 99)}
@@ -635,6 +638,7 @@ def main(argv: list[str] | None = None) -> int:
         ("grants/s", fmt_int(rows["grants_per_s"])),
         ("wait p50 / p99", f"{fmt_ms(rows['wait_p50_s'])} / {fmt_ms(rows['wait_p99_s'])}"),
         ("fairness (Jain), grants min-max", f"{rows['fairness_jain']:.4f}, {low}-{high}"),
+        ("grants per server", ", ".join(fmt_int(n) for n in rows["grants_per_server"])),
         ("waits passed by a later one, places p99", overtaken_text(rows)),
         (
             "hand-off same server p50 / p99",
