@@ -14,7 +14,8 @@ from distributex.client import config, connection, exits
 from distributex.client.argv import Parser
 from distributex.client.config import ConfigProblem, arg
 from distributex.client.exits import EXIT_CONFIG, EXIT_USAGE
-from distributex.client.runner import Runner, Settings, min_ttl_for_grace
+from distributex.client.grace import min_ttl_for_grace
+from distributex.client.runner import Runner, Settings
 from distributex.client.sync import default_host_id
 
 DEFAULT_TTL = 60.0

@@ -1,12 +1,17 @@
 """The blocking client's renewal thread: :class:`LeaseKeeper`, a driver of
-:class:`~distributex.client.schedule.Renewal`."""
+:class:`~distributex.client.schedule.Renewal`.
+
+The keeper asks of its client only what :class:`Renewer` names, so it does not
+import the blocking client (which imports the keeper): the client package's
+modules import one way.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from distributex.client import core, schedule
 from distributex.client.blocking import CancelToken
@@ -14,10 +19,27 @@ from distributex.client.core import Lease
 from distributex.client.errors import Cancelled, LockLost, LockRefused, ServerUnavailable
 from distributex.client.schedule import Renew, Renewal, Sleep
 
-if TYPE_CHECKING:
-    from distributex.client.sync import Client
-
 log = logging.getLogger("distributex.client")
+
+
+class Renewer(Protocol):
+    """What a :class:`LeaseKeeper` needs of a client (a blocking ``Client`` is one)."""
+
+    @property
+    def timeout(self) -> float:
+        """Seconds one request may take; the renewal schedule budgets with it."""
+        ...
+
+    def renew(
+        self,
+        lease: Lease,
+        ttl: float | None = None,
+        timeout: float | None = None,
+        cancel: CancelToken | None = None,
+    ) -> None:
+        """Restart the lease's TTL; raises LockLost, LockRefused, ServerUnavailable
+        or Cancelled as the blocking client does."""
+        ...
 
 
 class LeaseKeeper:
@@ -34,7 +56,7 @@ class LeaseKeeper:
 
     def __init__(
         self,
-        client: Client,
+        client: Renewer,
         lease: Lease,
         ttl: float | None = None,
         on_lost: Callable[[Lease], object] | None = None,
