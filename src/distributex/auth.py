@@ -297,10 +297,11 @@ class Security:
         self.forced_releases = 0
         # Parked /wait/ and /status/events of token identities, ended if a reload
         # removes or changes the token.
-        self.parked: dict[str, dict[asyncio.Task[object], Call | web.Request]] = {}
+        # (Each is known by what ends it as a hang-up does.)
+        self.parked: dict[str, dict[Callable[[], object], Call | web.Request]] = {}
 
     def tracked(self, request: Call | web.Request) -> AbstractContextManager[None]:
-        """Know the request's task for the block, if a token proved its identity."""
+        """Know how to end the request during the block, if a token proved its identity."""
         identity = request.get(IDENTITY_KEY)
         if identity is None or not identity.via.startswith("token"):
             return _UNTRACKED
@@ -308,16 +309,21 @@ class Security:
 
     @contextmanager
     def _tracking(self, request: Call | web.Request, name: str) -> Iterator[None]:
-        task = asyncio.current_task()
-        if task is None:
+        cancel: Callable[[], object] | None
+        if isinstance(request, Call):
+            cancel = request.cancel
+        else:
+            task = asyncio.current_task()
+            cancel = task.cancel if task is not None else None
+        if cancel is None:
             yield
             return
         mine = self.parked.setdefault(name, {})
-        mine[task] = request
+        mine[cancel] = request
         try:
             yield
         finally:
-            mine.pop(task, None)
+            mine.pop(cancel, None)
             if not mine:
                 self.parked.pop(name, None)
 
@@ -325,9 +331,9 @@ class Security:
         """End the parked requests of these identities (as a hang-up); how many."""
         ended = 0
         for name in names:
-            for task, request in list(self.parked.get(name, {}).items()):
+            for cancel, request in list(self.parked.get(name, {}).items()):
                 request[REVOKED_KEY] = f"the token of '{name}' was removed or changed by a reload"
-                task.cancel()
+                cancel()
                 ended += 1
         return ended
 

@@ -10,7 +10,7 @@ every other page and a verb on a connection it took over
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 VERBS = ("get", "wait", "release", "renew")
@@ -27,6 +27,7 @@ class Call(dict[str, Any]):
 
     __slots__ = (
         "body_length",
+        "cancel",
         "headers",
         "method",
         "path",
@@ -46,6 +47,7 @@ class Call(dict[str, Any]):
         peer: str | None,
         reserved: bool = False,
         body_length: int | None = 0,
+        cancel: Callable[[], object] | None = None,
     ) -> None:
         super().__init__()
         self.method = method
@@ -56,6 +58,9 @@ class Call(dict[str, Any]):
         self.peer = peer  # the client's address, None if unknown
         self.reserved = reserved  # on a place beyond the connection cap (fairness)
         self.body_length = body_length  # 0: none; None: a body of unknown length (chunked)
+        # Ends the request as a hang-up does (a reload revoking its token): the
+        # lean protocol may start serving a request before it has a task.
+        self.cancel = cancel
 
 
 class Answer:

@@ -30,6 +30,8 @@ import asyncio
 import email.utils
 import logging
 import time
+import types
+from collections.abc import Coroutine, Generator
 from http import HTTPStatus
 from typing import Any
 
@@ -39,6 +41,7 @@ from aiohttp.http import SERVER_SOFTWARE
 
 from distributex import verbs
 from distributex.call import VERB_PATHS, Answer, Call
+from distributex.lanework import Deadlines, Outbox
 
 log = logging.getLogger("distributex")
 
@@ -46,8 +49,6 @@ _HEAD_END = b"\r\n\r\n"
 _PHRASES = {status.value: status.phrase for status in HTTPStatus}
 # Bytes read ahead of the request being answered before reading pauses.
 _READ_AHEAD = 65536
-# How often deadlines are checked (seconds): a head or idle deadline is kept to within this.
-SWEEP = 0.25
 # The headers a verb reads (authentication, the 0.7 client's rewrite, keep-alive):
 # a parked request keeps only these.
 _READ = frozenset((b"authorization", b"user-agent", b"connection"))
@@ -125,16 +126,20 @@ class LeanConnection(asyncio.Protocol):
     __slots__ = (
         "_buffer",
         "_busy",
+        "_cancel_busy",
         "_closing",
         "_connections",
         "_deadline",
         "_deadlines",
         "_hand_over",
         "_idle_timeout",
+        "_in_step",
         "_loop",
         "_max_head",
         "_max_headers",
+        "_outbox",
         "_paused",
+        "_reading",
         "_reading_head",
         "app",
         "making",
@@ -152,11 +157,16 @@ class LeanConnection(asyncio.Protocol):
         peer: str,
         hand_over: Any,  # the aiohttp protocol that takes this connection over
         deadlines: Deadlines,
+        outbox: Outbox,
         max_head: int,
         max_headers: int,
         idle_timeout: float,
+        in_step: bool = False,
     ) -> None:
         self.app = app
+        # Serve a request in the step that read it (the backend's answers_in_step).
+        self._in_step = in_step
+        self._cancel_busy = self._cancel  # made once: every Call of the connection holds it
         self.peer = peer
         self.pending = True  # until made: the TLS handshake runs
         self.streaming = False  # never: status streams are aiohttp's
@@ -176,6 +186,8 @@ class LeanConnection(asyncio.Protocol):
         # to begin; None while a request is answered (see Deadlines).
         self._deadline: float | None = None
         self._deadlines = deadlines
+        self._outbox = outbox
+        self._reading = False  # in data_received: answers go to the outbox
         self._reading_head = False  # the deadline is the head's (else the idle one's)
         self._loop = asyncio.get_running_loop()
 
@@ -189,7 +201,7 @@ class LeanConnection(asyncio.Protocol):
         if self.pending and self.making is not None:
             self.making.cancel()
         elif self.transport is not None:
-            self.transport.close()
+            self._close()
 
     def busy(self) -> asyncio.Task[None] | None:
         return self._busy
@@ -198,7 +210,7 @@ class LeanConnection(asyncio.Protocol):
         """A graceful stop: close now if idle, else once the answer in progress is out."""
         self._closing = True
         if self._busy is None and self.transport is not None:
-            self.transport.close()
+            self._close()
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -223,29 +235,72 @@ class LeanConnection(asyncio.Protocol):
             return
         if not self._reading_head:  # a kept-alive connection began its next head
             self._expect_head()
-        self._next()
+        self._reading = True
+        try:
+            self._next()
+        finally:
+            self._reading = False
 
     # -- serving -----------------------------------------------------------------------------
 
     def _next(self) -> None:
-        """Serve the next complete head in the buffer, or hand the connection over."""
-        buffer = self._buffer
-        end = buffer.find(_HEAD_END)
-        if end < 0:
-            if len(buffer) > self._max_head or b"\n\n" in buffer or not _may_be_plain(buffer):
-                self._hand_off()  # too long, a bare LF, not a verb (a TLS hello): aiohttp's
+        """Serve the complete heads in the buffer in turn, or hand the connection over.
+
+        A request the backend answers in this step (``answers_in_step``) is
+        answered here, with no task; one that parks carries on in a task.
+        """
+        while True:
+            buffer = self._buffer
+            end = buffer.find(_HEAD_END)
+            if end < 0:
+                if len(buffer) > self._max_head or b"\n\n" in buffer or not _may_be_plain(buffer):
+                    self._hand_off()  # too long, a bare LF, not a verb (a TLS hello): aiohttp's
+                return
+            found = self._read(buffer[: end + 4])
+            if found is None:
+                self._hand_off()
+                return
+            verb, call, keep_alive = found
+            self._buffer = buffer[end + 4 :]
+            self._deadline = None
+            self._deadlines.forget(self)
+            self._reading_head = False
+            serving = self._serve(verb, call, keep_alive)
+            if not self._in_step:
+                self._busy = self._loop.create_task(self._go_on(serving, None))
+                return
+            try:
+                waits_for = serving.send(None)
+            except StopIteration as answered:
+                if answered.value:
+                    continue  # the next head is in the buffer
+                return
+            self._busy = self._loop.create_task(self._go_on(serving, waits_for))
             return
-        head = buffer[: end + 4]
-        found = self._read(head)
-        if found is None:
-            self._hand_off()
-            return
-        verb, call, keep_alive = found
-        self._buffer = buffer[end + 4 :]
-        self._deadline = None
-        self._deadlines.forget(self)
-        self._reading_head = False
-        self._busy = self._loop.create_task(self._serve(verb, call, keep_alive))
+
+    @types.coroutine
+    def _go_on(
+        self, serving: Coroutine[Any, Any, bool], waits_for: Any
+    ) -> Generator[Any, Any, None]:
+        """The task that carries ``serving`` on from its wait for ``waits_for``
+        (None: from its start), as if it had run in the task all along, then
+        serves what was pipelined behind it."""
+        try:
+            if waits_for is None:
+                waits_for = serving.send(None)
+            while True:
+                try:
+                    sent = yield waits_for
+                except GeneratorExit:
+                    serving.close()
+                    raise
+                except BaseException as exc:  # a cancel: hang-up, stop, revocation
+                    waits_for = serving.throw(exc)
+                else:
+                    waits_for = serving.send(sent)
+        except StopIteration as answered:
+            if answered.value:
+                self._next()
 
     def _read(self, head: bytes) -> tuple[str, Call, bool] | None:
         """The verb, call and keep-alive of a plain verb request; None for anything else."""
@@ -275,12 +330,14 @@ class LeanConnection(asyncio.Protocol):
             self.transport,
             self.peer,
             self.reserved,
+            cancel=self._cancel_busy,
         )
         tokens = found.headers.get("connection", "").lower().split(",")
         keep_alive = "close" not in (token.strip() for token in tokens)
         return verb, call, keep_alive
 
-    async def _serve(self, verb: str, call: Call, keep_alive: bool) -> None:
+    async def _serve(self, verb: str, call: Call, keep_alive: bool) -> bool:
+        """Answer ``call``; whether a head pipelined behind it is to be served next."""
         try:
             answer = await verbs.serve(self.app, verb, call)
         except Exception:
@@ -288,27 +345,42 @@ class LeanConnection(asyncio.Protocol):
             answer = Answer("ERROR", 500, close=True)
         transport = self.transport
         if transport is None:
-            return  # the client went away
+            return False  # the client went away
         keep_alive = keep_alive and not (answer.close or self._closing or self.reserved)
-        transport.write(encode(answer, keep_alive))
         self._busy = None
         if not keep_alive:
             if self.reserved:
                 self._connections.forget(self)  # its one answer is out: the place is free
+            self._outbox.flush()
+            transport.write(encode(answer, keep_alive))
             transport.close()
-            return
+            return False
+        if self._reading:  # answered in the step that read it: written with the others
+            self._outbox.send(transport, encode(answer, keep_alive))
+        else:
+            transport.write(encode(answer, keep_alive))
         if self._paused:
             self._paused = False
             transport.resume_reading()
         if self._buffer:
             self._expect_head()
-            self._next()
-        else:
-            self._set_deadline(self._idle_timeout)
+            return True
+        self._set_deadline(self._idle_timeout)
+        return False
+
+    def _close(self) -> None:
+        self._outbox.flush()  # an answer made this loop turn is not lost
+        self.transport.close()
+
+    def _cancel(self) -> None:
+        """End the request being answered, as a hang-up does (a revoked token)."""
+        if self._busy is not None:
+            self._busy.cancel()
 
     def _hand_off(self) -> None:
         """Give the connection, and every byte not yet served, to aiohttp."""
         self._deadlines.forget(self)
+        self._outbox.flush()  # answers already made go first
         transport, data = self.transport, self._buffer
         self._buffer = b""
         protocol = self._hand_over(self)
@@ -336,41 +408,5 @@ class LeanConnection(asyncio.Protocol):
             return False
         if self._busy is None and self.transport is not None:
             self._connections.forget(self)
-            self.transport.close()
+            self._close()
         return True
-
-
-class Deadlines:
-    """The lean connections waiting for a head, checked by one timer every :data:`SWEEP`.
-
-    Setting a deadline is a float and a dict entry, not a timer armed and
-    cancelled on every request; a connection whose request is being answered
-    (a parked ``/wait/``) is not in the table at all. A deadline is kept to
-    within :data:`SWEEP` seconds.
-    """
-
-    def __init__(self) -> None:
-        self._waiting: dict[LeanConnection, None] = {}
-        self._timer: asyncio.TimerHandle | None = None
-
-    def watch(self, conn: LeanConnection) -> None:
-        self._waiting[conn] = None
-        if self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(SWEEP, self._sweep)
-
-    def forget(self, conn: LeanConnection) -> None:
-        self._waiting.pop(conn, None)
-
-    def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _sweep(self) -> None:
-        self._timer = None
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        for conn in [c for c in self._waiting if c.deadline_passed(now)]:
-            del self._waiting[conn]
-        if self._waiting:
-            self._timer = loop.call_later(SWEEP, self._sweep)

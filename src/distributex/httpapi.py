@@ -53,6 +53,7 @@ connection aiohttp took over (a request the lean protocol leaves to it).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -67,7 +68,8 @@ from distributex.refusal import refused, web_response
 
 
 def call_of(request: web.Request) -> Call:
-    """The :class:`Call` an aiohttp request makes."""
+    """The :class:`Call` an aiohttp request makes (in the task that serves it)."""
+    task = asyncio.current_task()
     return Call(
         request.method,
         request.path,
@@ -77,6 +79,7 @@ def call_of(request: web.Request) -> Call:
         request.remote,
         reserved=getattr(request.protocol, "reserved", False),
         body_length=request.content_length if request.body_exists else 0,
+        cancel=task.cancel if task is not None else None,
     )
 
 

@@ -34,9 +34,10 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from distributex.appkeys import CONFIG_KEY
+from distributex.appkeys import BACKEND_KEY, CONFIG_KEY
 from distributex.fairness import ConnectionTable
-from distributex.fastlane import Deadlines, LeanConnection
+from distributex.fastlane import LeanConnection
+from distributex.lanework import Deadlines, Outbox
 from distributex.tls import TLSHolder
 
 log = logging.getLogger("distributex")
@@ -265,6 +266,7 @@ class Site(web.BaseSite):
         self._app = lean
         self._grace = grace  # how long a stop waits for answers being made
         self._deadlines = Deadlines()
+        self._outbox = Outbox()
         self._host = host
         self._port = port
         self._connections = connections
@@ -328,9 +330,11 @@ class Site(web.BaseSite):
             peer,
             self._hand_over,
             self._deadlines,
+            self._outbox,
             max_head=config.max_header_size,
             max_headers=config.max_headers,
             idle_timeout=config.idle_timeout,
+            in_step=app[BACKEND_KEY].answers_in_step,
         )
         protocol.reserved = reserved
         return protocol

@@ -27,6 +27,10 @@ class LockBackend(abc.ABC):
     """
 
     events: Events = NULL_EVENTS
+    # True: the calls await nothing but a parked wait's wake-up (no store I/O,
+    # no asyncio.timeout), so a request may be served in the loop step that
+    # read it, outside any task until it parks (distributex.fastlane).
+    answers_in_step: bool = False
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Connect to whatever the backend needs."""

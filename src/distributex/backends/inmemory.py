@@ -29,11 +29,14 @@ from distributex.status import PoolStatus, pool_status
 class InMemoryBackend(LockBackend):
     """Lock state in this process, served from one event loop."""
 
+    answers_in_step = True
+
     def __init__(self, engine: LockEngine | None = None, start_delay: float = 0.0) -> None:
         self.engine = engine or LockEngine(first_fence=time.time_ns() // 1000)
         self.start_delay = start_delay
         self._resume_timer: asyncio.TimerHandle | None = None
-        self._wakeups: dict[Waiter, asyncio.Future[None]] = {}
+        # Parked waiters' wake-ups: True granted, False timed out.
+        self._wakeups: dict[Waiter, asyncio.Future[bool]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._closed = False
@@ -101,28 +104,28 @@ class InMemoryBackend(LockBackend):
         engine = self.engine
         waiter = engine.enqueue(spec, owner, self.now(), ttl, mode=mode)
         self._reschedule()
-        try:
-            if waiter.lease is None:
-                self.events.queued()
-                wakeup = self.loop.create_future()
-                self._wakeups[waiter] = wakeup
-                try:
-                    if timeout is None:
-                        await wakeup
-                    else:
-                        async with asyncio.timeout(timeout):
-                            await wakeup
-                finally:
-                    self._wakeups.pop(waiter, None)
-        except TimeoutError:
-            # A grant that raced the timeout is undone and passed on.
-            self._wake(engine.cancel(waiter, self.now()))
-            return None
-        except BaseException:
-            # Hung up or shutting down: leave the queue the same way.
-            self._wake(engine.cancel(waiter, self.now()))
+        if waiter.lease is None:
             self.events.queued()
-            raise
+            wakeup = self.loop.create_future()
+            self._wakeups[waiter] = wakeup
+            # A timer, not asyncio.timeout(): the request may not have a task
+            # yet (the lean protocol serves it in the step that read it).
+            timer = None if timeout is None else self.loop.call_later(timeout, _time_out, wakeup)
+            try:
+                granted = await wakeup
+            except BaseException:
+                # Hung up or shutting down: leave the queue the same way.
+                self._wake(engine.cancel(waiter, self.now()))
+                self.events.queued()
+                raise
+            finally:
+                self._wakeups.pop(waiter, None)
+                if timer is not None:
+                    timer.cancel()
+            if not granted:
+                # A grant that raced the timeout is undone and passed on.
+                self._wake(engine.cancel(waiter, self.now()))
+                return None
         if not still_wanted():
             self._wake(engine.cancel(waiter, self.now()))
             return None
@@ -181,7 +184,7 @@ class InMemoryBackend(LockBackend):
         for waiter in granted:
             future = self._wakeups.get(waiter)
             if future is not None and not future.done():
-                future.set_result(None)
+                future.set_result(True)
         self._reschedule()
 
     def _reschedule(self) -> None:
@@ -202,3 +205,8 @@ class InMemoryBackend(LockBackend):
 
     def _expired(self, lease: Lease) -> None:
         self.events.expired(lease.pool, lease.owner, lease.fence)
+
+
+def _time_out(wakeup: asyncio.Future[bool]) -> None:
+    if not wakeup.done():
+        wakeup.set_result(False)
