@@ -42,6 +42,7 @@ from aiohttp.http import SERVER_SOFTWARE
 from distributex import verbs
 from distributex.call import VERB_PATHS, Answer, Call
 from distributex.lanework import Deadlines, Outbox
+from distributex.parking import ParkedRequest, parks_on
 
 log = logging.getLogger("distributex")
 
@@ -179,7 +180,8 @@ class LeanConnection(asyncio.Protocol):
         self._max_headers = max_headers
         self._idle_timeout = idle_timeout
         self._buffer = b""
-        self._busy: asyncio.Task[None] | None = None  # the request being answered
+        # The request being answered, if it waits (parked, or on a store).
+        self._busy: asyncio.Task[None] | ParkedRequest | None = None
         self._paused = False
         self._closing = False  # answer the request in progress, then close
         # One deadline at a time: for the head being read, or for the next one
@@ -203,8 +205,10 @@ class LeanConnection(asyncio.Protocol):
         elif self.transport is not None:
             self._close()
 
-    def busy(self) -> asyncio.Task[None] | None:
-        return self._busy
+    def busy(self) -> asyncio.Future[Any] | None:
+        """Done when the request being answered is (None: none is)."""
+        busy = self._busy
+        return busy.done() if isinstance(busy, ParkedRequest) else busy
 
     def close_when_answered(self) -> None:
         """A graceful stop: close now if idle, else once the answer in progress is out."""
@@ -267,7 +271,7 @@ class LeanConnection(asyncio.Protocol):
             self._reading_head = False
             serving = self._serve(verb, call, keep_alive)
             if not self._in_step:
-                self._busy = self._loop.create_task(self._go_on(serving, None))
+                self._to_task(serving, None)
                 return
             try:
                 waits_for = serving.send(None)
@@ -275,8 +279,18 @@ class LeanConnection(asyncio.Protocol):
                 if answered.value:
                     continue  # the next head is in the buffer
                 return
-            self._busy = self._loop.create_task(self._go_on(serving, waits_for))
+            if parks_on(waits_for):
+                self._busy = ParkedRequest(serving, waits_for, self._parked_done, self._to_task)
+            else:
+                self._to_task(serving, waits_for)
             return
+
+    def _to_task(self, serving: Coroutine[Any, Any, bool], waits_for: Any) -> None:
+        self._busy = self._loop.create_task(self._go_on(serving, waits_for))
+
+    def _parked_done(self, more: bool) -> None:
+        if more:
+            self._next()
 
     @types.coroutine
     def _go_on(

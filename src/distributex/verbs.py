@@ -224,10 +224,11 @@ async def _wait(
             lease = await backend.wait(spec, host, ttl, timeout, connected, mode or EXCLUSIVE)
     except asyncio.CancelledError:
         revoked = call.get(auth.REVOKED_KEY)
-        task = asyncio.current_task()
-        if revoked is None or task is None:
+        if revoked is None:
             raise  # a hang-up or a stop
-        task.uncancel()  # left the queue as a hang-up does; the client is told why
+        task = asyncio.current_task()  # (none for a request parked without one: fastlane)
+        if task is not None:
+            task.uncancel()  # left the queue as a hang-up does; the client is told why
         raise Refused(403, revoked) from None
     finally:
         security.waiters.leave(spec.name, host)

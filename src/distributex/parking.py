@@ -1,0 +1,103 @@
+"""A parked request carried on by the future it waits for, without a task.
+
+A fleet parks thousands of ``/wait/`` requests on one server. As asyncio
+tasks each would cost a task object (about 0.9 KB with its place in
+asyncio's task registry) and two loop turns more per hand-off: one for the
+task's first step, one for its wake-up. On a backend that answers in the
+step that read the request (``answers_in_step``: in memory), a request can
+only wait for its wake-up future, so the lean protocol drives its coroutine
+itself: the future's done-callback sends the result in (or throws the
+exception), as a task would.
+
+What differs from a task: ``asyncio.current_task()`` is None while it runs,
+so nothing on this path may need one (``asyncio.timeout`` does: the
+in-memory backend times out with a timer instead). Cancelling cancels the
+future waited for, so the coroutine sees ``CancelledError`` where it waits,
+as under ``Task.cancel()``. A coroutine that waits for anything but a
+future is handed to a task from there on (``to_task``): correct, only not
+as cheap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+log = logging.getLogger("distributex")
+
+
+class ParkedRequest:
+    """``serving`` waiting for ``waits_for``; ``then(result)`` once it returns."""
+
+    __slots__ = ("_done", "_serving", "_then", "_to_task", "_waits_for")
+
+    def __init__(
+        self,
+        serving: Coroutine[Any, Any, bool],
+        waits_for: asyncio.Future[Any],
+        then: Callable[[bool], None],
+        to_task: Callable[[Coroutine[Any, Any, bool], Any], None],
+    ) -> None:
+        self._serving = serving
+        self._then = then
+        self._to_task = to_task
+        self._done: asyncio.Future[None] | None = None
+        self._waits_for: asyncio.Future[Any] | None = None
+        self._wait_for(waits_for)
+
+    def cancel(self) -> None:
+        """End it as ``Task.cancel()`` would: the wait raises CancelledError."""
+        if self._waits_for is not None:
+            self._waits_for.cancel()
+
+    def done(self) -> asyncio.Future[None]:
+        """A future that is done when the request is (made on demand: a graceful stop)."""
+        if self._done is None:
+            self._done = asyncio.get_running_loop().create_future()
+        return self._done
+
+    def _wait_for(self, future: asyncio.Future[Any]) -> None:
+        future._asyncio_future_blocking = False  # taken, as a task takes it
+        self._waits_for = future
+        future.add_done_callback(self._resume)
+
+    def _resume(self, future: asyncio.Future[Any]) -> None:
+        self._waits_for = None
+        serving = self._serving
+        try:
+            try:
+                value = future.result()
+            except BaseException as exc:  # thrown in where it waits, as a task does
+                step = serving.throw(exc)
+            else:
+                step = serving.send(value)
+        except StopIteration as answered:
+            self._finish(bool(answered.value))
+            return
+        except asyncio.CancelledError:  # a hang-up or a stop: nobody to answer
+            self._finish(False)
+            return
+        except Exception:
+            log.exception("error serving a parked request")
+            self._finish(False)
+            return
+        if parks_on(step):
+            self._wait_for(step)
+        else:
+            self._to_task(serving, step)  # (a graceful stop waited for this part only)
+            self._finish_quietly()
+
+    def _finish(self, more: bool) -> None:
+        self._finish_quietly()
+        self._then(more)
+
+    def _finish_quietly(self) -> None:
+        if self._done is not None and not self._done.done():
+            self._done.set_result(None)
+
+
+def parks_on(step: Any) -> bool:
+    """Whether a coroutine's step waits for a future (what a :class:`ParkedRequest` drives)."""
+    return asyncio.isfuture(step) and bool(getattr(step, "_asyncio_future_blocking", False))
