@@ -11,6 +11,12 @@ anew for each, those lines cost about a third of a hand-off on a busy mutex
   made; lines made elsewhere (start-up, a worker thread) first write what
   waits, then themselves, at once. Logging shuts down (at exit, also after
   an exception) by writing what waits.
+* the lock events' lines are written at most every :data:`EVENTS_EVERY`
+  seconds: on a busy mutex a turn holds one hand-off, and a ``write()`` per
+  turn cost a fifth of it (bench/README.md, "Answers in the step that read
+  them"). A line waits at most that long; on a quiet server it is written
+  at the end of its turn; any other line writes what waits with it. A
+  server killed with SIGKILL loses at most that much of its event lines.
 * the date and time of a line are formatted once per second, the
   milliseconds added per line: the text is what ``logging.Formatter`` makes.
 * the lock events' lines (:mod:`distributex.events`) skip the ``LogRecord``
@@ -24,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, TextIO
@@ -34,6 +41,8 @@ LINE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 EVENTS_LOGGER = "distributex.events"
 # Lines of one loop turn written at once at most (a turn that logs more writes more often).
 BATCH = 256
+# The lock events' lines are written at most this often (seconds; see above).
+EVENTS_EVERY = 0.02
 
 
 class LineFormatter(logging.Formatter):
@@ -62,6 +71,12 @@ class BatchedHandler(logging.StreamHandler[TextIO]):
     def __init__(self, stream: TextIO | None = None) -> None:
         super().__init__(stream)
         self._lines: list[str] = []
+        self._soon = False  # a write at the end of this loop turn is due
+        self._later: asyncio.TimerHandle | None = None  # a write of event lines is due
+        self._written = 0.0  # when lines were last written (time.monotonic())
+        # The loop of the thread that last logged from one (get_running_loop costs a syscall).
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = 0
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -71,18 +86,34 @@ class BatchedHandler(logging.StreamHandler[TextIO]):
             return
         self._add(line)
 
-    def _add(self, line: str) -> None:
+    def _running_loop(self) -> asyncio.AbstractEventLoop | None:
+        loop, thread = self._loop, threading.get_ident()
+        if loop is not None and thread == self._thread and loop.is_running():
+            return loop
         try:
             loop = asyncio.get_running_loop()
-        except RuntimeError:  # no loop runs in this thread: what waits, then this, now
+        except RuntimeError:
+            return None
+        self._loop, self._thread = loop, thread
+        return loop
+
+    def _add(self, line: str, event: bool = False) -> None:
+        loop = self._running_loop()
+        if loop is None:  # no loop runs in this thread: what waits, then this, now
             waiting, self._lines = self._lines, []
             self._write("".join(waiting) + line)
             return
-        if not self._lines:
-            loop.call_soon(self.flush)
         self._lines.append(line)
         if len(self._lines) >= BATCH:
             self.flush()
+        elif self._soon:
+            pass
+        elif event and (wait := self._written + EVENTS_EVERY - time.monotonic()) > 0:
+            if self._later is None:
+                self._later = loop.call_later(wait, self.flush)
+        else:
+            self._soon = True
+            loop.call_soon(self.flush)
 
     def event_line(self, event: str, fields: dict[str, Any]) -> None:
         """An INFO line of ``distributex.events``, as its ``LogRecord`` would be written."""
@@ -92,7 +123,7 @@ class BatchedHandler(logging.StreamHandler[TextIO]):
         formatter = self.formatter
         if isinstance(formatter, LineFormatter):
             stamp = formatter.stamp(now, msecs)
-            self._add(f"{stamp} INFO {EVENTS_LOGGER}: {message}{self.terminator}")
+            self._add(f"{stamp} INFO {EVENTS_LOGGER}: {message}{self.terminator}", event=True)
             return
         entry = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{msecs:03d}Z",
@@ -105,13 +136,19 @@ class BatchedHandler(logging.StreamHandler[TextIO]):
             value = fields.get(key)
             if value is not None:
                 entry[key] = value
-        self._add(json.dumps(entry, ensure_ascii=False, default=str) + self.terminator)
+        self._add(json.dumps(entry, ensure_ascii=False, default=str) + self.terminator, event=True)
 
     def flush(self) -> None:
         self.acquire()
         try:
+            self._soon = False
+            if self._later is not None:
+                self._later.cancel()
+                self._later = None
             lines, self._lines = self._lines, []
-            self._write("".join(lines))
+            if lines:
+                self._write("".join(lines))
+                self._written = time.monotonic()
         finally:
             self.release()
 

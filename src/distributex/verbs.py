@@ -16,6 +16,7 @@ What a verb request goes through, in order, whichever HTTP server read it
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -214,8 +215,7 @@ async def _wait(
         revoked = auth.REVOKED_KEY in call
         return transport is not None and not transport.is_closing() and not revoked
 
-    loop = asyncio.get_running_loop()
-    started = loop.time()
+    started = time.monotonic()
     config = app[CONFIG_KEY]
     security = app[auth.SECURITY_KEY]
     security.waiters.enter(config, spec.name, host)
@@ -235,11 +235,11 @@ async def _wait(
     events = app[EVENTS_KEY]
     if lease is None:
         if connected():
-            events.timed_out(spec.name, host, loop.time() - started)
+            events.timed_out(spec.name, host, time.monotonic() - started)
         else:
             events.queued()  # hung up: it left the queue
         return Answer("NO")
-    events.granted(spec.name, host, lease.fence, loop.time() - started)
+    events.granted(spec.name, host, lease.fence, time.monotonic() - started)
     return Answer("YES", headers=_lease_headers(lease, mode))
 
 
