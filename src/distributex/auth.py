@@ -56,7 +56,7 @@ from urllib.parse import unquote
 from aiohttp import web
 from aiohttp.web_log import AccessLogger
 
-from distributex.call import VERB_PATHS, Answer, Call
+from distributex.call import REVOKED_KEY, VERB_PATHS, Answer, Call
 from distributex.config import Config
 from distributex.identity import Identity
 from distributex.limits import MAX_NAME, check_body
@@ -67,7 +67,6 @@ audit_log = logging.getLogger("distributex.audit")
 log = logging.getLogger("distributex.auth")
 
 IDENTITY_KEY = "distributex.identity"
-REVOKED_KEY = "distributex.revoked"  # why a reload ended this parked request
 HOST_KEY = "distributex.host"
 POOL_KEY = "distributex.pool"
 FORCED_KEY = "distributex.forced"

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 VERBS = ("get", "wait", "release", "renew")
+REVOKED_KEY = "distributex.revoked"  # why a reload ended this parked request
 # The paths the lock verbs answer on, each with the verb it names.
 VERB_PATHS = {path: verb for verb in VERBS for path in (f"/{verb}", f"/{verb}/")}
 
@@ -61,6 +62,11 @@ class Call(dict[str, Any]):
         # Ends the request as a hang-up does (a reload revoking its token): the
         # lean protocol may start serving a request before it has a task.
         self.cancel = cancel
+
+    def still_wanted(self) -> bool:
+        """Whether the client still waits for the answer (no hang-up, no revoked token)."""
+        transport = self.transport
+        return transport is not None and not transport.is_closing() and REVOKED_KEY not in self
 
 
 class Answer:

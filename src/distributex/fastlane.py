@@ -30,8 +30,6 @@ import asyncio
 import email.utils
 import logging
 import time
-import types
-from collections.abc import Coroutine, Generator
 from http import HTTPStatus
 from typing import Any
 
@@ -42,7 +40,7 @@ from aiohttp.http import SERVER_SOFTWARE
 from distributex import verbs
 from distributex.call import VERB_PATHS, Answer, Call
 from distributex.lanework import Deadlines, Outbox
-from distributex.parking import ParkedRequest, parks_on
+from distributex.parking import ParkedRequest, Serving, carried_on, parks_on
 
 log = logging.getLogger("distributex")
 
@@ -86,6 +84,7 @@ def encode(answer: Answer, keep_alive: bool) -> bytes:
 
 
 _PLAIN_STARTS = (b"GET /", b"POST /")
+_PATHS = {path.encode(): path for path in VERB_PATHS}
 
 
 def _may_be_plain(buffer: bytes) -> bool:
@@ -269,52 +268,34 @@ class LeanConnection(asyncio.Protocol):
             self._deadline = None
             self._deadlines.forget(self)
             self._reading_head = False
-            serving = self._serve(verb, call, keep_alive)
             if not self._in_step:
-                self._to_task(serving, None)
+                self._busy = self._loop.create_task(self._serve(verb, call, keep_alive))
                 return
+            serving = verbs.serve(self.app, verb, call)
             try:
                 waits_for = serving.send(None)
             except StopIteration as answered:
-                if answered.value:
+                if self._send(answered.value, keep_alive):
                     continue  # the next head is in the buffer
                 return
+            except Exception:
+                log.exception("error serving %s", verb)
+                self._send(Answer("ERROR", 500, close=True), keep_alive)
+                return
             if parks_on(waits_for):
-                self._busy = ParkedRequest(serving, waits_for, self._parked_done, self._to_task)
+                self._busy = ParkedRequest(serving, waits_for, self, keep_alive)
             else:
-                self._to_task(serving, waits_for)
+                self.carry_on(serving, waits_for, keep_alive)
             return
 
-    def _to_task(self, serving: Coroutine[Any, Any, bool], waits_for: Any) -> None:
-        self._busy = self._loop.create_task(self._go_on(serving, waits_for))
+    # -- what a parked request asks (distributex.parking) ----------------------------------
 
-    def _parked_done(self, more: bool) -> None:
-        if more:
+    def answer(self, answer: Answer, keep_alive: bool) -> None:
+        if self._send(answer, keep_alive):
             self._next()
 
-    @types.coroutine
-    def _go_on(
-        self, serving: Coroutine[Any, Any, bool], waits_for: Any
-    ) -> Generator[Any, Any, None]:
-        """The task that carries ``serving`` on from its wait for ``waits_for``
-        (None: from its start), as if it had run in the task all along, then
-        serves what was pipelined behind it."""
-        try:
-            if waits_for is None:
-                waits_for = serving.send(None)
-            while True:
-                try:
-                    sent = yield waits_for
-                except GeneratorExit:
-                    serving.close()
-                    raise
-                except BaseException as exc:  # a cancel: hang-up, stop, revocation
-                    waits_for = serving.throw(exc)
-                else:
-                    waits_for = serving.send(sent)
-        except StopIteration as answered:
-            if answered.value:
-                self._next()
+    def carry_on(self, serving: Serving, waits_for: Any, keep_alive: bool) -> None:
+        self._busy = self._loop.create_task(self._serve(None, serving, keep_alive, waits_for))
 
     def _read(self, head: bytes) -> tuple[str, Call, bool] | None:
         """The verb, call and keep-alive of a plain verb request; None for anything else."""
@@ -332,13 +313,14 @@ class LeanConnection(asyncio.Protocol):
         if method not in (b"GET", b"POST") or parser.get_http_version() != "1.1":
             return None
         url = found.url
-        path, _, query = url.partition(b"?")
-        verb = VERB_PATHS.get(path.decode("latin-1"))
-        if verb is None or b"#" in query or not url.isascii():
+        raw_path, _, query = url.partition(b"?")
+        path = _PATHS.get(raw_path)
+        if path is None or b"#" in query or not url.isascii():
             return None
+        verb = VERB_PATHS[path]
         call = Call(
-            method.decode(),
-            path.decode(),
+            "GET" if method == b"GET" else "POST",  # (shared strings: a parked request keeps them)
+            path,
             query.decode(),
             found.headers,
             self.transport,
@@ -350,13 +332,25 @@ class LeanConnection(asyncio.Protocol):
         keep_alive = "close" not in (token.strip() for token in tokens)
         return verb, call, keep_alive
 
-    async def _serve(self, verb: str, call: Call, keep_alive: bool) -> bool:
-        """Answer ``call``; whether a head pipelined behind it is to be served next."""
+    async def _serve(
+        self, verb: str | None, call: Call | Serving, keep_alive: bool, waits_for: Any = None
+    ) -> None:
+        """Answer in a task: ``call`` (a ``verb``) from the start, or a request
+        begun in a step (``serving``, waiting for ``waits_for``) from there."""
         try:
-            answer = await verbs.serve(self.app, verb, call)
+            if isinstance(call, Call):
+                assert verb is not None
+                answer = await verbs.serve(self.app, verb, call)
+            else:
+                answer = await carried_on(call, waits_for)
         except Exception:
-            log.exception("error serving %s", verb)
+            log.exception("error serving %s", verb or "a request")
             answer = Answer("ERROR", 500, close=True)
+        if self._send(answer, keep_alive):
+            self._next()
+
+    def _send(self, answer: Answer, keep_alive: bool) -> bool:
+        """Write ``answer``; whether a head pipelined behind it is to be served next."""
         transport = self.transport
         if transport is None:
             return False  # the client went away

@@ -22,27 +22,38 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine
-from typing import Any
+import types
+from collections.abc import Coroutine, Generator
+from typing import Any, Protocol
+
+from distributex.call import Answer
 
 log = logging.getLogger("distributex")
 
+Serving = Coroutine[Any, Any, Answer]  # distributex.verbs.serve(...), started
+
+
+class Answering(Protocol):
+    """The connection a parked request answers on."""
+
+    def answer(self, answer: Answer, keep_alive: bool) -> None:
+        """Write ``answer``, then serve what was pipelined behind its request."""
+
+    def carry_on(self, serving: Serving, waits_for: Any, keep_alive: bool) -> None:
+        """Go on serving in a task, from where ``serving`` waits for ``waits_for``."""
+
 
 class ParkedRequest:
-    """``serving`` waiting for ``waits_for``; ``then(result)`` once it returns."""
+    """``serving`` waiting for ``waits_for``; its answer goes to ``conn``."""
 
-    __slots__ = ("_done", "_serving", "_then", "_to_task", "_waits_for")
+    __slots__ = ("_conn", "_done", "_keep_alive", "_serving", "_waits_for")
 
     def __init__(
-        self,
-        serving: Coroutine[Any, Any, bool],
-        waits_for: asyncio.Future[Any],
-        then: Callable[[bool], None],
-        to_task: Callable[[Coroutine[Any, Any, bool], Any], None],
+        self, serving: Serving, waits_for: asyncio.Future[Any], conn: Answering, keep_alive: bool
     ) -> None:
         self._serving = serving
-        self._then = then
-        self._to_task = to_task
+        self._conn = conn
+        self._keep_alive = keep_alive
         self._done: asyncio.Future[None] | None = None
         self._waits_for: asyncio.Future[Any] | None = None
         self._wait_for(waits_for)
@@ -74,26 +85,24 @@ class ParkedRequest:
             else:
                 step = serving.send(value)
         except StopIteration as answered:
-            self._finish(bool(answered.value))
+            self._finish()
+            self._conn.answer(answered.value, self._keep_alive)
             return
         except asyncio.CancelledError:  # a hang-up or a stop: nobody to answer
-            self._finish(False)
+            self._finish()
             return
         except Exception:
             log.exception("error serving a parked request")
-            self._finish(False)
+            self._finish()
+            self._conn.answer(Answer("ERROR", 500, close=True), self._keep_alive)
             return
         if parks_on(step):
             self._wait_for(step)
         else:
-            self._to_task(serving, step)  # (a graceful stop waited for this part only)
-            self._finish_quietly()
+            self._finish()  # (a graceful stop waits for this part only)
+            self._conn.carry_on(serving, step, self._keep_alive)
 
-    def _finish(self, more: bool) -> None:
-        self._finish_quietly()
-        self._then(more)
-
-    def _finish_quietly(self) -> None:
+    def _finish(self) -> None:
         if self._done is not None and not self._done.done():
             self._done.set_result(None)
 
@@ -101,3 +110,23 @@ class ParkedRequest:
 def parks_on(step: Any) -> bool:
     """Whether a coroutine's step waits for a future (what a :class:`ParkedRequest` drives)."""
     return asyncio.isfuture(step) and bool(getattr(step, "_asyncio_future_blocking", False))
+
+
+@types.coroutine
+def carried_on(serving: Serving, waits_for: Any) -> Generator[Any, Any, Answer]:
+    """``serving``, started outside a task, carried on in one from its wait for
+    ``waits_for``, as if it had run in the task all along."""
+    try:
+        while True:
+            try:
+                sent = yield waits_for
+            except GeneratorExit:
+                serving.close()
+                raise
+            except BaseException as exc:  # a cancel: hang-up, stop, revocation
+                waits_for = serving.throw(exc)
+            else:
+                waits_for = serving.send(sent)
+    except StopIteration as answered:
+        result: Answer = answered.value
+        return result

@@ -77,6 +77,11 @@ def param(request: Asked, key: str) -> str | None:
     return values[0] if values else None
 
 
+def forget(request: Asked) -> None:
+    """Drop the decoded query kept on ``request`` (read again if asked again)."""
+    request.pop(_QUERY_KEY, None)
+
+
 def name(request: Asked, key: str) -> str:
     value = param(request, key) or ""
     if not value:

@@ -24,7 +24,7 @@ from aiohttp import web
 from distributex import auth, fairness, query
 from distributex.appkeys import BACKEND_KEY, CONFIG_KEY, DRAINING_KEY, EVENTS_KEY
 from distributex.backends.base import BackendUnavailable, LockBackend
-from distributex.call import Answer, Call
+from distributex.call import REVOKED_KEY, Answer, Call
 from distributex.engine import EXCLUSIVE, Lease, PoolSpec
 from distributex.limits import check_body
 from distributex.refusal import Refused, for_legacy_client, refusal
@@ -206,15 +206,11 @@ async def _wait(
     ttl = query.ttl(call)
     timeout = query.seconds(call, "timeout")
     mode = query.mode(call)
+    query.forget(call)  # read: a parked request does not keep it
     shares = _check_room(app, spec, host, backend)
     if shares is not None:
         shares.note(host, spec.name)  # it waits on the pool
-
-    def connected() -> bool:
-        transport = call.transport
-        revoked = auth.REVOKED_KEY in call
-        return transport is not None and not transport.is_closing() and not revoked
-
+    connected = call.still_wanted
     started = time.monotonic()
     config = app[CONFIG_KEY]
     security = app[auth.SECURITY_KEY]
@@ -223,7 +219,7 @@ async def _wait(
         with security.tracked(call):
             lease = await backend.wait(spec, host, ttl, timeout, connected, mode or EXCLUSIVE)
     except asyncio.CancelledError:
-        revoked = call.get(auth.REVOKED_KEY)
+        revoked = call.get(REVOKED_KEY)
         if revoked is None:
             raise  # a hang-up or a stop
         task = asyncio.current_task()  # (none for a request parked without one: fastlane)
