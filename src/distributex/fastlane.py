@@ -45,7 +45,6 @@ from distributex.parking import ParkedRequest, Serving, carried_on, parks_on
 log = logging.getLogger("distributex")
 
 _HEAD_END = b"\r\n\r\n"
-_PHRASES = {status.value: status.phrase for status in HTTPStatus}
 # Bytes read ahead of the request being answered before reading pauses.
 _READ_AHEAD = 65536
 # The headers a verb reads (authentication, the 0.7 client's rewrite, keep-alive):
@@ -72,15 +71,20 @@ class _Clock:
 def encode(answer: Answer, keep_alive: bool) -> bytes:
     """``answer`` as HTTP/1.1 bytes: the headers aiohttp would send, in one buffer."""
     body = answer.word.encode()
-    head = [f"HTTP/1.1 {answer.status} {_PHRASES.get(answer.status, '')}\r\n"]
-    head.append("Content-Type: text/plain\r\n")
-    head.extend(f"{name}: {value}\r\n" for name, value in answer.headers.items())
-    head.append(f"Content-Length: {len(body)}\r\nDate: {_Clock.date()}\r\n")
-    head.append(f"Server: {SERVER_SOFTWARE}\r\n")
-    if not keep_alive:
-        head.append("Connection: close\r\n")
-    head.append("\r\n")
-    return "".join(head).encode() + body
+    status = answer.status
+    first = _FIRST_LINES.get(status) or f"HTTP/1.1 {status} \r\nContent-Type: text/plain\r\n"
+    extra = "".join([f"{name}: {value}\r\n" for name, value in answer.headers.items()])
+    close = "" if keep_alive else "Connection: close\r\n"
+    length = f"Content-Length: {len(body)}\r\nDate: {_Clock.date()}\r\n"
+    return f"{first}{extra}{length}{_SERVER}{close}\r\n".encode() + body
+
+
+# The status line and Content-Type of each status, and the Server header, made once.
+_FIRST_LINES = {
+    status.value: f"HTTP/1.1 {status.value} {status.phrase}\r\nContent-Type: text/plain\r\n"
+    for status in HTTPStatus
+}
+_SERVER = f"Server: {SERVER_SOFTWARE}\r\n"
 
 
 _PLAIN_STARTS = (b"GET /", b"POST /")
@@ -328,8 +332,10 @@ class LeanConnection(asyncio.Protocol):
             self.reserved,
             cancel=self._cancel_busy,
         )
-        tokens = found.headers.get("connection", "").lower().split(",")
-        keep_alive = "close" not in (token.strip() for token in tokens)
+        connection = found.headers.get("connection")
+        keep_alive = connection is None or "close" not in (
+            token.strip() for token in connection.lower().split(",")
+        )
         return verb, call, keep_alive
 
     async def _serve(
