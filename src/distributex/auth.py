@@ -51,11 +51,11 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping, Set
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Protocol
-from urllib.parse import unquote
 
 from aiohttp import web
 from aiohttp.web_log import AccessLogger
 
+from distributex import query
 from distributex.call import REVOKED_KEY, VERB_PATHS, Answer, Call
 from distributex.config import Config
 from distributex.identity import Identity
@@ -400,11 +400,12 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
             response = await handler(request)
     else:
         response = await handler(request)
-    if response.status >= 400 and response.status != 410 and response.status != 503:
-        security.refusals[response.status] += 1
+    # The status meant, also when rewritten to 200 for the 0.7 client (as verbs.py counts).
+    status = int(response.headers.get("X-Distributex-Status", response.status))
+    if status >= 400 and status != 410 and status != 503:
+        security.refusals[status] += 1
     if guard.audit:
         reason = response.headers.get("X-Distributex-Reason")
-        status = int(response.headers.get("X-Distributex-Status", response.status))
         if status >= 400 and status != 404:
             _audit_refused(
                 request.method,
@@ -444,17 +445,8 @@ def audit(call: Call, verb: str, identity: Identity | None, answer: Answer) -> N
 
 def audit_refusal(call: Call, identity: Identity | None, status: int, reason: str) -> None:
     """The audit line of a refused lock-verb request."""
-    pool = call.get(POOL_KEY) or _lenient_pool(call.raw_query)
+    pool = call.get(POOL_KEY) or query.lenient(call.raw_query, "pool")
     _audit_refused(call.method, call.path, pool, call.peer, identity, status, reason)
-
-
-def _lenient_pool(raw_query: str) -> str | None:
-    """The ``pool`` a refused request named, as well as it can be read (for the audit)."""
-    for field in raw_query.split("&"):
-        key, _, value = field.partition("=")
-        if key == "pool":
-            return unquote(value.replace("+", " "), errors="replace")
-    return None
 
 
 def _audit_refused(

@@ -47,8 +47,9 @@ from distributex.refusal import for_legacy_client, header_text, refused, web_res
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
-# Paths whose requests may last: counted against the identity's cap.
-LONG_LIVED = frozenset(("/wait", "/wait/", "/status/events"))
+# Pages whose requests may last, counted against the identity's cap here (a
+# parked /wait/ counts itself: distributex.verbs).
+LONG_LIVED = frozenset(("/status/events",))
 # Places beyond the cap, for one renewal or release each (distributex.verbs serves them).
 RESERVE = 8
 

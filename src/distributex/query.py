@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
-from urllib.parse import unquote_to_bytes
+from urllib.parse import unquote, unquote_to_bytes
 
 from aiohttp import web
 
@@ -59,6 +59,16 @@ def parse_query(raw: str) -> dict[str, list[str]]:
         key = _unquote(raw_key, f"parameter name '{raw_key}'")
         params.setdefault(key, []).append(_unquote(raw_value, f"parameter '{raw_key}'"))
     return params
+
+
+def lenient(raw: str, key: str) -> str | None:
+    """The first ``key=`` of a raw query read as well as it can be, bad escapes
+    replaced (for the audit line of a request refused before it was read)."""
+    for field in raw.split("&"):
+        name, _, value = field.partition("=")
+        if name == key:
+            return unquote(value.replace("+", " "), errors="replace")
+    return None
 
 
 def _raw_query(request: Asked) -> str:
