@@ -188,15 +188,23 @@ class InMemoryBackend(LockBackend):
         self._reschedule()
 
     def _reschedule(self) -> None:
+        """Have the timer fire by the engine's next deadline.
+
+        Only an earlier deadline re-arms it: a timer armed for a lease that
+        was released since fires early, expires nothing and re-arms itself
+        for the next deadline. So a grant and release of a long lease, over
+        and over, arms no timer each time (a timer handle made and
+        cancelled per request cost several percent of one).
+        """
         when = self.engine.next_deadline()
-        if when == self._timer_at:
+        if when is None or self._closed:
+            return
+        if self._timer_at is not None and self._timer_at <= when:
             return
         if self._timer is not None:
             self._timer.cancel()
-            self._timer = None
         self._timer_at = when
-        if when is not None and not self._closed:
-            self._timer = self.loop.call_at(when, self._on_timer)
+        self._timer = self.loop.call_at(when, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
