@@ -27,20 +27,17 @@ connection are answered in order, one at a time.
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import logging
-import time
-from http import HTTPStatus
 from typing import Any
 
 import httptools
 from aiohttp import web
-from aiohttp.http import SERVER_SOFTWARE
 
 from distributex import verbs
 from distributex.call import VERB_PATHS, Answer, Call
 from distributex.lanework import Deadlines, Outbox
 from distributex.parking import ParkedRequest, Serving, carried_on, parks_on
+from distributex.wire import encode
 
 log = logging.getLogger("distributex")
 
@@ -52,39 +49,6 @@ _READ_AHEAD = 65536
 _READ = frozenset((b"authorization", b"user-agent", b"connection"))
 # Headers that mean the request is not a plain verb (a body, a protocol switch).
 _NOT_PLAIN = frozenset((b"content-length", b"transfer-encoding", b"expect", b"upgrade"))
-
-
-class _Clock:
-    """The ``Date`` header, made once a second."""
-
-    second = 0
-    text = ""
-
-    @classmethod
-    def date(cls) -> str:
-        now = int(time.time())
-        if now != cls.second:
-            cls.second, cls.text = now, email.utils.formatdate(now, usegmt=True)
-        return cls.text
-
-
-def encode(answer: Answer, keep_alive: bool) -> bytes:
-    """``answer`` as HTTP/1.1 bytes: the headers aiohttp would send, in one buffer."""
-    body = answer.word.encode()
-    status = answer.status
-    first = _FIRST_LINES.get(status) or f"HTTP/1.1 {status} \r\nContent-Type: text/plain\r\n"
-    extra = "".join([f"{name}: {value}\r\n" for name, value in answer.headers.items()])
-    close = "" if keep_alive else "Connection: close\r\n"
-    length = f"Content-Length: {len(body)}\r\nDate: {_Clock.date()}\r\n"
-    return f"{first}{extra}{length}{_SERVER}{close}\r\n".encode() + body
-
-
-# The status line and Content-Type of each status, and the Server header, made once.
-_FIRST_LINES = {
-    status.value: f"HTTP/1.1 {status.value} {status.phrase}\r\nContent-Type: text/plain\r\n"
-    for status in HTTPStatus
-}
-_SERVER = f"Server: {SERVER_SOFTWARE}\r\n"
 
 
 _PLAIN_STARTS = (b"GET /", b"POST /")
