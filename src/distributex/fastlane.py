@@ -217,8 +217,10 @@ class LeanConnection(asyncio.Protocol):
     def _next(self) -> None:
         """Serve the complete heads in the buffer in turn, or hand the connection over.
 
-        A request the backend answers in this step (``answers_in_step``) is
-        answered here, with no task; one that parks carries on in a task.
+        On a backend that answers in this step (``answers_in_step``) a
+        request is answered here, with no task; one that parks waits for its
+        future without one (:mod:`distributex.parking`). Otherwise each
+        request is served in a task.
         """
         while True:
             buffer = self._buffer
