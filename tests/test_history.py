@@ -44,7 +44,12 @@ def seed() -> int:
 def test_history_inmemory(server_factory) -> None:
     server = server_factory("backend: inmemory\n" + POOLS)
     result = clients.run(
-        lambda: [("127.0.0.1", server.port)], list(MAXLOCKS), CLIENTS, SECONDS, seed()
+        lambda: [("127.0.0.1", server.port)],
+        list(MAXLOCKS),
+        CLIENTS,
+        SECONDS,
+        seed(),
+        min_leases=31,
     )
     rules.assert_held(result, MAXLOCKS, CLIENTS)
     # A floor that says the run did something, as for the other backends (a seed
@@ -82,7 +87,7 @@ def test_history_memcache_three_servers_with_faults(server_factory) -> None:
 
         injector = threading.Thread(target=faults, daemon=True)
         injector.start()
-        result = clients.run(current, list(MAXLOCKS), CLIENTS, SECONDS, seed())
+        result = clients.run(current, list(MAXLOCKS), CLIENTS, SECONDS, seed(), min_leases=31)
         injector.join(30)
         # Waits refused while the store was down or had just lost its state are
         # not starvation: only the safety and fencing rules are checked here.
@@ -101,7 +106,7 @@ def test_history_memcache_two_servers_no_faults(server_factory, memcached: Memca
     )
     servers = [server_factory(config) for _ in range(2)]
     addresses = [("127.0.0.1", s.port) for s in servers]
-    result = clients.run(lambda: addresses, list(MAXLOCKS), CLIENTS, SECONDS, seed())
+    result = clients.run(lambda: addresses, list(MAXLOCKS), CLIENTS, SECONDS, seed(), min_leases=31)
     rules.assert_held(result, MAXLOCKS, CLIENTS)
     assert result.errors == 0
     # Progress (some seeds draw long holds: about 48 leases in the run).
@@ -134,7 +139,7 @@ def test_history_sqlite_two_processes_one_file(server_factory, tmp_path) -> None
     config = f"backend: sqlite\nsqlite_path: {tmp_path / 'state.db'}\n" + POOLS
     servers = [server_factory(config) for _ in range(2)]
     addresses = [("127.0.0.1", s.port) for s in servers]
-    result = clients.run(lambda: addresses, list(MAXLOCKS), CLIENTS, SECONDS, seed())
+    result = clients.run(lambda: addresses, list(MAXLOCKS), CLIENTS, SECONDS, seed(), min_leases=31)
     rules.assert_held(result, MAXLOCKS, CLIENTS)
     assert result.errors == 0
     # Progress (some seeds draw long holds: about 48 leases in the run).
@@ -169,7 +174,9 @@ def test_history_etcd_two_servers_members_killed(server_factory, tmp_path, lost:
 
         injector = threading.Thread(target=faults, daemon=True)
         injector.start()
-        result = clients.run(lambda: addresses, list(MAXLOCKS), CLIENTS, SECONDS, seed())
+        result = clients.run(
+            lambda: addresses, list(MAXLOCKS), CLIENTS, SECONDS, seed(), min_leases=31
+        )
         injector.join(60)
         # Waits refused while etcd had no quorum are not starvation.
         result.long_waits_refused.clear()
@@ -265,7 +272,7 @@ def test_history_redis_three_servers_no_faults(server_factory, redis_server: Red
     )
     servers = [server_factory(config) for _ in range(3)]
     addresses = [("127.0.0.1", s.port) for s in servers]
-    result = clients.run(lambda: addresses, list(MAXLOCKS), CLIENTS, SECONDS, seed())
+    result = clients.run(lambda: addresses, list(MAXLOCKS), CLIENTS, SECONDS, seed(), min_leases=31)
     rules.assert_held(result, MAXLOCKS, CLIENTS)
     assert result.errors == 0
     assert len(result.leases) > 30
@@ -312,7 +319,7 @@ def test_history_redis_a_server_started_after_the_store_lost_its_state(server_fa
 
         injector = threading.Thread(target=faults, daemon=True)
         injector.start()
-        result = clients.run(current, list(maxlocks), CLIENTS, SECONDS, seed())
+        result = clients.run(current, list(maxlocks), CLIENTS, SECONDS, seed(), min_leases=21)
         injector.join(60)
         assert not injector.is_alive()
         assert holder.leases, "the long lease was never granted"
@@ -349,7 +356,7 @@ def test_history_memcache_a_server_whose_clock_is_off(
 
     injector = threading.Thread(target=faults, daemon=True)
     injector.start()
-    result = clients.run(current, list(MAXLOCKS), CLIENTS, SECONDS, seed())
+    result = clients.run(current, list(MAXLOCKS), CLIENTS, SECONDS, seed(), min_leases=21)
     injector.join(60)
     assert not injector.is_alive()
     result.long_waits_refused.clear()  # the server that refuses answers 503
@@ -366,7 +373,13 @@ def test_history_modes_inmemory(server_factory) -> None:
     at most max_shared shared ones, nobody starved, fences in order."""
     server = server_factory("backend: inmemory\n" + RW_POOLS)
     result = clients.run(
-        lambda: [("127.0.0.1", server.port)], ["mutex", "rw"], CLIENTS, SECONDS, seed(), shared=0.5
+        lambda: [("127.0.0.1", server.port)],
+        ["mutex", "rw"],
+        CLIENTS,
+        SECONDS,
+        seed(),
+        shared=0.5,
+        min_leases=31,
     )
     rules.assert_held(result, {"mutex": 1, "rw": 1}, CLIENTS, max_shared={"rw": 3})
     assert {r.mode for r in result.leases} == {"shared", "exclusive"}
@@ -380,10 +393,11 @@ def test_history_modes_redis_two_servers(server_factory) -> None:
         servers = [server_factory(config + RW_POOLS) for _ in range(2)]
         addresses = [("127.0.0.1", s.port) for s in servers]
         result = clients.run(
-            lambda: addresses, ["mutex", "rw"], CLIENTS, SECONDS, seed(), shared=0.5
+            lambda: addresses, ["mutex", "rw"], CLIENTS, SECONDS, seed(), shared=0.5, min_leases=31
         )
         rules.assert_held(result, {"mutex": 1, "rw": 1}, CLIENTS, max_shared={"rw": 3})
         assert {r.mode for r in result.leases} == {"shared", "exclusive"}
+        assert len(result.leases) > 30
     finally:
         rs.stop()
 

@@ -175,7 +175,9 @@ def test_history_across_random_kill_9(server_factory, tmp_path: Path) -> None:
 
     killer = threading.Thread(target=crashes, daemon=True)
     killer.start()
-    result = clients.run(lambda: [("127.0.0.1", port)], ["mutex", "sem"], 6, seconds, seed)
+    result = clients.run(
+        lambda: [("127.0.0.1", port)], ["mutex", "sem"], 6, seconds, seed, min_leases=31
+    )
     killer.join(60)
     # Waits cut by a crash are not starvation; durability and safety are checked.
     result.long_waits_refused.clear()

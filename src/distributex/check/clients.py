@@ -41,7 +41,7 @@ class Client(threading.Thread):
         pools: list[str],
         history: History,
         seed: int,
-        stop_at: float,
+        finished: Callable[[], bool],
         long_wait: float,
         shared: float = 0.0,
     ) -> None:
@@ -52,7 +52,7 @@ class Client(threading.Thread):
         self.pools = pools
         self.history = history
         self.rng = random.Random(seed)
-        self.stop_at = stop_at
+        self.finished = finished
         self.long_wait = long_wait
         self.failure: BaseException | None = None
         self.released: list[tuple[str, str]] = []  # (pool, token) released with OK
@@ -80,7 +80,7 @@ class Client(threading.Thread):
 
     def run(self) -> None:
         try:
-            while time.monotonic() < self.stop_at:
+            while not self.finished():
                 self.once()
         except BaseException as exc:  # reported by the caller
             self.failure = exc
@@ -194,8 +194,12 @@ def run(
     long_wait: float | None = None,
     identities: Sequence[Identity] | None = None,
     shared: float = 0.0,
+    min_leases: int = 0,
 ) -> History:
     """Run ``clients`` random clients for ``seconds``; their history.
+
+    ``min_leases``: go on past ``seconds`` (up to four times as long) until the
+    history holds that many leases, so that a busy machine still checks enough.
 
     ``identities`` (default: hosts ``c0``, ``c1``...) says who each client is.
     ``long_wait`` (default :func:`fifo_wait`) is the timeout of the waits that
@@ -207,15 +211,20 @@ def run(
     who = list(identities) if identities is not None else []
     who += [Identity(f"c{i}", f"c{i}") for i in range(len(who), clients)]
     history = History()
-    stop_at = time.monotonic() + seconds
+    started = time.monotonic()
+
+    def finished() -> bool:
+        ran = time.monotonic() - started
+        return ran >= seconds and (len(history.leases) >= min_leases or ran >= seconds * 4)
+
     threads = [
-        Client(who[i], servers, pools, history, seed * 1000 + i, stop_at, long_wait, shared)
+        Client(who[i], servers, pools, history, seed * 1000 + i, finished, long_wait, shared)
         for i in range(clients)
     ]
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(seconds + long_wait + 60)
+        thread.join(seconds * 4 + long_wait + 60)
         if thread.is_alive():
             raise RuntimeError(f"client {thread.name} is stuck")
         if thread.failure is not None:
