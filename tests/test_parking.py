@@ -64,7 +64,7 @@ def test_parked_waits_hold_no_task_and_are_granted_in_order() -> None:
             waiters = [await asyncio.open_connection("127.0.0.1", port) for _ in range(30)]
             for n, waiter in enumerate(waiters):
                 await ask(waiter, "wait", f"w{n}")
-                await until(lambda n=n: len(backend._wakeups) == n + 1)  # parked in this order
+                await until(lambda n=n: len(backend._parked) == n + 1)  # parked in this order
             # The clients' own stream tasks aside, nothing per parked request.
             assert len(asyncio.all_tasks()) - tasks_before < 5
             await ask(holder, "release", "holder")
@@ -88,7 +88,7 @@ def test_a_parked_wait_times_out_and_leaves_the_queue() -> None:
             waiter = await asyncio.open_connection("127.0.0.1", port)
             await ask(waiter, "wait", "late", "&timeout=0.2")
             assert await answer(waiter) == "NO"
-            assert not backend._wakeups
+            assert not backend._parked
             assert [w.owner for w in backend.engine.waiters_of("p")] == []
             for _, writer in (holder, waiter):
                 writer.close()
@@ -104,12 +104,12 @@ def test_a_client_that_hangs_up_while_parked_leaves_the_queue() -> None:
             assert await answer(holder) == "YES"
             gone = await asyncio.open_connection("127.0.0.1", port)
             await ask(gone, "wait", "gone")
-            await until(lambda: len(backend._wakeups) == 1)
+            await until(lambda: len(backend._parked) == 1)
             stays = await asyncio.open_connection("127.0.0.1", port)
             await ask(stays, "wait", "stays")
-            await until(lambda: len(backend._wakeups) == 2)
+            await until(lambda: len(backend._parked) == 2)
             gone[1].close()
-            await until(lambda: len(backend._wakeups) == 1)
+            await until(lambda: len(backend._parked) == 1)
             await ask(holder, "release", "holder")
             assert await answer(holder) == "OK"
             assert await answer(stays) == "YES"

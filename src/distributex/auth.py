@@ -239,13 +239,19 @@ class PoolShares:
     """
 
     def __init__(self) -> None:
-        self.pools: dict[str, set[str]] = {}
+        # A list, not a set: most hosts use one pool, and a fleet parked on a
+        # pool made on first use keeps one of these per host (a set is 216 B,
+        # a list of one 64 B); a host's list is at most its share long.
+        self.pools: dict[str, list[str]] = {}
         self.noted = 0
 
     def note(self, host: str, pool: str) -> None:
-        mine = self.pools.setdefault(host, set())
-        if pool not in mine:
-            mine.add(pool)
+        mine = self.pools.get(host)
+        if mine is None:
+            self.pools[host] = [pool]
+            self.noted += 1
+        elif pool not in mine:
+            mine.append(pool)
             self.noted += 1
 
     def check(self, config: Config, host: str, in_use: Set[str]) -> None:
@@ -256,7 +262,7 @@ class PoolShares:
         if not mine:
             return
         before = len(mine)
-        mine &= in_use
+        mine[:] = [pool for pool in mine if pool in in_use]
         self.noted -= before - len(mine)
         share = pools_per_identity(config)
         if len(mine) >= share:
@@ -268,7 +274,7 @@ class PoolShares:
 
     def _prune(self, in_use: Set[str]) -> None:
         for host, mine in list(self.pools.items()):
-            mine &= in_use
+            mine[:] = [pool for pool in mine if pool in in_use]
             if not mine:
                 del self.pools[host]
         self.noted = sum(len(mine) for mine in self.pools.values())
@@ -317,14 +323,33 @@ class Security:
         if cancel is None:
             yield
             return
-        mine = self.parked.setdefault(name, {})
-        mine[cancel] = request
+        self._track(name, cancel, request)
         try:
             yield
         finally:
+            self._untrack(name, cancel)
+
+    def track(self, call: Call) -> None:
+        """:meth:`tracked` without a block, for a request parked outside a coroutine
+        (:meth:`untrack` when it ends)."""
+        identity = call.get(IDENTITY_KEY)
+        if identity is not None and identity.via.startswith("token") and call.cancel is not None:
+            self._track(identity.name, call.cancel, call)
+
+    def untrack(self, call: Call) -> None:
+        identity = call.get(IDENTITY_KEY)
+        if identity is not None and call.cancel is not None:
+            self._untrack(identity.name, call.cancel)
+
+    def _track(self, name: str, cancel: Callable[[], object], request: Call | web.Request) -> None:
+        self.parked.setdefault(name, {})[cancel] = request
+
+    def _untrack(self, name: str, cancel: Callable[[], object]) -> None:
+        mine = self.parked.get(name)
+        if mine is not None:
             mine.pop(cancel, None)
             if not mine:
-                self.parked.pop(name, None)
+                del self.parked[name]
 
     def revoke(self, names: set[str]) -> int:
         """End the parked requests of these identities (as a hang-up); how many."""

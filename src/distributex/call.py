@@ -31,6 +31,7 @@ class Call(dict[str, Any]):
         "cancel",
         "headers",
         "method",
+        "parkable",
         "path",
         "peer",
         "raw_query",
@@ -49,6 +50,7 @@ class Call(dict[str, Any]):
         reserved: bool = False,
         body_length: int | None = 0,
         cancel: Callable[[], object] | None = None,
+        parkable: bool = False,
     ) -> None:
         super().__init__()
         self.method = method
@@ -62,6 +64,9 @@ class Call(dict[str, Any]):
         # Ends the request as a hang-up does (a reload revoking its token): the
         # lean protocol may start serving a request before it has a task.
         self.cancel = cancel
+        # A /wait/ may come back from verbs.serve() parked (verbs.ParkedWait), to
+        # be answered later: the lean protocol on a backend that parks waits.
+        self.parkable = parkable
 
     def still_wanted(self) -> bool:
         """Whether the client still waits for the answer (no hang-up, no revoked token)."""

@@ -36,7 +36,8 @@ from aiohttp import web
 from distributex import verbs
 from distributex.call import VERB_PATHS, Answer, Call
 from distributex.lanework import Deadlines, Outbox
-from distributex.parking import ParkedRequest, Serving, carried_on, parks_on
+from distributex.parkedwait import ParkedWait
+from distributex.parking import Serving, carried_on
 from distributex.wire import encode
 
 log = logging.getLogger("distributex")
@@ -148,7 +149,7 @@ class LeanConnection(asyncio.Protocol):
         self._idle_timeout = idle_timeout
         self._buffer = b""
         # The request being answered, if it waits (parked, or on a store).
-        self._busy: asyncio.Task[None] | ParkedRequest | None = None
+        self._busy: asyncio.Task[None] | ParkedWait | None = None
         self._paused = False
         self._closing = False  # answer the request in progress, then close
         # One deadline at a time: for the head being read, or for the next one
@@ -175,7 +176,7 @@ class LeanConnection(asyncio.Protocol):
     def busy(self) -> asyncio.Future[Any] | None:
         """Done when the request being answered is (None: none is)."""
         busy = self._busy
-        return busy.done() if isinstance(busy, ParkedRequest) else busy
+        return busy.done() if isinstance(busy, ParkedWait) else busy
 
     def close_when_answered(self) -> None:
         """A graceful stop: close now if idle, else once the answer in progress is out."""
@@ -218,9 +219,9 @@ class LeanConnection(asyncio.Protocol):
         """Serve the complete heads in the buffer in turn, or hand the connection over.
 
         On a backend that answers in this step (``answers_in_step``) a
-        request is answered here, with no task; one that parks waits for its
-        future without one (:mod:`distributex.parking`). Otherwise each
-        request is served in a task.
+        request is answered here, with no task; a ``/wait/`` that parks comes
+        back as a :class:`~distributex.parkedwait.ParkedWait`, answered when the
+        backend wakes it. Otherwise each request is served in a task.
         """
         while True:
             buffer = self._buffer
@@ -245,17 +246,20 @@ class LeanConnection(asyncio.Protocol):
             try:
                 waits_for = serving.send(None)
             except StopIteration as answered:
-                if self._send(answered.value, keep_alive):
+                answer = answered.value
+                if isinstance(answer, ParkedWait):
+                    answer.answer_on(self, keep_alive)
+                    self._busy = answer
+                    return
+                if self._send(answer, keep_alive):
                     continue  # the next head is in the buffer
                 return
             except Exception:
                 log.exception("error serving %s", verb)
                 self._send(Answer("ERROR", 500, close=True), keep_alive)
                 return
-            if parks_on(waits_for):
-                self._busy = ParkedRequest(serving, waits_for, self, keep_alive)
-            else:
-                self.carry_on(serving, waits_for, keep_alive)
+            # It awaited something after all: from there on, a task serves it.
+            self.carry_on(serving, waits_for, keep_alive)
             return
 
     # -- what a parked request asks (distributex.parking) ----------------------------------
@@ -297,6 +301,7 @@ class LeanConnection(asyncio.Protocol):
             self.peer,
             self.reserved,
             cancel=self._cancel_busy,
+            parkable=self._in_step,
         )
         connection = found.headers.get("connection")
         keep_alive = connection is None or "close" not in (
@@ -309,6 +314,7 @@ class LeanConnection(asyncio.Protocol):
     ) -> None:
         """Answer in a task: ``call`` (a ``verb``) from the start, or a request
         begun in a step (``serving``, waiting for ``waits_for``) from there."""
+        answer: Answer | ParkedWait
         try:
             if isinstance(call, Call):
                 assert verb is not None
@@ -318,7 +324,10 @@ class LeanConnection(asyncio.Protocol):
         except Exception:
             log.exception("error serving %s", verb or "a request")
             answer = Answer("ERROR", 500, close=True)
-        if self._send(answer, keep_alive):
+        if isinstance(answer, ParkedWait):  # parked after all: answered when woken
+            answer.answer_on(self, keep_alive)
+            self._busy = answer
+        elif self._send(answer, keep_alive):
             self._next()
 
     def _send(self, answer: Answer, keep_alive: bool) -> bool:

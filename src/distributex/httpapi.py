@@ -61,7 +61,7 @@ from aiohttp import web
 from distributex import auth, ops, statusfeed, verbs
 from distributex.appkeys import BACKEND_KEY, CONFIG_KEY, DRAINING_KEY, EVENTS_KEY
 from distributex.backends.base import LockBackend
-from distributex.call import VERB_PATHS, Call
+from distributex.call import VERB_PATHS, Answer, Call
 from distributex.config import Config
 from distributex.events import Events
 from distributex.refusal import refused, web_response
@@ -85,7 +85,9 @@ def call_of(request: web.Request) -> Call:
 
 def _endpoint(verb: str) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def endpoint(request: web.Request) -> web.Response:
-        return web_response(await verbs.serve(request.app, verb, call_of(request)))
+        answer = await verbs.serve(request.app, verb, call_of(request))
+        assert isinstance(answer, Answer)  # its calls are not parkable: waits await here
+        return web_response(answer)
 
     return endpoint
 

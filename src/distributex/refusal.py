@@ -8,6 +8,7 @@ becomes, including the rewrite the 0.7 client needs.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from types import MappingProxyType
 
 from aiohttp import web
 
@@ -61,6 +62,17 @@ def for_legacy_client(headers: Mapping[str, str], answer: Answer) -> Answer:
         answer.headers["X-Distributex-Status"] = str(answer.status)
         answer.status = 200
     return answer
+
+
+_LEGACY_WORDING: Mapping[str, str] = MappingProxyType({"user-agent": LEGACY_CLIENT_AGENT})
+_PLAIN_WORDING: Mapping[str, str] = MappingProxyType({})
+
+
+def wording_headers(headers: Mapping[str, str]) -> Mapping[str, str]:
+    """Headers that word a later answer as ``headers`` would, shared by every request
+    (what a parked request keeps: a fleet parked keeps no headers of its own)."""
+    legacy = headers.get("user-agent", "").startswith(LEGACY_CLIENT_AGENT)
+    return _LEGACY_WORDING if legacy else _PLAIN_WORDING
 
 
 def web_response(answer: Answer) -> web.Response:

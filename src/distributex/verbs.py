@@ -16,42 +16,29 @@ What a verb request goes through, in order, whichever HTTP server read it
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from distributex import auth, fairness, query
+from distributex import auth, fairness, outcomes, query
 from distributex.appkeys import BACKEND_KEY, CONFIG_KEY, DRAINING_KEY, EVENTS_KEY
-from distributex.backends.base import BackendUnavailable, LockBackend
+from distributex.backends.base import BackendUnavailable, LockBackend, ParkingBackend
 from distributex.call import REVOKED_KEY, Answer, Call
-from distributex.engine import EXCLUSIVE, Lease, PoolSpec
+from distributex.engine import EXCLUSIVE, PoolSpec
 from distributex.limits import check_body
+from distributex.parkedwait import ParkedWait
 from distributex.refusal import Refused, for_legacy_client, refusal
+
+log = logging.getLogger("distributex")
 
 NO_SUCH_LEASE = "no such lease: expired, released or not yours"
 
 
-def _seconds_text(seconds: float) -> str:
-    """Seconds exactly as held: never rounded up, so a client's deadline is not late."""
-    if seconds.is_integer():
-        return str(int(seconds))
-    return repr(seconds)
-
-
-def _lease_headers(lease: Lease, mode: str | None = None) -> dict[str, str]:
-    headers = {
-        "X-Distributex-Fence": str(lease.fence),
-        "X-Distributex-Lease": lease.token,
-        "X-Distributex-TTL": _seconds_text(lease.ttl),
-    }
-    if mode is not None:  # asked with mode=: the mode held (0.7 answers stay as they were)
-        headers["X-Distributex-Mode"] = lease.hold.mode
-    return headers
-
-
-async def serve(app: web.Application, verb: str, call: Call) -> Answer:
-    """The answer to ``call``, a request for ``verb`` (one of :data:`~distributex.call.VERBS`)."""
+async def serve(app: web.Application, verb: str, call: Call) -> Answer | ParkedWait:
+    """The answer to ``call``, a request for ``verb`` (one of :data:`~distributex.call.VERBS`);
+    a :class:`ParkedWait` only for a ``call.parkable`` one."""
     security = app[auth.SECURITY_KEY]
     guard = security.guard
     identity = None
@@ -64,52 +51,51 @@ async def serve(app: web.Application, verb: str, call: Call) -> Answer:
         if guard.audit:
             who = call.get(auth.IDENTITY_KEY) or exc.who
             auth.audit_refusal(call, who, exc.status, exc.reason)
-        answer = refusal(call.headers, exc.status, exc.reason)
-        answer.close = exc.status in (411, 413)  # the body was not read
-        return answer
+        refused = refusal(call.headers, exc.status, exc.reason)
+        refused.close = exc.status in (411, 413)  # the body was not read
+        return refused
+    answer: Answer | ParkedWait
     if call.reserved:
         answer = await _on_reserved_place(app, verb, call)
     elif verb == "wait" and identity is not None:
         answer = await _within_identity_share(app, identity.name, call)
     else:
         answer = await _answer(app, verb, call)
-    host = call.get(auth.HOST_KEY)
-    if identity is not None and host is not None and answer.status == 200 and host.isascii():
-        # The host the lease is held under, for a client that left ``host`` out
-        # (ASCII only: header bytes are read as Latin-1; without it, no host is sent).
-        answer.headers["X-Distributex-Host"] = host
-    status = answer.real_status()
-    if status >= 400 and status != 410 and status != 503:
-        security.refusals[status] += 1
-    elif call.get(auth.FORCED_KEY) and status == 200:
-        security.forced_releases += 1
-    if guard.audit:
-        auth.audit(call, verb, identity, answer)
-    return answer
+    if isinstance(answer, ParkedWait):
+        return answer  # noted when it is answered
+    return outcomes.noted(app, verb, call, answer)
 
 
 async def _on_reserved_place(app: web.Application, verb: str, call: Call) -> Answer:
     """One request on a place beyond the cap: a renewal or release, else 503; then close."""
+    answer: Answer | ParkedWait
     if verb in ("renew", "release"):
         answer = await _answer(app, verb, call)
+        assert isinstance(answer, Answer)  # only a /wait/ parks
     else:
         answer = for_legacy_client(call.headers, fairness.server_full())
     answer.close = True
     return answer
 
 
-async def _within_identity_share(app: web.Application, name: str, call: Call) -> Answer:
+async def _within_identity_share(
+    app: web.Application, name: str, call: Call
+) -> Answer | ParkedWait:
     """A ``/wait/`` of a proven identity, within its share of long-lived requests."""
     requests = app[fairness.IDENTITY_REQUESTS_KEY]
     if not requests.enter(name):
         return refusal(call.headers, 429, requests.too_many(name))
     try:
-        return await _answer(app, "wait", call)
-    finally:
+        answer = await _answer(app, "wait", call)
+    except BaseException:
         requests.leave(name)
+        raise
+    if not isinstance(answer, ParkedWait):
+        requests.leave(name)  # (a parked one leaves when it is answered)
+    return answer
 
 
-async def _answer(app: web.Application, verb: str, call: Call) -> Answer:
+async def _answer(app: web.Application, verb: str, call: Call) -> Answer | ParkedWait:
     """Checks shared by every verb (method, host, pool, allow-list), the verb, its errors."""
     events = app[EVENTS_KEY]
     host = pool_name = None
@@ -135,17 +121,13 @@ async def _answer(app: web.Application, verb: str, call: Call) -> Answer:
             if spec.servers is not None and host not in spec.servers:
                 raise Refused(403, f"host '{host}' is not in the servers list of '{pool_name}'")
             answer = await _HANDLERS[verb](app, call, spec, host, app[BACKEND_KEY])
-        except Refused as exc:
-            known = pool_name if exc.status not in (400, 404) else None
-            events.refused(known, host, exc.status, exc.reason)
-            answer = refusal(call.headers, exc.status, exc.reason)
-        except BackendUnavailable as exc:
-            events.refused(pool_name, host, 503, str(exc))
-            unavailable = Answer("UNAVAILABLE", 503, {"X-Distributex-Reason": str(exc)})
-            answer = for_legacy_client(call.headers, unavailable)
+        except (Refused, BackendUnavailable) as exc:
+            answer = outcomes.failed(app, call, pool_name, host, exc)
     except asyncio.CancelledError:
         events.request(verb, 499)  # the client hung up (nginx's number for it)
         raise
+    if isinstance(answer, ParkedWait):
+        return answer  # counted when it is answered
     events.request(verb, answer.status)
     return answer
 
@@ -197,12 +179,12 @@ async def _get(
     if shares is not None:
         shares.note(host, spec.name)
     app[EVENTS_KEY].granted(spec.name, host, lease.fence, 0.0)
-    return Answer("YES", headers=_lease_headers(lease, mode))
+    return Answer("YES", headers=outcomes.lease_headers(lease, mode))
 
 
 async def _wait(
     app: web.Application, call: Call, spec: PoolSpec, host: str, backend: LockBackend
-) -> Answer:
+) -> Answer | ParkedWait:
     ttl = query.ttl(call)
     timeout = query.seconds(call, "timeout")
     mode = query.mode(call)
@@ -210,33 +192,27 @@ async def _wait(
     shares = _check_room(app, spec, host, backend)
     if shares is not None:
         shares.note(host, spec.name)  # it waits on the pool
-    connected = call.still_wanted
     started = time.monotonic()
-    config = app[CONFIG_KEY]
     security = app[auth.SECURITY_KEY]
-    security.waiters.enter(config, spec.name, host)
+    security.waiters.enter(app[CONFIG_KEY], spec.name, host)
+    if call.parkable and isinstance(backend, ParkingBackend):
+        return ParkedWait(app, call, spec, host, mode, started).park(backend, ttl, timeout)
     try:
         with security.tracked(call):
-            lease = await backend.wait(spec, host, ttl, timeout, connected, mode or EXCLUSIVE)
+            lease = await backend.wait(
+                spec, host, ttl, timeout, call.still_wanted, mode or EXCLUSIVE
+            )
     except asyncio.CancelledError:
         revoked = call.get(REVOKED_KEY)
         if revoked is None:
             raise  # a hang-up or a stop
-        task = asyncio.current_task()  # (none for a request parked without one: fastlane)
+        task = asyncio.current_task()
         if task is not None:
             task.uncancel()  # left the queue as a hang-up does; the client is told why
         raise Refused(403, revoked) from None
     finally:
         security.waiters.leave(spec.name, host)
-    events = app[EVENTS_KEY]
-    if lease is None:
-        if connected():
-            events.timed_out(spec.name, host, time.monotonic() - started)
-        else:
-            events.queued()  # hung up: it left the queue
-        return Answer("NO")
-    events.granted(spec.name, host, lease.fence, time.monotonic() - started)
-    return Answer("YES", headers=_lease_headers(lease, mode))
+    return outcomes.waited(app, call, spec, host, mode, started, lease)
 
 
 async def _release(
@@ -259,8 +235,10 @@ async def _renew(
     if lease is None:
         app[EVENTS_KEY].lost(spec.name, host)
         return Answer("GONE", 410, {"X-Distributex-Reason": NO_SUCH_LEASE})
-    return Answer("OK", headers=_lease_headers(lease))
+    return Answer("OK", headers=outcomes.lease_headers(lease))
 
 
-Handler = Callable[[web.Application, Call, PoolSpec, str, LockBackend], Awaitable[Answer]]
+Handler = Callable[
+    [web.Application, Call, PoolSpec, str, LockBackend], Awaitable[Answer | ParkedWait]
+]
 _HANDLERS: dict[str, Handler] = {"get": _get, "wait": _wait, "release": _release, "renew": _renew}

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Mapping, Sequence, Set
+from typing import Protocol
 
-from distributex.engine import EXCLUSIVE, Lease, PoolSpec
+from distributex.engine import EXCLUSIVE, Lease, PoolSpec, Waiter
 from distributex.events import NULL_EVENTS, Events
 from distributex.status import PoolStatus
 
@@ -111,3 +112,43 @@ class LockBackend(abc.ABC):
         A raised ``maxlocks`` grants waiters at once; a lowered one ends no
         hold (new grants wait until the pool is under it).
         """
+
+
+class WakeListener(Protocol):
+    """Told once how a parked wait ended (:meth:`ParkingBackend.park`)."""
+
+    def woken(self, outcome: bool | BaseException) -> None:
+        """True granted, False timed out, or the error that ended it (shutting down)."""
+
+
+class ParkingBackend(LockBackend):
+    """A backend whose waits can park with no coroutine: ``wait()`` in three calls.
+
+    A fleet parks thousands of ``/wait/`` requests on one server; a coroutine
+    chain per request is most of what each would cost. Here the HTTP layer
+    parks the request itself (:class:`distributex.verbs.ParkedWait`).
+    """
+
+    answers_in_step = True
+
+    @abc.abstractmethod
+    def park(
+        self,
+        spec: PoolSpec,
+        owner: str,
+        ttl: float | None,
+        timeout: float | None,
+        mode: str,
+        listener: WakeListener,
+    ) -> Waiter:
+        """Queue a wait: the waiter, granted (``lease`` set) or parked until
+        ``listener.woken()`` is called in a later loop turn."""
+
+    @abc.abstractmethod
+    def take(self, waiter: Waiter, still_wanted: Callable[[], bool]) -> Lease | None:
+        """The lease of a waiter granted (at once, or woken with True); None if
+        ``still_wanted()`` says the client is gone or the lease ended meanwhile."""
+
+    @abc.abstractmethod
+    def unpark(self, waiter: Waiter) -> None:
+        """Give up before :meth:`take`: leave the queue, pass on a grant not handed over."""

@@ -21,22 +21,21 @@ import asyncio
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 
-from distributex.backends.base import BackendUnavailable, LockBackend
+from distributex.backends.base import BackendUnavailable, ParkingBackend, WakeListener
 from distributex.engine import EXCLUSIVE, Hold, Lease, LockEngine, PoolSpec, Waiter
 from distributex.status import PoolStatus, pool_status
 
 
-class InMemoryBackend(LockBackend):
+class InMemoryBackend(ParkingBackend):
     """Lock state in this process, served from one event loop."""
-
-    answers_in_step = True
 
     def __init__(self, engine: LockEngine | None = None, start_delay: float = 0.0) -> None:
         self.engine = engine or LockEngine(first_fence=time.time_ns() // 1000)
         self.start_delay = start_delay
         self._resume_timer: asyncio.TimerHandle | None = None
-        # Parked waiters' wake-ups: True granted, False timed out.
-        self._wakeups: dict[Waiter, asyncio.Future[bool]] = {}
+        # Who to tell when a parked waiter is granted, and its timeout's timer.
+        self._parked: dict[Waiter, WakeListener] = {}
+        self._timeouts: dict[Waiter, asyncio.TimerHandle] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._closed = False
@@ -74,10 +73,12 @@ class InMemoryBackend(LockBackend):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        for future in self._wakeups.values():
-            if not future.done():
-                future.set_exception(BackendUnavailable("server is shutting down"))
-        self._wakeups.clear()
+        for timer in self._timeouts.values():
+            timer.cancel()
+        self._timeouts.clear()
+        parked, self._parked = self._parked, {}
+        for listener in parked.values():
+            self.loop.call_soon(listener.woken, BackendUnavailable("server is shutting down"))
 
     def _check_open(self) -> None:
         if self._closed:
@@ -100,36 +101,63 @@ class InMemoryBackend(LockBackend):
         still_wanted: Callable[[], bool],
         mode: str = EXCLUSIVE,
     ) -> Lease | None:
+        woken = _Woken(self.loop.create_future())
+        waiter = self.park(spec, owner, ttl, timeout, mode, woken)
+        if waiter.lease is None:
+            try:
+                if not await woken.future:
+                    return None  # timed out: it has left the queue
+            except BaseException:
+                self.unpark(waiter)  # hung up or shutting down
+                raise
+        return self.take(waiter, still_wanted)
+
+    def park(
+        self,
+        spec: PoolSpec,
+        owner: str,
+        ttl: float | None,
+        timeout: float | None,
+        mode: str,
+        listener: WakeListener,
+    ) -> Waiter:
+        """``listener.woken()`` is called once, in a later loop turn: True
+        granted (:meth:`take` it), False timed out (it has left the queue), or
+        a :class:`BackendUnavailable` (shutting down). Until then
+        :meth:`unpark` takes it out (a hang-up)."""
         self._check_open()
-        engine = self.engine
-        waiter = engine.enqueue(spec, owner, self.now(), ttl, mode=mode)
+        waiter = self.engine.enqueue(spec, owner, self.now(), ttl, mode=mode)
         self._reschedule()
         if waiter.lease is None:
             self.events.queued()
-            wakeup = self.loop.create_future()
-            self._wakeups[waiter] = wakeup
-            # A timer, not asyncio.timeout(): the request may not have a task
-            # yet (the lean protocol serves it in the step that read it).
-            timer = None if timeout is None else self.loop.call_later(timeout, _time_out, wakeup)
-            try:
-                granted = await wakeup
-            except BaseException:
-                # Hung up or shutting down: leave the queue the same way.
-                self._wake(engine.cancel(waiter, self.now()))
-                self.events.queued()
-                raise
-            finally:
-                self._wakeups.pop(waiter, None)
-                if timer is not None:
-                    timer.cancel()
-            if not granted:
-                # A grant that raced the timeout is undone and passed on.
-                self._wake(engine.cancel(waiter, self.now()))
-                return None
+            self._parked[waiter] = listener
+            if timeout is not None:
+                self._timeouts[waiter] = self.loop.call_later(timeout, self._time_out, waiter)
+        return waiter
+
+    def take(self, waiter: Waiter, still_wanted: Callable[[], bool]) -> Lease | None:
+        """A granted waiter's lease, unless its client is gone (the grant passes on)."""
         if not still_wanted():
-            self._wake(engine.cancel(waiter, self.now()))
+            self._wake(self.engine.cancel(waiter, self.now()))
             return None
-        return waiter.lease if engine.deliver(waiter) else None
+        return waiter.lease if self.engine.deliver(waiter) else None
+
+    def unpark(self, waiter: Waiter) -> None:
+        """A parked or granted waiter gives up before :meth:`take`: it leaves the queue
+        (a grant not handed over is undone and passed on)."""
+        self._parked.pop(waiter, None)
+        timer = self._timeouts.pop(waiter, None)
+        if timer is not None:
+            timer.cancel()
+        self._wake(self.engine.cancel(waiter, self.now()))
+        self.events.queued()
+
+    def _time_out(self, waiter: Waiter) -> None:
+        del self._timeouts[waiter]
+        listener = self._parked.pop(waiter)
+        # A grant that raced the timeout is undone and passed on.
+        self._wake(self.engine.cancel(waiter, self.now()))
+        listener.woken(False)
 
     async def release(self, spec: PoolSpec, owner: str, token: str | None) -> bool:
         self._check_open()
@@ -181,10 +209,15 @@ class InMemoryBackend(LockBackend):
                 self._wake(self.engine.reconfigure(spec, now))
 
     def _wake(self, granted: Iterable[Waiter]) -> None:
+        parked = self._parked
         for waiter in granted:
-            future = self._wakeups.get(waiter)
-            if future is not None and not future.done():
-                future.set_result(True)
+            listener = parked.pop(waiter, None)
+            if listener is not None:
+                timer = self._timeouts.pop(waiter, None)
+                if timer is not None:
+                    timer.cancel()
+                # A later turn: the grant does not run the waiter's request inside this one.
+                self.loop.call_soon(listener.woken, True)
         self._reschedule()
 
     def _reschedule(self) -> None:
@@ -215,6 +248,18 @@ class InMemoryBackend(LockBackend):
         self.events.expired(lease.pool, lease.owner, lease.fence)
 
 
-def _time_out(wakeup: asyncio.Future[bool]) -> None:
-    if not wakeup.done():
-        wakeup.set_result(False)
+class _Woken:
+    """A parked waiter's outcome as a future (what ``wait()`` awaits)."""
+
+    __slots__ = ("future",)
+
+    def __init__(self, future: asyncio.Future[bool]) -> None:
+        self.future = future
+
+    def woken(self, outcome: bool | BaseException) -> None:
+        if self.future.done():
+            return  # cancelled: the waiter has left already
+        if isinstance(outcome, BaseException):
+            self.future.set_exception(outcome)
+        else:
+            self.future.set_result(outcome)
