@@ -50,9 +50,11 @@ class ParkedWait:
     says where the answer goes (:meth:`answer_on`). The backend wakes it
     (:meth:`woken`); a hang-up or a revoked token ends it (:meth:`cancel`).
     Either way it is answered once, through the same steps as a wait
-    answered at once: :func:`_waited` or :func:`_failed`, the request count,
-    :func:`_noted`. What a parked fleet costs is these slots, the call and
-    the engine's waiter (bench/README.md, "Parked waiters").
+    answered at once: :func:`~distributex.outcomes.waited` or
+    :func:`~distributex.outcomes.failed`, the request count,
+    :func:`~distributex.outcomes.noted`. What a parked fleet costs is these
+    slots, the call and the engine's waiter (bench/README.md, "Parked
+    without a coroutine").
     """
 
     __slots__ = (
