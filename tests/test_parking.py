@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import random
 import time
 import tracemalloc
 from collections.abc import AsyncIterator, Callable
@@ -19,6 +20,7 @@ from urllib.parse import urlsplit
 
 from distributex import server
 from distributex.backends.inmemory import InMemoryBackend
+from distributex.engine import EXCLUSIVE, Lease, PoolSpec, Waiter
 from distributex.refusal import LEGACY_CLIENT_AGENT
 
 Client = tuple[asyncio.StreamReader, asyncio.StreamWriter]
@@ -200,3 +202,85 @@ def test_a_parked_legacy_client_is_answered_as_one_on_a_graceful_stop() -> None:
             writer.close()
 
     asyncio.run(main())
+
+
+def test_park_take_unpark_at_random_leave_the_backend_clean() -> None:
+    """Waits parked, given up, timed out and granted at random on a semaphore of 2
+    (``ParkingBackend`` straight, seeded): never more than 2 taken, granted in
+    arrival order, each listener told at most once, and nothing left behind."""
+
+    async def main(seed: int) -> None:
+        rng = random.Random(seed)
+        errors: list[dict] = []
+        asyncio.get_running_loop().set_exception_handler(lambda _, context: errors.append(context))
+        backend = InMemoryBackend()
+        spec = PoolSpec("p", maxlocks=2, expire=0.0)
+        heard: dict[int, list[bool | BaseException]] = {}
+
+        class Listener:
+            def __init__(self, n: int) -> None:
+                self.n = n
+
+            def woken(self, outcome: bool | BaseException) -> None:
+                heard[self.n].append(outcome)
+
+        parked: dict[int, Waiter] = {}  # told nothing yet, not given up
+        held: dict[int, Lease] = {}
+        given_up: set[int] = set()
+        granted: list[int] = []
+
+        def hear() -> None:
+            for n, waiter in list(parked.items()):
+                if heard[n]:
+                    del parked[n]
+                    if heard[n][0] is True:
+                        lease = backend.take(waiter, lambda: True)
+                        assert lease is not None
+                        held[n] = lease
+                        granted.append(n)
+                    else:  # timed out: out of the queue already
+                        assert heard[n] == [False]
+                        assert waiter not in backend.engine.waiters_of("p")
+
+        for n in range(1500):
+            hear()
+            roll = rng.random()
+            if roll < 0.45:
+                heard[n] = []
+                timeout = rng.choice([None, None, 0.001, 0.004])
+                waiter = backend.park(spec, f"h{n}", None, timeout, EXCLUSIVE, Listener(n))
+                if waiter.lease is not None:
+                    lease = backend.take(waiter, lambda: True)
+                    assert lease is not None
+                    held[n] = lease
+                    granted.append(n)
+                else:
+                    parked[n] = waiter
+            elif roll < 0.6 and parked:
+                gone = rng.choice(list(parked))
+                backend.unpark(parked.pop(gone))
+                given_up.add(gone)
+            elif held:
+                done = rng.choice(list(held))
+                assert await backend.release(spec, f"h{done}", held.pop(done).token)
+            await asyncio.sleep(rng.choice([0, 0, 0, 0.002]))
+            assert len(held) <= 2
+        deadline = time.monotonic() + 10
+        while parked or held:
+            assert time.monotonic() < deadline, f"still parked {list(parked)}, held {list(held)}"
+            hear()
+            for n in list(held):
+                assert await backend.release(spec, f"h{n}", held.pop(n).token)
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.01)
+        assert granted == sorted(granted)  # FIFO: each granted after those who came first
+        assert all(len(told) <= 1 for told in heard.values())
+        # A wait given up may still hear of a grant already on its way: only that.
+        assert all(heard[n] in ([], [True]) for n in given_up)
+        assert not backend._parked and not backend._timeouts
+        assert backend.engine.waiters_of("p") == []
+        assert len(granted) > 100
+        assert not errors, errors[0]  # (a callback that raised: a timer left behind)
+
+    for seed in range(3):
+        asyncio.run(main(seed))
