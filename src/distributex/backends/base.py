@@ -151,4 +151,7 @@ class ParkingBackend(LockBackend):
 
     @abc.abstractmethod
     def unpark(self, waiter: Waiter) -> None:
-        """Give up before :meth:`take`: leave the queue, pass on a grant not handed over."""
+        """Give up before :meth:`take`: leave the queue, pass on a grant not handed over.
+
+        A grant's wake-up already on its way (granted in this loop turn) may
+        still reach the listener after this: it must ignore it."""
