@@ -290,6 +290,12 @@ def pools_per_identity(config: Config) -> int:
 _UNTRACKED = nullcontext()
 
 
+def _revocable(request: Call | web.Request) -> str | None:
+    """The identity a reload can revoke the request of: one a token proved."""
+    identity = request.get(IDENTITY_KEY)
+    return identity.name if identity is not None and identity.via.startswith("token") else None
+
+
 class Security:
     """Per-application state: the guard of the current configuration, waiters, counters."""
 
@@ -307,10 +313,8 @@ class Security:
 
     def tracked(self, request: Call | web.Request) -> AbstractContextManager[None]:
         """Know how to end the request during the block, if a token proved its identity."""
-        identity = request.get(IDENTITY_KEY)
-        if identity is None or not identity.via.startswith("token"):
-            return _UNTRACKED
-        return self._tracking(request, identity.name)
+        name = _revocable(request)
+        return _UNTRACKED if name is None else self._tracking(request, name)
 
     @contextmanager
     def _tracking(self, request: Call | web.Request, name: str) -> Iterator[None]:
@@ -332,14 +336,14 @@ class Security:
     def track(self, call: Call) -> None:
         """:meth:`tracked` without a block, for a request parked outside a coroutine
         (:meth:`untrack` when it ends)."""
-        identity = call.get(IDENTITY_KEY)
-        if identity is not None and identity.via.startswith("token") and call.cancel is not None:
-            self._track(identity.name, call.cancel, call)
+        name = _revocable(call)
+        if name is not None and call.cancel is not None:
+            self._track(name, call.cancel, call)
 
     def untrack(self, call: Call) -> None:
-        identity = call.get(IDENTITY_KEY)
-        if identity is not None and call.cancel is not None:
-            self._untrack(identity.name, call.cancel)
+        name = _revocable(call)
+        if name is not None and call.cancel is not None:
+            self._untrack(name, call.cancel)
 
     def _track(self, name: str, cancel: Callable[[], object], request: Call | web.Request) -> None:
         self.parked.setdefault(name, {})[cancel] = request

@@ -64,7 +64,7 @@ class Call(dict[str, Any]):
         # Ends the request as a hang-up does (a reload revoking its token): the
         # lean protocol may start serving a request before it has a task.
         self.cancel = cancel
-        # A /wait/ may come back from verbs.serve() parked (verbs.ParkedWait), to
+        # A /wait/ may come back from verbs.serve() parked (parkedwait.ParkedWait), to
         # be answered later: the lean protocol on a backend that parks waits.
         self.parkable = parkable
 

@@ -58,10 +58,14 @@ def for_legacy_client(headers: Mapping[str, str], answer: Answer) -> Answer:
     getting 4xx and 503. (Only refusals are rewritten, here rather than in a
     layer that every request would pay for.)
     """
-    if headers.get("user-agent", "").startswith(LEGACY_CLIENT_AGENT):
+    if _from_legacy_client(headers):
         answer.headers["X-Distributex-Status"] = str(answer.status)
         answer.status = 200
     return answer
+
+
+def _from_legacy_client(headers: Mapping[str, str]) -> bool:
+    return headers.get("user-agent", "").startswith(LEGACY_CLIENT_AGENT)
 
 
 _LEGACY_WORDING: Mapping[str, str] = MappingProxyType({"user-agent": LEGACY_CLIENT_AGENT})
@@ -71,8 +75,7 @@ _PLAIN_WORDING: Mapping[str, str] = MappingProxyType({})
 def wording_headers(headers: Mapping[str, str]) -> Mapping[str, str]:
     """Headers that word a later answer as ``headers`` would, shared by every request
     (what a parked request keeps: a fleet parked keeps no headers of its own)."""
-    legacy = headers.get("user-agent", "").startswith(LEGACY_CLIENT_AGENT)
-    return _LEGACY_WORDING if legacy else _PLAIN_WORDING
+    return _LEGACY_WORDING if _from_legacy_client(headers) else _PLAIN_WORDING
 
 
 def web_response(answer: Answer) -> web.Response:

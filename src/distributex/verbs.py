@@ -16,7 +16,6 @@ What a verb request goes through, in order, whichever HTTP server read it
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Awaitable, Callable
 
@@ -30,8 +29,6 @@ from distributex.engine import EXCLUSIVE, PoolSpec
 from distributex.limits import check_body
 from distributex.parkedwait import ParkedWait
 from distributex.refusal import Refused, for_legacy_client, refusal
-
-log = logging.getLogger("distributex")
 
 NO_SUCH_LEASE = "no such lease: expired, released or not yours"
 

@@ -146,18 +146,21 @@ class InMemoryBackend(ParkingBackend):
         """A parked or granted waiter gives up before :meth:`take`: it leaves the queue
         (a grant not handed over is undone and passed on)."""
         self._parked.pop(waiter, None)
-        timer = self._timeouts.pop(waiter, None)
-        if timer is not None:
-            timer.cancel()
+        self._stop_timer(waiter)
         self._wake(self.engine.cancel(waiter, self.now()))
         self.events.queued()
 
     def _time_out(self, waiter: Waiter) -> None:
+        # Still queued: a grant or an unpark would have stopped this timer.
         del self._timeouts[waiter]
         listener = self._parked.pop(waiter)
-        # A grant that raced the timeout is undone and passed on.
         self._wake(self.engine.cancel(waiter, self.now()))
         listener.woken(False)
+
+    def _stop_timer(self, waiter: Waiter) -> None:
+        timer = self._timeouts.pop(waiter, None)
+        if timer is not None:
+            timer.cancel()
 
     async def release(self, spec: PoolSpec, owner: str, token: str | None) -> bool:
         self._check_open()
@@ -213,9 +216,7 @@ class InMemoryBackend(ParkingBackend):
         for waiter in granted:
             listener = parked.pop(waiter, None)
             if listener is not None:
-                timer = self._timeouts.pop(waiter, None)
-                if timer is not None:
-                    timer.cancel()
+                self._stop_timer(waiter)
                 # A later turn: the grant does not run the waiter's request inside this one.
                 self.loop.call_soon(listener.woken, True)
         self._reschedule()
