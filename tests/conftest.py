@@ -48,6 +48,25 @@ def wait_until(
     raise AssertionError(f"{what}: not within {timeout}s")
 
 
+def freeze(proc: subprocess.Popen) -> None:
+    """SIGSTOP ``proc`` and wait until every thread of it is stopped.
+
+    kill() returns before the signal lands: a thread running on the other core
+    may still answer a request sent just after it (a store "frozen" that way
+    answered a write the test meant to hang).
+    """
+    proc.send_signal(signal.SIGSTOP)
+
+    def stopped() -> bool:
+        states = []
+        for stat in glob.glob(f"/proc/{proc.pid}/task/*/stat"):
+            with contextlib.suppress(OSError), open(stat) as f:
+                states.append(f.read().rsplit(")", 1)[1].split()[0])
+        return bool(states) and all(state in ("T", "t") for state in states)
+
+    wait_until(stopped, 10, f"process {proc.pid} stopped", every=0.005)
+
+
 def wait_for_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 15) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -27,7 +27,15 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.conftest import RedisServer, Server, free_port, start_redis, wait_for_port, wait_until
+from tests.conftest import (
+    RedisServer,
+    Server,
+    free_port,
+    freeze,
+    start_redis,
+    wait_for_port,
+    wait_until,
+)
 from tests.test_http import ParkedWait, q
 
 pytestmark = pytest.mark.timeout(120)
@@ -174,7 +182,7 @@ def test_frozen_redis_is_a_bounded_503_for_every_request(rs: RedisServer, server
     server: Server = server_factory(config(rs))
     assert server.call(q("get", "a", "p")).body == "YES"
     assert rs.proc is not None
-    rs.proc.send_signal(signal.SIGSTOP)
+    freeze(rs.proc)
     try:
         results: list[tuple[float, int]] = []
 
