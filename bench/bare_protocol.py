@@ -5,7 +5,9 @@ YES -> /release/ -> OK) runs, in one invocation, against:
 
 * ``distributexd`` as users run it (default settings: uvloop, INFO log lines);
 * a bare :class:`asyncio.Protocol` on uvloop (the server's default loop);
-* the same protocol on the standard library's loop.
+* the same protocol on the standard library's loop;
+* ``bare_mutex.py`` on uvloop: a real FIFO mutex (a queue, a holder, a
+  fence) with no leases, limits, logs or authentication.
 
 The bare protocol splits request heads at the blank line and answers each
 with a fixed ``YES`` (``OK`` for ``/release/``) and a counting fence: no
@@ -13,6 +15,12 @@ parsing beyond the path, no lock, no log. What it spends per grant is what
 the loop, the kernel and the sockets cost; the server's figure divided by it
 is the server's own work, comparable across machines and runs. It grants
 every waiter at once, so its "safety violations" are expected and ignored.
+
+The bare mutex is the floor of a lock that makes clients wait: on a mutex
+49 of 50 clients sleep, and every grant wakes one (a write, a wake-up, a
+read more than the bare protocol's batched answers). The server over the
+bare mutex is what the leases, tokens, limits and log lines cost; the bare
+mutex over the bare protocol is what waiting costs by itself.
 
     .venv/bin/python bench/bare_protocol.py [--clients 50] [--duration 10] [--uvloop] [--json]
     .venv/bin/python bench/bare_protocol.py --serve uvloop|asyncio PORT   # the bare server alone
@@ -24,6 +32,7 @@ import argparse
 import asyncio
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 import mutex_fight
@@ -84,6 +93,10 @@ def bare_server(loop_name: str) -> Server:
     return Server(command=[sys.executable, __file__, "--serve", loop_name])
 
 
+def bare_mutex_server() -> Server:
+    return Server(command=[sys.executable, str(Path(__file__).with_name("bare_mutex.py"))])
+
+
 def run(
     clients: int = 50,
     duration: float = 10.0,
@@ -98,6 +111,7 @@ def run(
         "server": None,
         "bare_uvloop": bare_server("uvloop"),
         "bare_asyncio": bare_server("asyncio"),
+        "bare_mutex": bare_mutex_server(),
     }
     for name, server in runs.items():
         result = mutex_fight.run(clients, duration, procs, uvloop, warmup, None, client, server)
@@ -112,12 +126,17 @@ def run(
                 "errors",
             )
         }
-        if name == "server":
+        if name in ("server", "bare_mutex"):
             figures[name]["safety_violations"] = result["safety_violations"]
     server_us = figures["server"]["server_cpu_us_per_grant"]
     figures["ratio_to_bare_uvloop"] = server_us / figures["bare_uvloop"]["server_cpu_us_per_grant"]
     figures["ratio_to_bare_asyncio"] = (
         server_us / figures["bare_asyncio"]["server_cpu_us_per_grant"]
+    )
+    mutex_us = figures["bare_mutex"]["server_cpu_us_per_grant"]
+    figures["ratio_to_bare_mutex"] = server_us / mutex_us
+    figures["bare_mutex_to_bare_uvloop"] = (
+        mutex_us / figures["bare_uvloop"]["server_cpu_us_per_grant"]
     )
     return figures
 
@@ -131,6 +150,7 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
         ("server", "distributexd (defaults)"),
         ("bare_uvloop", "bare protocol, uvloop"),
         ("bare_asyncio", "bare protocol, asyncio"),
+        ("bare_mutex", "bare FIFO mutex, uvloop"),
     ):
         f = r[name]
         out.append(
@@ -142,8 +162,11 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
         )
     out.append(("server / bare uvloop", f"{r['ratio_to_bare_uvloop']:.1f} x"))
     out.append(("server / bare asyncio", f"{r['ratio_to_bare_asyncio']:.1f} x"))
-    violations = sum(r["server"]["safety_violations"].values())
-    out.append(("server safety violations", str(violations)))
+    out.append(("server / bare mutex", f"{r['ratio_to_bare_mutex']:.1f} x"))
+    out.append(("bare mutex / bare uvloop", f"{r['bare_mutex_to_bare_uvloop']:.1f} x"))
+    for name in ("server", "bare_mutex"):
+        violations = sum(r[name]["safety_violations"].values())
+        out.append((f"{name.replace('_', ' ')} safety violations", str(violations)))
     return out
 
 
@@ -159,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     result = run(args.clients, args.duration, args.procs, args.uvloop, args.warmup, args.client)
     emit(result, rows(result), "bare_protocol: the server against the floor", args.json)
-    return 0 if sum(result["server"]["safety_violations"].values()) == 0 else 1
+    violations = sum(sum(result[n]["safety_violations"].values()) for n in ("server", "bare_mutex"))
+    return 0 if violations == 0 else 1
 
 
 if __name__ == "__main__":
