@@ -108,7 +108,7 @@ def test_the_server_modules_import_one_way() -> None:
 def test_the_web_layer_leaves_know_nothing_of_the_handlers() -> None:
     graph = import_graph()
     handlers = {"distributex.httpapi", "distributex.auth", "distributex.ops", "distributex.server"}
-    for leaf in ("appkeys", "refusal", "limits", "query", "identity", "transport"):
+    for leaf in ("appkeys", "refusal", "limits", "audit", "query", "identity", "transport"):
         assert not graph[f"distributex.{leaf}"] & handlers, leaf
 
 

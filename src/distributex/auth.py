@@ -1,4 +1,4 @@
-"""Who is asking: bearer tokens, client certificates, request limits and the audit log.
+"""Who is asking: bearer tokens and client certificates, on every request.
 
 Off unless configured: with neither ``tokens`` nor ``tls.client_ca`` in the
 configuration every request is served as in 0.7 (the ``host`` parameter is
@@ -26,50 +26,36 @@ another ``host`` on ``/release/`` (a *forced release*: logged at WARNING and
 counted). ``/status``, ``/metrics`` and ``/`` need a proven identity too,
 unless ``status_public: true`` opens them (they only read).
 
-Limits (always on, see docs/configuration.md, "Limits"): a request body larger than
-``max_body_size`` answers ``413`` (a body of unknown length, chunked, ``411``)
-and the connection is closed; parked ``/wait/`` requests of one pool beyond
-``max_waiters_per_pool``, or of one host beyond ``max_waiters_per_host``,
-answer ``429 INVALID``. These count the waiters parked on *this* server.
-
-Audit: the ``distributex.audit`` logger gets one line per grant, release,
-forced release and refusal, with the pool, the host, the identity that
-asked, how it was proven and the peer address. It is on when authentication
-is on (``audit: false`` turns it off) and off otherwise (``audit: true``
-turns it on). Secrets never reach a log line, an answer or ``/status``: the
-server never holds a token, only its hash, and lease tokens are not logged.
+The operator pages go through :func:`middleware` here: the request limits
+(:mod:`distributex.limits`), then authentication, then the audit line of a
+refusal (:mod:`distributex.audit`). The lock verbs do the same in
+:mod:`distributex.verbs`, whichever server read them. :class:`Security`
+keeps this server's state of it: the guard of the configuration in force,
+the waiter counts and pool shares (their caps are limits), the refusals
+counted, and the parked requests a reload that removes their token ends.
+Secrets never reach an answer or ``/status``: the server never holds a
+token, only its hash.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import logging
-import re
 import ssl
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping, Set
+from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Protocol
 
 from aiohttp import web
-from aiohttp.web_log import AccessLogger
 
-from distributex import query
-from distributex.call import REVOKED_KEY, VERB_PATHS, Answer, Call
+from distributex import audit
+from distributex.call import FORCED_KEY, IDENTITY_KEY, REVOKED_KEY, VERB_PATHS, Call
 from distributex.config import Config
 from distributex.identity import Identity
-from distributex.limits import MAX_NAME, check_body
+from distributex.limits import MAX_NAME, PoolShares, WaiterCount, check_body
 from distributex.refusal import Refused, refused
 from distributex.tls import peer_names
-
-audit_log = logging.getLogger("distributex.audit")
-log = logging.getLogger("distributex.auth")
-
-IDENTITY_KEY = "distributex.identity"
-HOST_KEY = "distributex.host"
-POOL_KEY = "distributex.pool"
-FORCED_KEY = "distributex.forced"
 
 # Paths that answer without credentials even with authentication on: a load
 # balancer's health check must not need a secret.
@@ -191,102 +177,6 @@ def host_for(
     raise Refused(403, f"host '{claimed}' is not the authenticated identity '{identity.name}'")
 
 
-class WaiterCount:
-    """Parked ``/wait/`` requests on this server, per pool and per host, with their caps."""
-
-    def __init__(self) -> None:
-        self.pools: Counter[str] = Counter()
-        self.hosts: Counter[str] = Counter()
-
-    def enter(self, config: Config, pool: str, host: str) -> None:
-        """Count one waiter (:meth:`leave` when it leaves); :class:`Refused` (429) past a cap."""
-        if self.pools[pool] >= config.max_waiters_per_pool:
-            raise Refused(
-                429,
-                f"too many waiters on pool '{pool}': {config.max_waiters_per_pool} already "
-                "wait here (max_waiters_per_pool)",
-            )
-        if self.hosts[host] >= config.max_waiters_per_host:
-            raise Refused(
-                429,
-                f"too many waits by host '{host}': {config.max_waiters_per_host} already "
-                "wait here (max_waiters_per_host)",
-            )
-        self.pools[pool] += 1
-        self.hosts[host] += 1
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug(
-                "waiting: pool=%s host=%s (%d waiters of the pool, %d of the host)",
-                _shown(pool),
-                _shown(host),
-                self.pools[pool],
-                self.hosts[host],
-            )
-
-    def leave(self, pool: str, host: str) -> None:
-        for counter, key in ((self.pools, pool), (self.hosts, host)):
-            counter[key] -= 1
-            if not counter[key]:
-                del counter[key]
-
-
-class PoolShares:
-    """Pools made on first use that each host holds or waits on: ``max_pools_per_identity``.
-
-    Noted on a grant or a park; a pool leaves the count once it is idle (checked
-    when the host would make one more), so one identity cannot take every
-    place of ``max_pools``.
-    """
-
-    def __init__(self) -> None:
-        # A list, not a set: most hosts use one pool, and a fleet parked on a
-        # pool made on first use keeps one of these per host (a set is 216 B,
-        # a list of one 64 B); a host's list is at most its share long.
-        self.pools: dict[str, list[str]] = {}
-        self.noted = 0
-
-    def note(self, host: str, pool: str) -> None:
-        mine = self.pools.get(host)
-        if mine is None:
-            self.pools[host] = [pool]
-            self.noted += 1
-        elif pool not in mine:
-            mine.append(pool)
-            self.noted += 1
-
-    def check(self, config: Config, host: str, in_use: Set[str]) -> None:
-        """Before ``host`` makes a pool: :class:`Refused` (429) past its share."""
-        if self.noted > 2 * len(in_use) + 1024:
-            self._prune(in_use)  # hosts that went away: their idle pools are forgotten
-        mine = self.pools.get(host)
-        if not mine:
-            return
-        before = len(mine)
-        mine[:] = [pool for pool in mine if pool in in_use]
-        self.noted -= before - len(mine)
-        share = pools_per_identity(config)
-        if len(mine) >= share:
-            raise Refused(
-                429,
-                f"too many pools in use by '{host}': {share} pools made on first use already "
-                "have it as holder or waiter (max_pools_per_identity)",
-            )
-
-    def _prune(self, in_use: Set[str]) -> None:
-        for host, mine in list(self.pools.items()):
-            mine[:] = [pool for pool in mine if pool in in_use]
-            if not mine:
-                del self.pools[host]
-        self.noted = sum(len(mine) for mine in self.pools.values())
-
-
-def pools_per_identity(config: Config) -> int:
-    """``max_pools_per_identity``, or (0) a tenth of ``max_pools`` but at least 100
-    (``max_pools`` if smaller: a small site's one host is not held back)."""
-    share = config.max_pools_per_identity
-    return share or max(config.max_pools // 10, min(config.max_pools, 100))
-
-
 _UNTRACKED = nullcontext()
 
 
@@ -376,13 +266,6 @@ class Security:
 SECURITY_KEY: web.AppKey[Security] = web.AppKey("security", Security)
 
 
-def _shown(value: str | None) -> str:
-    """A client-given value for a log line: quoted, one line, bounded."""
-    if value is None:
-        return "-"
-    return repr(value[:300])
-
-
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -410,15 +293,7 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
         security.refusals[exc.status] += 1
         if guard.audit:
             who = request.get(IDENTITY_KEY) or exc.who
-            _audit_refused(
-                request.method,
-                path,
-                _query_pool(request),
-                request.remote,
-                who,
-                exc.status,
-                exc.reason,
-            )
+            audit.refused_request(request, who, exc.status, exc.reason)
         refusal = refused(request, exc.status, exc.reason)
         if exc.status in (411, 413):
             refusal.force_close()  # the body was not read
@@ -436,72 +311,8 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
     if guard.audit:
         reason = response.headers.get("X-Distributex-Reason")
         if status >= 400 and status != 404:
-            _audit_refused(
-                request.method,
-                path,
-                _query_pool(request),
-                request.remote,
-                identity,
-                status,
-                reason or "",
-            )
+            audit.refused_request(request, identity, status, reason or "")
     return response
-
-
-def _query_pool(request: web.Request) -> str | None:
-    return request.rel_url.query.get("pool")
-
-
-def audit(call: Call, verb: str, identity: Identity | None, answer: Answer) -> None:
-    """The audit line of a lock verb's answer: a grant, a release, a refusal (else none)."""
-    status = answer.real_status()
-    word = answer.word
-    pool = call.get(POOL_KEY)
-    host = call.get(HOST_KEY)
-    if word == "INVALID":
-        audit_refusal(call, identity, status, answer.headers.get("X-Distributex-Reason", ""))
-    elif word == "YES":
-        fence = answer.headers.get("X-Distributex-Fence", "-")
-        who = _who(identity, call.peer)
-        audit_log.info("grant pool=%s host=%s fence=%s %s", _shown(pool), _shown(host), fence, who)
-    elif verb == "release" and word == "OK":
-        who = _who(identity, call.peer)
-        if call.get(FORCED_KEY):
-            audit_log.warning("forced release pool=%s host=%s %s", _shown(pool), _shown(host), who)
-        else:
-            audit_log.info("release pool=%s host=%s %s", _shown(pool), _shown(host), who)
-
-
-def audit_refusal(call: Call, identity: Identity | None, status: int, reason: str) -> None:
-    """The audit line of a refused lock-verb request."""
-    pool = call.get(POOL_KEY) or query.lenient(call.raw_query, "pool")
-    _audit_refused(call.method, call.path, pool, call.peer, identity, status, reason)
-
-
-def _audit_refused(
-    method: str,
-    path: str,
-    pool: str | None,
-    peer: str | None,
-    identity: Identity | None,
-    status: int,
-    reason: str,
-) -> None:
-    audit_log.info(
-        "refused %d %s %s pool=%s %s: %s",
-        status,
-        method if method.isalpha() else "?",
-        _shown(path),
-        _shown(pool),
-        _who(identity, peer),
-        reason,
-    )
-
-
-def _who(identity: Identity | None, peer: str | None) -> str:
-    name = identity.name if identity is not None else None
-    via = identity.via if identity is not None else "none"
-    return f"identity={_shown(name)} via={via} addr={peer or '-'}"
 
 
 def token_changes(old: Config, new: Config) -> tuple[list[str], list[str], list[str]]:
@@ -518,32 +329,6 @@ def token_changes(old: Config, new: Config) -> tuple[list[str], list[str], list[
     removed = sorted(before.keys() - after.keys())
     changed = sorted(n for n in before.keys() & after.keys() if before[n] != after[n])
     return added, removed, changed
-
-
-# A secret in a query (a lease token; a bearer token sent as ?token=) is never logged.
-_SECRET_PARAM = re.compile(r"(?i)((?:^|[?&;/])(?:lease|token|access_token)=)[^&;#\s\"]*")
-_SECRET_HEADERS = frozenset(("authorization", "proxy-authorization", "cookie"))
-
-
-def redact(text: str) -> str:
-    """``text`` (a path with its query) with the values of secret parameters hidden."""
-    return _SECRET_PARAM.sub(r"\1<redacted>", text) if "=" in text else text
-
-
-class AccessLog(AccessLogger):
-    """aiohttp's access log with secrets redacted (``lease=<redacted>``)."""
-
-    def _format_line(
-        self, request: web.BaseRequest, response: web.StreamResponse, time: float
-    ) -> list[tuple[Any, Any]]:
-        line: list[tuple[Any, Any]] = []
-        for key, value in super()._format_line(request, response, time):
-            if isinstance(key, tuple) and key[1].lower() in _SECRET_HEADERS:
-                value = "<redacted>"
-            elif isinstance(value, str):
-                value = redact(value)
-            line.append((key, value))
-        return line
 
 
 def install(app: web.Application, get_config: Callable[[], Config]) -> Security:

@@ -14,6 +14,11 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 VERBS = ("get", "wait", "release", "renew")
+# What the layers note on a request as it is served (a Call, or aiohttp's request).
+IDENTITY_KEY = "distributex.identity"  # the proven identity (authentication on)
+HOST_KEY = "distributex.host"  # the host acted for
+POOL_KEY = "distributex.pool"
+FORCED_KEY = "distributex.forced"  # an admin's release of another host's lease
 REVOKED_KEY = "distributex.revoked"  # why a reload ended this parked request
 # The paths the lock verbs answer on, each with the verb it names.
 VERB_PATHS = {path: verb for verb in VERBS for path in (f"/{verb}", f"/{verb}/")}

@@ -159,7 +159,7 @@ class Config:
     # connection may take to send a request head; seconds a kept-alive
     # connection may sit idle between requests.
     max_pools: int = 10000
-    max_pools_per_identity: int = 0  # 0: a tenth of max_pools, >= 100 (auth.py)
+    max_pools_per_identity: int = 0  # 0: a tenth of max_pools, >= 100 (limits.py)
     max_connections: int = 0
     header_timeout: float = 10.0
     idle_timeout: float = 60.0

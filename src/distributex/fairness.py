@@ -38,9 +38,8 @@ from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
 
-from distributex import auth
 from distributex.appkeys import CONFIG_KEY
-from distributex.call import VERB_PATHS, Answer
+from distributex.call import IDENTITY_KEY, VERB_PATHS, Answer
 from distributex.config import Config
 from distributex.refusal import for_legacy_client, header_text, refused, web_response
 
@@ -237,7 +236,7 @@ async def identity_share(request: web.Request, handler: Handler) -> web.StreamRe
         return response
     if request.path not in LONG_LIVED:
         return await handler(request)
-    identity = request.get(auth.IDENTITY_KEY)
+    identity = request.get(IDENTITY_KEY)
     if identity is None:
         return await handler(request)
     requests = request.app[IDENTITY_REQUESTS_KEY]

@@ -11,10 +11,10 @@ import time
 
 from aiohttp import web
 
-from distributex import auth
+from distributex import audit, auth
 from distributex.appkeys import EVENTS_KEY
 from distributex.backends.base import BackendUnavailable
-from distributex.call import Answer, Call
+from distributex.call import FORCED_KEY, HOST_KEY, IDENTITY_KEY, Answer, Call
 from distributex.engine import Lease, PoolSpec
 from distributex.refusal import Refused, for_legacy_client, refusal
 
@@ -79,8 +79,8 @@ def failed(
 def noted(app: web.Application, verb: str, call: Call, answer: Answer) -> Answer:
     """The answer's ``X-Distributex-Host``, counts and audit line."""
     security = app[auth.SECURITY_KEY]
-    identity = call.get(auth.IDENTITY_KEY)
-    host = call.get(auth.HOST_KEY)
+    identity = call.get(IDENTITY_KEY)
+    host = call.get(HOST_KEY)
     if identity is not None and host is not None and answer.status == 200 and host.isascii():
         # The host the lease is held under, for a client that left ``host`` out
         # (ASCII only: header bytes are read as Latin-1; without it, no host is sent).
@@ -88,8 +88,8 @@ def noted(app: web.Application, verb: str, call: Call, answer: Answer) -> Answer
     status = answer.real_status()
     if status >= 400 and status != 410 and status != 503:
         security.refusals[status] += 1
-    elif call.get(auth.FORCED_KEY) and status == 200:
+    elif call.get(FORCED_KEY) and status == 200:
         security.forced_releases += 1
     if security.guard.audit:
-        auth.audit(call, verb, identity, answer)
+        audit.answered(call, verb, identity, answer)
     return answer

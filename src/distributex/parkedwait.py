@@ -22,7 +22,7 @@ from aiohttp import web
 from distributex import auth, fairness, outcomes
 from distributex.appkeys import EVENTS_KEY
 from distributex.backends.base import BackendUnavailable, ParkingBackend
-from distributex.call import REVOKED_KEY, Answer, Call
+from distributex.call import IDENTITY_KEY, REVOKED_KEY, Answer, Call
 from distributex.engine import EXCLUSIVE, Lease, PoolSpec, Waiter
 from distributex.refusal import Refused, wording_headers
 
@@ -154,7 +154,7 @@ class ParkedWait:
         security = app[auth.SECURITY_KEY]
         security.untrack(call)
         security.waiters.leave(spec.name, host)
-        identity = call.get(auth.IDENTITY_KEY)
+        identity = call.get(IDENTITY_KEY)
         if identity is not None:  # it waited within the identity's share
             app[fairness.IDENTITY_REQUESTS_KEY].leave(identity.name)
         events = app[EVENTS_KEY]

@@ -50,7 +50,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 
-from distributex import __version__, auth, collector, fairness, logsetup, reload, sdnotify
+from distributex import __version__, audit, collector, fairness, logsetup, reload, sdnotify
 from distributex.appkeys import CONFIG_KEY, EVENTS_KEY
 from distributex.backends import BackendUnavailable, LockBackend, make_backend
 from distributex.config import DEFAULT_BIND, Config, ConfigError, default_config, load_config
@@ -291,7 +291,7 @@ async def start_server(
         app,
         handler_cancellation=True,  # a hung-up /wait/ must leave the queue
         access_log=log.getChild("access") if access_log else None,
-        access_log_class=auth.AccessLog,  # lease and token values redacted
+        access_log_class=audit.AccessLog,  # lease and token values redacted
         shutdown_timeout=SHUTDOWN_GRACE,
         keepalive_timeout=config.idle_timeout,
         **parser_limits(config),  # larger heads answer 400 or 431, from aiohttp's parser

@@ -21,12 +21,12 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from distributex import auth, fairness, outcomes, query
+from distributex import audit, auth, fairness, outcomes, query
 from distributex.appkeys import BACKEND_KEY, CONFIG_KEY, DRAINING_KEY, EVENTS_KEY
 from distributex.backends.base import BackendUnavailable, LockBackend, ParkingBackend
-from distributex.call import REVOKED_KEY, Answer, Call
+from distributex.call import HOST_KEY, IDENTITY_KEY, POOL_KEY, REVOKED_KEY, Answer, Call
 from distributex.engine import EXCLUSIVE, PoolSpec
-from distributex.limits import check_body
+from distributex.limits import PoolShares, check_body
 from distributex.parkedwait import ParkedWait
 from distributex.refusal import Refused, for_legacy_client, refusal
 
@@ -42,12 +42,12 @@ async def serve(app: web.Application, verb: str, call: Call) -> Answer | ParkedW
     try:
         check_body(call.body_length, guard.config)
         if guard.enabled:
-            identity = call[auth.IDENTITY_KEY] = guard.authenticate(call)
+            identity = call[IDENTITY_KEY] = guard.authenticate(call)
     except Refused as exc:
         security.refusals[exc.status] += 1
         if guard.audit:
-            who = call.get(auth.IDENTITY_KEY) or exc.who
-            auth.audit_refusal(call, who, exc.status, exc.reason)
+            who = call.get(IDENTITY_KEY) or exc.who
+            audit.refused_call(call, who, exc.status, exc.reason)
         refused = refusal(call.headers, exc.status, exc.reason)
         refused.close = exc.status in (411, 413)  # the body was not read
         return refused
@@ -100,10 +100,10 @@ async def _answer(app: web.Application, verb: str, call: Call) -> Answer | Parke
         try:
             if call.method not in ("GET", "POST"):
                 raise Refused(405, f"method {call.method} not allowed (use GET)")
-            identity = call.get(auth.IDENTITY_KEY)
+            identity = call.get(IDENTITY_KEY)
             if identity is None:
                 host = query.name(call, "host")
-            pool_name = call[auth.POOL_KEY] = query.name(call, "pool")
+            pool_name = call[POOL_KEY] = query.name(call, "pool")
             if identity is not None:
                 # Authentication is on: the proven identity is the host.
                 claimed = (
@@ -111,7 +111,7 @@ async def _answer(app: web.Application, verb: str, call: Call) -> Answer | Parke
                 )
                 host = auth.host_for(call, identity, claimed, pool_name, verb == "release")
             assert host is not None  # named on both paths above
-            call[auth.HOST_KEY] = host
+            call[HOST_KEY] = host
             spec = app[CONFIG_KEY].pool(pool_name)
             if spec is None:
                 spec = _draining(app, verb, pool_name)
@@ -143,7 +143,7 @@ def _draining(app: web.Application, verb: str, pool_name: str) -> PoolSpec:
 
 def _check_room(
     app: web.Application, spec: PoolSpec, host: str, backend: LockBackend
-) -> auth.PoolShares | None:
+) -> PoolShares | None:
     """Refuse (429) to give state to one more pool made on first use past ``max_pools``,
     or past the host's share of it; the shares to note the pool in (None: listed)."""
     config = app[CONFIG_KEY]
