@@ -297,6 +297,7 @@ class EngineMachine(RuleBasedStateMachine):
             waiters = self.engine.waiters_of(name)
             assert self.engine.waiter_ids(name) == {w.id for w in waiters}
             assert len(waiters) == len({w.id for w in waiters})  # ids are unique
+            assert self.engine.waiter_count(name) == len(waiters)
             last = self.came(name, model.queue[-1]) if model.queue else None
             assert self.engine.last_arrival(name) == last
             if model.queue and not self.paused:

@@ -79,7 +79,7 @@ class StoreLayout:
 
     def take_due(self, engine: LockEngine, marks: PageMarks, now: float) -> None:
         for _ in range(4):  # as the layer's take_due
-            if not pages_due(len(engine.waiter_ids("p")), marks.first):
+            if not pages_due(engine, "p", marks.first):
                 break
             assert marks.first is not None
             page = self.take(marks.first)

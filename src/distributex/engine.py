@@ -664,6 +664,13 @@ class LockEngine:
         ids.update(w.id for w in self.granted_waiters(pool))
         return ids
 
+    def waiter_count(self, pool: str) -> int:
+        """How many :meth:`waiters_of` there are (without making the list)."""
+        state = self._pools.get(pool)
+        if state is None:
+            return 0
+        return sum(map(len, state.queue.values())) + len(self.granted_waiters(pool))
+
     def granted_waiters(self, pool: str) -> list[Waiter]:
         """The waiting requests of a pool that are granted and not yet delivered."""
         state = self._pools.get(pool)

@@ -283,7 +283,7 @@ def page_for_arrival(
     """Where a new wait goes: None into the record (the engine), else the first page
     number of the pages it is appended to (a new run of pages begins if needed:
     ``marks`` is changed, and the record must be written)."""
-    if not goes_to_pages(len(engine.waiter_ids(pool)), marks.first):
+    if not goes_to_pages(engine, pool, marks.first):
         return None
     if engine.holds_or_waits(pool, owner, mode):
         # The engine joins it to its hold or its wait (a shared holder's
@@ -306,14 +306,15 @@ def move_into(engine: LockEngine, spec: PoolSpec, waiters: list[Waiter], now: fl
             engine.enqueue(spec, w.owner, now, w.ttl, w.server, w.id, w.since, w.mode)
 
 
-def pages_due(window: int, first: int | None) -> bool:
-    """Should a step move the first page into the record now?"""
-    return first is not None and window < WINDOW_LOW
+def pages_due(engine: LockEngine, pool: str, first: int | None) -> bool:
+    """Should a step move the first page into the record now? (The window is
+    counted only when there are pages: not at all in most steps.)"""
+    return first is not None and engine.waiter_count(pool) < WINDOW_LOW
 
 
-def goes_to_pages(window: int, first: int | None) -> bool:
+def goes_to_pages(engine: LockEngine, pool: str, first: int | None) -> bool:
     """Does a new arrival (not an owner already holding or waiting) go to the pages?"""
-    return first is not None or window >= WINDOW_MAX
+    return first is not None or engine.waiter_count(pool) >= WINDOW_MAX
 
 
 __all__ = [
@@ -341,7 +342,7 @@ async def take_due(
 ) -> None:
     """Move the first pages of the queue's tail into the window while it runs low."""
     for _ in range(4):  # a few at most (pages emptied by departures)
-        if not pages_due(len(engine.waiter_ids(spec.name)), marks.first):
+        if not pages_due(engine, spec.name, marks.first):
             return
         assert marks.first is not None
         waiters, more = await pages.take(spec.name, pool_key, marks.first)
