@@ -165,10 +165,10 @@ class LocalWaiters:
         Those of servers that stopped beating, and this server's own that no
         parked request knows (left by a step whose write was in doubt).
         """
-        # The record's waiters (at most a window) looked up in ours: not
+        # The record's waiters not parked here (other servers', and strays):
+        # the record's (at most a window) looked up in ours, not
         # ``ids - self.all.keys()``, which walks every waiter parked here, on
         # pages too (a sixth of a step's CPU with 15,000 parked).
-        # Those not parked here: other servers', and strays.
         all_here = self.all
         suspects = [w for w in engine.waiters_of(self.pool) if w.id not in all_here]
         if not suspects:
